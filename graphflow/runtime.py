@@ -374,6 +374,7 @@ class Launcher:
                             self.stats[s["engine"]] = s
                     elif kind == "stop":
                         local.stop.set()
+                        self._report(kind, payload)
                     else:
                         self._report(kind, payload)
                 for name, p in children.items():

@@ -1,0 +1,191 @@
+"""Runtime: same results in threads and processes, end-of-stream flush, errors, drain on SIGTERM, no orphans."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from graphflow import graph, runtime
+
+USER_ENGINES = textwrap.dedent('''
+    import asyncio
+    from graphflow import Engine, Message, Param
+
+    class Window(Engine):
+        """Sums `value` over windows of `size` messages per stream; flushes the partial window at the end."""
+        size = Param(int, 4, ge=1)
+
+        def setup(self):
+            self.acc = {}
+
+        def process(self, msg):
+            vals = self.acc.setdefault(msg.stream, [])
+            vals.append(msg.data["value"])
+            if len(vals) == self.size:
+                self.emit(msg.stream)
+
+        def emit(self, stream):
+            vals = self.acc.pop(stream)
+            self.send(Message(stream=stream, seq=len(vals), data={"sum": sum(vals), "n": len(vals)}))
+
+        def flush(self):
+            for stream in sorted(self.acc):
+                self.emit(stream)
+
+    class AsyncTag(Engine):
+        """An async engine: awaits, then tags the message and sends it on."""
+        async def process(self, msg):
+            await asyncio.sleep(0)
+            msg.data["tag"] = f"{msg.stream}:{msg.seq}"
+            self.send(msg)
+
+    class Boom(Engine):
+        """Raises on every third message."""
+        def process(self, msg):
+            if msg.seq % 3 == 2:
+                raise RuntimeError("bad frame")
+            self.send(msg)
+''')
+
+
+def chain_doc(out_path, placement, count=23, extra=None):
+    doc = {
+        "engines": {
+            "src": {"type": "source", "params": {"count": count, "streams": 3, "shape": [4, 6, 3]}},
+            "dbl": {"type": "map", "placement": placement, "params": {"function": "graphflow.examples:double_value"}},
+            "tag": {"type": "userengines:AsyncTag", "placement": placement},
+            "win": {"type": "userengines:Window", "placement": placement, "params": {"size": 5}},
+            "out": {"type": "sink", "params": {"path": str(out_path), "times": False}},
+        },
+        "connections": [["src", "dbl"], ["dbl", "tag"], ["tag", "win"], ["win", "out"]],
+    }
+    doc["engines"].update(extra or {})
+    return doc
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_thread_and_process_placement_give_same_outputs(tmp_path, write_graph, user_module):
+    user_module("userengines", USER_ENGINES)
+    results = {}
+    for placement in ("thread", "process"):
+        out = tmp_path / f"{placement}.jsonl"
+        g = graph.load(write_graph(chain_doc(out, placement), f"{placement}.json"))
+        summary = runtime.run(g)
+        assert summary.exit_code == 0, summary.errors
+        results[placement] = sorted(read_lines(out), key=lambda r: (r["stream"], r["seq"], r["sum"]))
+    # 23 messages per stream in windows of 5 → 4 full windows + a flushed partial of 3, per stream
+    assert len(results["thread"]) == 15
+    assert sorted(r["n"] for r in results["thread"] if r["stream"] == "s0") == [3, 5, 5, 5, 5]
+    assert sum(r["sum"] for r in results["thread"] if r["stream"] == "s1") == 2 * sum(range(23))
+    assert results["thread"] == results["process"]
+
+
+def test_process_engine_error_is_reported_with_stream_and_frame(tmp_path, write_graph, user_module):
+    user_module("userengines", USER_ENGINES)
+    out = tmp_path / "o.jsonl"
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 9}},
+                       "boom": {"type": "userengines:Boom", "placement": "process"},
+                       "out": {"type": "sink", "params": {"path": str(out)}}},
+           "connections": [["src", "boom"], ["boom", "out"]]}
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 0  # on_error: skip (default) keeps the graph running
+    assert len(read_lines(out)) == 6
+    assert summary.stats["boom"]["errors"] == 3
+    assert any("engine 'boom' failed in process on stream 's0' frame 2" in e and "RuntimeError: bad frame" in e
+               for e in summary.errors)
+    doc["engines"]["boom"]["on_error"] = "stop"
+    doc["engines"]["src"]["params"] = {"count": 0, "rate": 100}  # endless: only the policy can stop it
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 1
+    assert summary.stopped_by == "engine 'boom' process failed"
+
+
+def test_setup_failure_fails_the_run(tmp_path, write_graph, user_module):
+    user_module("badsetup", "from graphflow import Engine\nclass Bad(Engine):\n"
+                "    def setup(self):\n        raise OSError('model file gone')\n    def process(self, m):\n        pass\n")
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 0, "rate": 50}},
+                       "bad": {"type": "badsetup:Bad", "placement": "process"}},
+           "connections": [["src", "bad"]]}
+    t0 = time.monotonic()
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 1
+    assert time.monotonic() - t0 < 15
+    assert any("model file gone" in e for e in summary.errors)
+
+
+def test_fan_out_each_consumer_gets_every_message(tmp_path, write_graph):
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 40, "shape": [8, 8, 3]}},
+                       "a": {"type": "sink", "params": {"path": str(outs[0])}},
+                       "dbl": {"type": "map", "placement": "process",
+                               "params": {"function": "graphflow.examples:double_value"}},
+                       "b": {"type": "sink", "params": {"path": str(outs[1])}}},
+           "connections": [["src", "a"], ["src", "dbl"], ["dbl", "b"]]}
+    assert runtime.run(graph.load(write_graph(doc))).exit_code == 0
+    a, b = read_lines(outs[0]), read_lines(outs[1])
+    assert [r["value"] for r in a] == list(range(40))  # the mutation in `dbl` did not leak into `a`
+    assert [r["value"] for r in b] == [2 * i for i in range(40)]
+
+
+def test_drop_oldest_bounds_queue_and_counts_drops(tmp_path, write_graph, user_module):
+    user_module("slow", "import time\nfrom graphflow import Engine\nclass Slow(Engine):\n"
+                "    outputs = ()\n    def process(self, m):\n        time.sleep(0.01)\n")
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 300}},
+                       "slow": {"type": "slow:Slow"}},
+           "connections": [{"from": "src", "to": "slow", "policy": "drop_oldest", "capacity": 4}]}
+    summary = runtime.run(graph.load(write_graph(doc)))
+    s = summary.stats["slow"]
+    assert s["dropped"] > 100
+    assert s["received"] + s["dropped"] == 300
+
+
+def launch(graph_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "graphflow", "launch", "-q", str(graph_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def live_doc(out):
+    return {"engines": {"src": {"type": "source", "params": {"count": 0, "rate": 200, "streams": 2}},
+                        "dbl": {"type": "map", "placement": "process",
+                                "params": {"function": "graphflow.examples:double_value"}},
+                        "out": {"type": "sink", "placement": "process", "params": {"path": str(out)}}},
+            "connections": [["src", "dbl"], ["dbl", "out"]]}
+
+
+def test_sigterm_drains_every_message_the_source_sent(tmp_path, write_graph):
+    out = tmp_path / "live.jsonl"
+    stats = tmp_path / "stats.json"
+    proc = launch(write_graph(live_doc(out)), "--stats", str(stats))
+    deadline = time.monotonic() + 20
+    while (not out.exists() or out.stat().st_size < 2000) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    sent_by_source = json.loads(stats.read_text())["engines"]["src"]["sent"]
+    lines = out.read_text().splitlines()
+    assert all(line.endswith("}") for line in lines)
+    assert len(lines) == sent_by_source > 0
+
+
+def test_kill_9_of_launcher_leaves_no_orphan(tmp_path, write_graph):
+    proc = launch(write_graph(live_doc(tmp_path / "x.jsonl")))
+    deadline = time.monotonic() + 20
+    kids = []
+    while len(kids) < 2 and time.monotonic() < deadline:
+        kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+        time.sleep(0.2)
+    assert len(kids) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
