@@ -10,3 +10,8 @@ def double_value(msg: Message) -> Message:
     if msg.image is not None:
         msg.data["mean"] = round(float(msg.image.mean()), 3)
     return msg
+
+
+def identity(msg: Message) -> Message:
+    """Passes the message on unchanged (used to measure per-hop cost)."""
+    return msg

@@ -15,7 +15,6 @@ BUILTINS = {
     "infer": "engines.infer:Infer",
     "track": "engines.track:Track",
     "rule": "engines.rule:Rule",
-    "publish": "engines.publish:Publish",
 }
 
 

@@ -1,0 +1,52 @@
+"""Track engine: assigns per-stream track ids to data["detections"] and writes data["tracks"]."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from graphflow import Engine, Message, Param
+from graphflow.vision.tracking import ByteTracker, IoUTracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+
+class Track(Engine):
+    """Follows detections over frames (greedy IoU or ByteTrack), one tracker per stream; adds data["tracks"]."""
+
+    inputs = ("in",)
+    outputs = ("out",)
+    algorithm = Param(str, "bytetrack", choices=("iou", "bytetrack"), doc="tracker kind")
+    track_thresh = Param(float, 0.5, ge=0, le=1, doc="score from which a detection is 'high' (may start/keep tracks)")
+    low_thresh = Param(float, 0.1, ge=0, le=1, doc="bytetrack: lowest score used in the second association")
+    new_track_thresh = Param(float, -1.0, le=1, doc="bytetrack: score a new track needs (-1: track_thresh + 0.1)")
+    match_thresh = Param(float, 0.8, ge=0, le=1, doc="largest 1-IoU cost of a match (0.8: IoU ≥ 0.2)")
+    track_buffer = Param(int, 30, ge=0, doc="frames a lost track is kept")
+    min_hits = Param(int, 2, ge=1, doc="matches before a track is reported")
+    class_aware = Param(bool, True, doc="match detections only to tracks of the same class")
+
+    def setup(self) -> None:
+        self.trackers: dict[str, IoUTracker | ByteTracker] = {}
+
+    def _new_tracker(self) -> IoUTracker | ByteTracker:
+        common = {"track_thresh": self.track_thresh, "match_thresh": self.match_thresh,
+                  "track_buffer": self.track_buffer, "min_hits": self.min_hits, "class_aware": self.class_aware}
+        if self.algorithm == "bytetrack":
+            common.update(low_thresh=self.low_thresh,
+                          new_track_thresh=None if self.new_track_thresh < 0 else self.new_track_thresh)
+        return make_tracker(self.algorithm, **common)
+
+    def process(self, msg: Message) -> None:
+        dets = msg.data.get("detections")
+        if dets is None:
+            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no data['detections'] (put infer before track)")
+        tracker = self.trackers.get(msg.stream)
+        if tracker is None:
+            tracker = self.trackers[msg.stream] = self._new_tracker()
+        boxes = np.array([d["box"] for d in dets], np.float64).reshape(-1, 4)
+        scores = np.array([d["score"] for d in dets], np.float64)
+        classes = np.array([d.get("class_id", 0) for d in dets], np.int64)
+        tracks = [{**dets[t.det_index], "box": [round(float(v), 2) for v in t.box], "score": round(t.score, 4),
+                   "track_id": t.track_id} for t in tracker.update(boxes, scores, classes)]
+        self.send(dataclasses.replace(msg, data={**msg.data, "tracks": tracks}))

@@ -1,0 +1,139 @@
+"""Detector output decoding (YOLOX, YOLOv5-style, YOLOv8-style), class-aware NMS and box mapping.
+
+Every decoder turns one image's raw output into (boxes Nx4 xyxy in model-input pixels, scores N, class ids N).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from graphflow.vision.letterbox import unletterbox_boxes
+
+log = logging.getLogger(__name__)
+
+YOLOX_STRIDES = (8, 16, 32)
+
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Post-processing settings shared by every decoder; `classes` keeps only those class ids (None: all)."""
+
+    conf: float = 0.3
+    iou: float = 0.45
+    classes: frozenset[int] | None = None
+    max_detections: int = 300
+
+
+def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
+    """Centre/size boxes to corner boxes."""
+    half = xywh[:, 2:4] / 2
+    return np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
+
+
+def _best_class(boxes_xywh: np.ndarray, class_scores: np.ndarray, weight: np.ndarray | None,
+                p: DetectParams) -> Decoded:
+    """Pick each anchor's best class, weight it (objectness), and keep those over threshold and in the filter."""
+    class_ids = class_scores.argmax(axis=1)
+    scores = class_scores[np.arange(len(class_ids)), class_ids]
+    if weight is not None:
+        scores = scores * weight
+    keep = scores >= p.conf
+    if p.classes is not None:
+        keep &= np.isin(class_ids, list(p.classes))
+    return xywh_to_xyxy(boxes_xywh[keep]), scores[keep].astype(np.float32), class_ids[keep]
+
+
+def yolox_grid(input_w: int, input_h: int, strides: tuple[int, ...] = YOLOX_STRIDES) -> tuple[np.ndarray, np.ndarray]:
+    """Cell (x, y) index and stride of every YOLOX anchor, in the model's output order."""
+    cells, cell_strides = [], []
+    for stride in strides:
+        gy, gx = np.meshgrid(np.arange(input_h // stride), np.arange(input_w // stride), indexing="ij")
+        cells.append(np.stack([gx.ravel(), gy.ravel()], axis=1))
+        cell_strides.append(np.full(gx.size, stride))
+    return np.concatenate(cells).astype(np.float32), np.concatenate(cell_strides).astype(np.float32)[:, None]
+
+
+def decode_yolox(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
+    """YOLOX [A, 5+C] raw grid output: xy = (raw + cell) * stride, wh = exp(raw) * stride; score = obj * cls."""
+    cells, strides = yolox_grid(*input_size)
+    if len(cells) != output.shape[0]:
+        raise ValueError(f"yolox output: {output.shape[0]} anchors, expected {len(cells)} for input {list(input_size)}")
+    obj = output[:, 4]
+    pre = obj >= p.conf  # score = obj * cls <= obj, so this drops nothing that could pass
+    raw, cells, strides = output[pre], cells[pre], strides[pre]
+    xy = (raw[:, :2] + cells) * strides
+    wh = np.exp(np.minimum(raw[:, 2:4], 20.0)) * strides
+    return _best_class(np.concatenate([xy, wh], axis=1), raw[:, 5:], raw[:, 4], p)
+
+
+def decode_yolov5(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
+    """YOLOv5-style [A, 5+C]: decoded cx, cy, w, h in input pixels, objectness, class scores."""
+    return _best_class(output[:, :4], output[:, 5:], output[:, 4], p)
+
+
+def decode_yolov8(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
+    """YOLOv8-style [4+C, A]: decoded cx, cy, w, h rows then class score rows, no objectness."""
+    out = output.T
+    return _best_class(out[:, :4], out[:, 4:], None, p)
+
+
+DECODERS: dict[str, Callable[[np.ndarray, tuple[int, int], DetectParams], Decoded]] = {
+    "yolox": decode_yolox,
+    "yolov5": decode_yolov5,
+    "yolov8": decode_yolov8,
+}
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box against Nx4 xyxy boxes."""
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = np.prod(box[2:] - box[:2])
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float, max_keep: int = 300) -> np.ndarray:
+    """Class-aware greedy NMS; returns kept indices, best first. Classes are separated by offsetting boxes."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offset = class_ids[:, None].astype(np.float32) * (float(boxes.max()) + 1.0)
+    shifted = boxes + offset
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size and len(keep) < max_keep:
+        best = order[0]
+        keep.append(best)
+        rest = order[1:]
+        order = rest[box_iou(shifted[best], shifted[rest]) <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(
+    output: np.ndarray,
+    fmt: str,
+    letterbox_info: dict,
+    frame_size: tuple[int, int],
+    labels: list[str],
+    p: DetectParams,
+) -> list[dict]:
+    """One image's raw output to the contract's detections: boxes in original frame pixels, best first."""
+    input_size = tuple(letterbox_info["input"])
+    boxes, scores, class_ids = DECODERS[fmt](output, input_size, p)
+    keep = nms(boxes, scores, class_ids, p.iou, p.max_detections)
+    frame_boxes = unletterbox_boxes(boxes[keep], letterbox_info, *frame_size)
+    return [
+        {
+            "box": [round(float(v), 2) for v in box],
+            "score": round(float(score), 4),
+            "class_id": int(cid),
+            "label": labels[cid] if cid < len(labels) else str(int(cid)),
+        }
+        for box, score, cid in zip(frame_boxes, scores[keep], class_ids[keep])
+    ]

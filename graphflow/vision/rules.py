@@ -1,0 +1,421 @@
+"""Event rules on tracks: zone intrusion, line crossing, dwell, crowding and speed, evaluated per stream.
+
+Geometry is given either normalised (every value ≤ 1, scaled by the frame width/height) or in pixels.
+A track's position is an anchor point of its box: bottom centre (feet) by default, or the centre.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphflow.errors import ParamError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("zone", "line_cross", "dwell", "crowding", "speed")
+ANCHORS = ("bottom_center", "center")
+
+
+@dataclass
+class Frame:
+    """One stream's tracks at one instant, as arrays: ids (N,), classes (N,), labels, anchor points (N,2) in pixels."""
+
+    stream: str
+    index: int
+    time: float
+    width: int | None
+    height: int | None
+    ids: np.ndarray
+    classes: np.ndarray
+    labels: list[str]
+    boxes: np.ndarray
+
+
+def anchor_points(boxes: np.ndarray, anchor: str) -> np.ndarray:
+    """Anchor point of each xyxy box: its bottom centre or its centre."""
+    x = (boxes[:, 0] + boxes[:, 2]) / 2
+    y = boxes[:, 3] if anchor == "bottom_center" else (boxes[:, 1] + boxes[:, 3]) / 2
+    return np.stack([x, y], axis=1)
+
+
+def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd test of points (N,2) against a polygon (K,2), vectorised over points and edges."""
+    a, b = polygon, np.roll(polygon, -1, axis=0)
+    px, py = points[:, None, 0], points[:, None, 1]
+    straddles = (a[None, :, 1] > py) != (b[None, :, 1] > py)
+    dy = np.where(b[:, 1] == a[:, 1], 1.0, b[:, 1] - a[:, 1])
+    x_at = a[None, :, 0] + (py - a[None, :, 1]) * (b[None, :, 0] - a[None, :, 0]) / dy[None, :]
+    return np.count_nonzero(straddles & (px < x_at), axis=1) % 2 == 1
+
+
+def _field(index: int, name: str) -> str:
+    return f"rules[{index}].{name}" if name else f"rules[{index}]"
+
+
+def _number(spec: dict, index: int, name: str, default: Any = None, minimum: float = 0.0) -> float:
+    value = spec.get(name, default)
+    if value is None:
+        raise ParamError(_field(index, name), "required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ParamError(_field(index, name), f"must be a number ≥ {minimum:g} (got {value!r})")
+    return float(value)
+
+
+def _points(spec: dict, index: int, name: str, count: int | None, at_least: int = 1) -> np.ndarray:
+    """A list of [x, y] points from a rule spec, checked: `count` exactly, or at least `at_least`."""
+    value = spec.get(name)
+    if value is None:
+        raise ParamError(_field(index, name), "required")
+    try:
+        arr = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        arr = np.empty((0, 0))
+    if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
+        raise ParamError(_field(index, name), f"must be a list of [x, y] points (got {value!r})")
+    if count is not None and len(arr) != count:
+        raise ParamError(_field(index, name), f"needs exactly {count} points (got {len(arr)})")
+    if len(arr) < at_least:
+        raise ParamError(_field(index, name), f"needs at least {at_least} points (got {len(arr)})")
+    if (arr < 0).any():
+        raise ParamError(_field(index, name), "coordinates must be ≥ 0")
+    return arr
+
+
+class Rule:
+    """Base of all rules: id, class filter, anchor and geometry scaling; subclasses implement `step`."""
+
+    kind = ""
+    keys: tuple[str, ...] = ()
+
+    def __init__(self, spec: dict, index: int) -> None:
+        unknown = sorted(set(spec) - {"id", "kind", "classes", "anchor", *self.keys})
+        if unknown:
+            raise ParamError(_field(index, unknown[0]), f"unknown key for a {self.kind} rule "
+                             f"(known: id, kind, classes, anchor, {', '.join(self.keys)})")
+        self.id = str(spec.get("id", f"{self.kind}{index}"))
+        self.anchor = spec.get("anchor", "bottom_center")
+        if self.anchor not in ANCHORS:
+            raise ParamError(_field(index, "anchor"), f"must be one of {', '.join(ANCHORS)} (got {self.anchor!r})")
+        classes = spec.get("classes")
+        if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes)):
+            raise ParamError(_field(index, "classes"), f"must be a list of class ids or labels (got {classes!r})")
+        self.classes = None if classes is None else set(classes)
+        self.geometry: dict[str, np.ndarray] = {}
+        self._scaled: dict[str, np.ndarray] = {}
+        self._scaled_for: tuple[int | None, int | None] | None = None
+
+    def add_geometry(self, name: str, points: np.ndarray) -> None:
+        self.geometry[name] = points
+
+    def pixels(self, name: str, frame: Frame) -> np.ndarray:
+        """Geometry `name` in pixels: normalised geometry (all values ≤ 1) is scaled by the frame size."""
+        if self._scaled_for != (frame.width, frame.height):
+            self._scaled = {}
+            self._scaled_for = (frame.width, frame.height)
+        if name not in self._scaled:
+            pts = self.geometry[name]
+            if (pts <= 1).all():
+                if not frame.width or not frame.height:
+                    raise ValueError(f"rule {self.id!r}: normalised {name} needs data['width'] and data['height'] "
+                                     f"(missing in stream {frame.stream!r})")
+                pts = pts * np.array([frame.width, frame.height], np.float64)
+            self._scaled[name] = pts
+        return self._scaled[name]
+
+    def selected(self, frame: Frame) -> np.ndarray:
+        """Boolean mask of the frame's tracks that pass the class filter."""
+        if self.classes is None:
+            return np.ones(len(frame.ids), bool)
+        return np.array([c in self.classes or lab in self.classes for c, lab in zip(frame.classes.tolist(), frame.labels)], bool)
+
+    def event(self, frame: Frame, name: str, row: int | None, point: np.ndarray | None, **extra: Any) -> dict:
+        """An event dict per the data contract; `row` indexes the frame's tracks (None for area events)."""
+        ev = {"rule": self.id, "kind": self.kind, "event": name, "stream": frame.stream,
+              "track_id": None if row is None else int(frame.ids[row]),
+              "class_id": None if row is None else int(frame.classes[row]),
+              "label": None if row is None else frame.labels[row],
+              "frame": frame.index, "time": frame.time,
+              "position": None if point is None else [round(float(point[0]), 2), round(float(point[1]), 2)]}
+        ev.update(extra)
+        return ev
+
+    def evaluate(self, frame: Frame) -> list[dict]:
+        mask = self.selected(frame)
+        points = anchor_points(frame.boxes, self.anchor)
+        return self.step(frame, np.flatnonzero(mask), points)
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        raise NotImplementedError
+
+    def forget(self, track_ids: set[int]) -> None:
+        """Drop state of tracks not seen for a while."""
+
+
+class ZoneRule(Rule):
+    """Zone intrusion: `enter` when a track's anchor gets inside `polygon`, `exit` when it leaves."""
+
+    kind = "zone"
+    keys = ("polygon",)
+
+    def __init__(self, spec: dict, index: int) -> None:
+        super().__init__(spec, index)
+        self.add_geometry("polygon", _points(spec, index, "polygon", None, at_least=3))
+        self.inside: dict[int, float] = {}
+
+    def transitions(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Enter/exit events of this frame and the mask (over `rows`) of tracks now inside."""
+        now = points_in_polygon(points[rows], self.pixels("polygon", frame)) if len(rows) else np.zeros(0, bool)
+        events = []
+        for r, is_in in zip(rows.tolist(), now.tolist()):
+            tid = int(frame.ids[r])
+            if is_in and tid not in self.inside:
+                self.inside[tid] = frame.time
+                events.append(self.event(frame, "enter", r, points[r]))
+            elif not is_in and tid in self.inside:
+                entered = self.inside.pop(tid)
+                events.append(self.event(frame, "exit", r, points[r], duration=round(frame.time - entered, 3)))
+        return events, now
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        return self.transitions(frame, rows, points)[0]
+
+    def forget(self, track_ids: set[int]) -> None:
+        for tid in track_ids:
+            self.inside.pop(tid, None)
+
+
+class DwellRule(ZoneRule):
+    """Loitering: one `dwell` event per visit once a track has stayed in `polygon` for `seconds`."""
+
+    kind = "dwell"
+    keys = ("polygon", "seconds")
+
+    def __init__(self, spec: dict, index: int) -> None:
+        super().__init__(spec, index)
+        self.seconds = _number(spec, index, "seconds")
+        self.fired: set[int] = set()
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        self.transitions(frame, rows, points)
+        self.fired &= set(self.inside)
+        events = []
+        for r in rows.tolist():
+            tid = int(frame.ids[r])
+            if tid in self.inside and tid not in self.fired and frame.time - self.inside[tid] >= self.seconds:
+                self.fired.add(tid)
+                events.append(self.event(frame, "dwell", r, points[r], duration=round(frame.time - self.inside[tid], 3)))
+        return events
+
+    def forget(self, track_ids: set[int]) -> None:
+        super().forget(track_ids)
+        self.fired -= track_ids
+
+
+class LineCrossRule(Rule):
+    """Line crossing: `cross` when a track's anchor moves across segment `line` from one side to the other.
+
+    Side A is on the left when walking from line[0] to line[1] as the image is shown (a line drawn left to
+    right has A above it); `direction` ("A->B", "B->A" or "both") selects what counts and emits.
+    """
+
+    kind = "line_cross"
+    keys = ("line", "direction")
+    DIRECTIONS = ("both", "A->B", "B->A")
+
+    def __init__(self, spec: dict, index: int) -> None:
+        super().__init__(spec, index)
+        line = _points(spec, index, "line", 2)
+        if np.allclose(line[0], line[1]):
+            raise ParamError(_field(index, "line"), "the two points must differ")
+        self.add_geometry("line", line)
+        self.direction = spec.get("direction", "both")
+        if self.direction not in self.DIRECTIONS:
+            raise ParamError(_field(index, "direction"), f"must be one of {', '.join(self.DIRECTIONS)} (got {self.direction!r})")
+        self.last: dict[int, np.ndarray] = {}
+        self.counts = {"A->B": 0, "B->A": 0}
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        p1, p2 = self.pixels("line", frame)
+        ids = frame.ids[rows].tolist()
+        prev = np.array([self.last.get(t, (np.nan, np.nan)) for t in ids], np.float64).reshape(-1, 2)
+        cur = points[rows]
+        d = p2 - p1
+        side_prev = np.sign(d[0] * (prev[:, 1] - p1[1]) - d[1] * (prev[:, 0] - p1[0]))
+        side_cur = np.sign(d[0] * (cur[:, 1] - p1[1]) - d[1] * (cur[:, 0] - p1[0]))
+        move = cur - prev
+        # the motion segment meets the line segment when p1 and p2 lie on opposite sides of it
+        s1 = np.sign(move[:, 0] * (p1[1] - prev[:, 1]) - move[:, 1] * (p1[0] - prev[:, 0]))
+        s2 = np.sign(move[:, 0] * (p2[1] - prev[:, 1]) - move[:, 1] * (p2[0] - prev[:, 0]))
+        crossed = (side_prev * side_cur < 0) & (s1 * s2 <= 0)
+        events = []
+        for k in np.flatnonzero(crossed).tolist():
+            direction = "A->B" if side_prev[k] < 0 else "B->A"
+            if self.direction in ("both", direction):
+                self.counts[direction] += 1
+                events.append(self.event(frame, "cross", int(rows[k]), cur[k], direction=direction, counts=dict(self.counts)))
+        for k, t in enumerate(ids):
+            if side_cur[k] != 0:
+                self.last[t] = cur[k]
+        return events
+
+    def forget(self, track_ids: set[int]) -> None:
+        for tid in track_ids:
+            self.last.pop(tid, None)
+
+
+class CrowdingRule(Rule):
+    """Crowding: `crowd_start` once at least `min_count` tracks stay in `polygon` for `seconds`; `crowd_end` when fewer."""
+
+    kind = "crowding"
+    keys = ("polygon", "min_count", "seconds")
+
+    def __init__(self, spec: dict, index: int) -> None:
+        super().__init__(spec, index)
+        self.add_geometry("polygon", _points(spec, index, "polygon", None, at_least=3))
+        self.min_count = int(_number(spec, index, "min_count", minimum=1))
+        self.seconds = _number(spec, index, "seconds", default=0.0)
+        self.since: float | None = None
+        self.active = False
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        inside = rows[points_in_polygon(points[rows], self.pixels("polygon", frame))] if len(rows) else rows
+        count = len(inside)
+        centroid = points[inside].mean(axis=0) if count else None
+        if count < self.min_count:
+            self.since = None
+            if self.active:
+                self.active = False
+                return [self.event(frame, "crowd_end", None, centroid, count=count)]
+            return []
+        if self.since is None:
+            self.since = frame.time
+        if not self.active and frame.time - self.since >= self.seconds:
+            self.active = True
+            return [self.event(frame, "crowd_start", None, centroid, count=count,
+                               track_ids=[int(t) for t in frame.ids[inside]])]
+        return []
+
+
+class SpeedRule(Rule):
+    """Speed: `speeding` once per episode when a track moves faster than `max_speed` over `window` seconds.
+
+    Pixels per second, or metres per second when `homography` (3x3, image pixels -> ground metres) is given.
+    """
+
+    kind = "speed"
+    keys = ("max_speed", "window", "homography")
+
+    def __init__(self, spec: dict, index: int) -> None:
+        super().__init__(spec, index)
+        self.max_speed = _number(spec, index, "max_speed")
+        self.window = _number(spec, index, "window", default=1.0)
+        h = spec.get("homography")
+        self.homography = None
+        if h is not None:
+            try:
+                self.homography = np.asarray(h, np.float64)
+            except (TypeError, ValueError):
+                self.homography = np.empty(0)
+            if self.homography.shape != (3, 3) or not np.isfinite(self.homography).all() or abs(np.linalg.det(self.homography)) < 1e-12:
+                raise ParamError(_field(index, "homography"), "must be an invertible 3x3 matrix (rows of numbers)")
+        self.unit = "m/s" if self.homography is not None else "px/s"
+        self.history: dict[int, deque] = {}
+        self.fast: set[int] = set()
+
+    def ground(self, points: np.ndarray) -> np.ndarray:
+        """Points mapped through the homography (or unchanged without one)."""
+        if self.homography is None:
+            return points
+        hom = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ self.homography.T
+        return hom[:, :2] / hom[:, 2:3]
+
+    def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
+        world = self.ground(points[rows])
+        events = []
+        for k, r in enumerate(rows.tolist()):
+            tid = int(frame.ids[r])
+            hist = self.history.setdefault(tid, deque())
+            hist.append((frame.time, world[k]))
+            while len(hist) > 2 and frame.time - hist[1][0] >= self.window:
+                hist.popleft()
+            t0, w0 = hist[0]
+            if frame.time - t0 <= 0:
+                continue
+            speed = float(np.hypot(*(world[k] - w0)) / (frame.time - t0))
+            if speed > self.max_speed and tid not in self.fast:
+                self.fast.add(tid)
+                events.append(self.event(frame, "speeding", r, points[r], speed=round(speed, 3), unit=self.unit))
+            elif speed <= self.max_speed:
+                self.fast.discard(tid)
+        return events
+
+    def forget(self, track_ids: set[int]) -> None:
+        for tid in track_ids:
+            self.history.pop(tid, None)
+        self.fast -= track_ids
+
+
+RULE_CLASSES: dict[str, type[Rule]] = {c.kind: c for c in (ZoneRule, LineCrossRule, DwellRule, CrowdingRule, SpeedRule)}
+
+
+def parse_rules(specs: list) -> list[Rule]:
+    """Rule objects from their JSON specs; raises ParamError("rules[i].field", ...) on the first mistake."""
+    rules, seen = [], set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ParamError(_field(i, ""), f"must be an object (got {spec!r})")
+        kind = spec.get("kind")
+        if kind not in RULE_CLASSES:
+            raise ParamError(_field(i, "kind"), f"must be one of {', '.join(KINDS)} (got {kind!r})")
+        rule = RULE_CLASSES[kind](spec, i)
+        if rule.id in seen:
+            raise ParamError(_field(i, "id"), f"duplicate rule id {rule.id!r}")
+        seen.add(rule.id)
+        rules.append(rule)
+    return rules
+
+
+@dataclass
+class _StreamState:
+    rules: list[Rule]
+    last_seen: dict[int, float] = field(default_factory=dict)
+
+
+class RuleSet:
+    """Evaluates a list of rules on each stream's tracks, with state kept per stream.
+
+    A track unseen for `forget_after` seconds is dropped from every rule's state (no event).
+    """
+
+    def __init__(self, specs: list, forget_after: float = 5.0) -> None:
+        self.prototype = parse_rules(specs)
+        self.forget_after = forget_after
+        self.streams: dict[str, _StreamState] = {}
+
+    def evaluate(self, stream: str, index: int, time: float, tracks: list[dict],
+                 width: int | None = None, height: int | None = None) -> list[dict]:
+        """Events produced by one frame of `stream`; `tracks` are dicts with box, track_id, class_id, label."""
+        state = self.streams.get(stream)
+        if state is None:
+            state = self.streams[stream] = _StreamState(copy.deepcopy(self.prototype))
+        frame = Frame(stream, index, float(time), width, height,
+                      ids=np.array([t["track_id"] for t in tracks], np.int64),
+                      classes=np.array([t.get("class_id", -1) for t in tracks], np.int64),
+                      labels=[t.get("label", "") for t in tracks],
+                      boxes=np.array([t["box"] for t in tracks], np.float64).reshape(-1, 4))
+        for tid in frame.ids.tolist():
+            state.last_seen[tid] = frame.time
+        stale = {t for t, seen in state.last_seen.items() if frame.time - seen > self.forget_after}
+        events = []
+        for rule in state.rules:
+            if stale:
+                rule.forget(stale)
+            events += rule.evaluate(frame)
+        for tid in stale:
+            del state.last_seen[tid]
+        return events

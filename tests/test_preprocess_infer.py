@@ -1,0 +1,94 @@
+"""The preprocess and infer engines through graphflow.testing.run_engine, on real photos and the real model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import data
+
+from engines.infer import Infer
+from engines.preprocess import Preprocess
+from graphflow import Message, ParamError
+from graphflow.testing import run_engine
+
+PHOTOS = {"astronaut": "person", "coffee": "cup", "chelsea": "cat"}
+
+
+def frames() -> list[Message]:
+    """The photos as BGR frames, as a decode engine would send them."""
+    out = []
+    for seq, name in enumerate(PHOTOS):
+        bgr = np.ascontiguousarray(getattr(data, name)()[:, :, ::-1])
+        bgr.setflags(write=False)  # received arrays are read-only
+        out.append(Message(stream="cam", seq=seq, data={"width": bgr.shape[1], "height": bgr.shape[0]},
+                           arrays={"image": bgr}))
+    return out
+
+
+def preprocessed(params: dict | None = None) -> list[Message]:
+    return run_engine(Preprocess, params or {}, frames())["out"]
+
+
+def test_preprocess_adds_tensor_and_letterbox():
+    msgs = preprocessed()
+    assert [m.seq for m in msgs] == [0, 1, 2]
+    coffee = msgs[1]
+    assert coffee.arrays["tensor"].shape == (3, 416, 416) and coffee.arrays["tensor"].dtype == np.float32
+    assert coffee.data["letterbox"] == {"scale": 416 / 600, "pad": [0, 0], "input": [416, 416]}
+    assert coffee.data["width"] == 600 and coffee.arrays["image"].shape == (400, 600, 3)
+    assert (coffee.arrays["tensor"][:, 277:] == 114).all()  # 400 * 416/600 = 277 rows of photo, then padding
+    assert not (coffee.arrays["tensor"][:, 276] == 114).all()
+
+
+def test_preprocess_params():
+    msgs = preprocessed({"size": [320, 256], "normalize": "unit", "center": True, "color": "rgb", "pad_value": 0})
+    tensor, info = msgs[0].arrays["tensor"], msgs[0].data["letterbox"]
+    assert tensor.shape == (3, 256, 320) and info["pad"] == [32, 0] and tensor.max() <= 1.0
+    assert (tensor[:, :, :32] == 0).all()
+    with pytest.raises(ParamError, match="size"):
+        run_engine(Preprocess, {"size": [416]}, [])
+    with pytest.raises(ParamError, match="normalize"):
+        run_engine(Preprocess, {"normalize": "zscore"}, [])
+
+
+def test_infer_detects_photos_and_drops_tensor():
+    out = run_engine(Infer, {}, preprocessed())["out"]
+    assert [m.seq for m in out] == [0, 1, 2]
+    for msg, label in zip(out, PHOTOS.values()):
+        assert "tensor" not in msg.arrays and "image" in msg.arrays
+        top = msg.data["detections"][0]
+        assert top["label"] == label and top["score"] > 0.5
+        assert set(top) == {"box", "score", "class_id", "label"}
+        x1, y1, x2, y2 = top["box"]
+        assert 0 <= x1 < x2 <= msg.data["width"] and 0 <= y1 < y2 <= msg.data["height"]
+
+
+def test_infer_batched_equals_single_and_class_filter():
+    msgs = preprocessed()
+    single = run_engine(Infer, {"max_batch": 1}, msgs)["out"]
+    batched = run_engine(Infer, {"max_batch": 2}, msgs)["out"]  # one full batch, then a partial one at flush
+    assert [m.seq for m in batched] == [0, 1, 2]
+    for a, b in zip(single, batched):
+        assert len(a.data["detections"]) == len(b.data["detections"])
+        for da, db in zip(a.data["detections"], b.data["detections"]):
+            assert da["class_id"] == db["class_id"]
+            np.testing.assert_allclose(da["box"], db["box"], atol=0.5)
+            assert abs(da["score"] - db["score"]) < 1e-3
+    cats = run_engine(Infer, {"classes": ["cat", 41]}, msgs)["out"]
+    assert {d["label"] for m in cats for d in m.data["detections"]} == {"cat", "cup"}
+
+
+def test_infer_param_errors(tmp_path):
+    with pytest.raises(ParamError, match="classes\\[0\\].*unicorn"):
+        run_engine(Infer, {"classes": ["unicorn"]}, [])
+    with pytest.raises(ParamError, match="model.*not a file"):
+        run_engine(Infer, {"model": str(tmp_path / "missing.onnx")}, [])
+    with pytest.raises(ParamError, match="backend"):
+        run_engine(Infer, {"backend": "magic"}, [])
+
+
+def test_infer_rejects_wrong_input():
+    with pytest.raises(ValueError, match="preprocess"):
+        run_engine(Infer, {}, [Message(arrays={"image": np.zeros((8, 8, 3), np.uint8)})])
+    wrong = preprocessed({"size": [320, 320]})
+    with pytest.raises(ValueError, match="does not fit model yolox-nano"):
+        run_engine(Infer, {}, wrong)

@@ -1,0 +1,136 @@
+"""Trackers: ids kept across motion, gaps, crossings and low-score frames; the track engine per stream."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.track import Track
+from graphflow import Message, ParamError
+from graphflow.testing import run_engine
+from graphflow.vision.tracking import ByteTracker, IoUTracker, greedy_match, iou_matrix, linear_match
+
+TRACKERS = [lambda: IoUTracker(min_hits=1), lambda: ByteTracker(min_hits=1)]
+
+
+def box(cx: float, cy: float, w: float = 40, h: float = 80) -> list[float]:
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def step(tracker, boxes: list[list[float]], scores: list[float] | None = None, classes: list[int] | None = None) -> dict[int, int]:
+    """Feed one frame; return {det_index: track_id}."""
+    n = len(boxes)
+    out = tracker.update(np.array(boxes).reshape(-1, 4), np.array(scores or [0.9] * n),
+                         np.array(classes or [0] * n))
+    return {t.det_index: t.track_id for t in out}
+
+
+def test_iou_matrix_values():
+    a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 101, 101]])
+    expected = np.array([[1, 50 / 150, 0], [0, 0, 0]])
+    np.testing.assert_allclose(iou_matrix(a, b), expected)
+    assert iou_matrix(a, np.empty((0, 4))).shape == (2, 0)
+
+
+def test_greedy_and_linear_match_differ_where_greedy_is_suboptimal():
+    iou = np.array([[0.9, 0.8], [0.85, 0.0]])
+    pairs, _, _ = greedy_match(iou, 0.1)
+    assert pairs.tolist() == [[0, 0]]
+    pairs, rows, cols = linear_match(iou, 0.1)
+    assert sorted(pairs.tolist()) == [[0, 1], [1, 0]] and len(rows) == len(cols) == 0
+
+
+@pytest.mark.parametrize("make", TRACKERS, ids=["iou", "bytetrack"])
+def test_two_moving_boxes_keep_ids(make):
+    tracker = make()
+    first = step(tracker, [box(100, 100), box(300, 100)])
+    assert sorted(first.values()) == [1, 2]
+    for f in range(1, 20):
+        ids = step(tracker, [box(300 + 4 * f, 100), box(100 + 4 * f, 100)])  # order swapped on purpose
+        assert ids == {0: first[1], 1: first[0]}
+
+
+@pytest.mark.parametrize("make", TRACKERS, ids=["iou", "bytetrack"])
+def test_box_missing_for_a_few_frames_keeps_id(make):
+    tracker = make()
+    tid = step(tracker, [box(100, 100)])[0]
+    for f in range(1, 5):
+        step(tracker, [box(100 + 2 * f, 100)])
+    for _ in range(5):
+        assert step(tracker, []) == {}
+    assert step(tracker, [box(110, 100)]) == {0: tid}
+
+
+@pytest.mark.parametrize("make", TRACKERS, ids=["iou", "bytetrack"])
+def test_track_dropped_after_track_buffer(make):
+    tracker = make()
+    tracker.track_buffer = 3
+    tid = step(tracker, [box(100, 100)])[0]
+    for _ in range(4):
+        step(tracker, [])
+    assert step(tracker, [box(100, 100)])[0] != tid
+
+
+def test_bytetrack_crossing_boxes_keep_ids():
+    """Two people walk through each other; constant-velocity prediction keeps each id on its own path."""
+    tracker = ByteTracker(min_hits=1)
+    ids = step(tracker, [box(100, 200), box(400, 200)])
+    for f in range(1, 31):
+        a, b = box(100 + 10 * f, 200), box(400 - 10 * f, 204)
+        got = step(tracker, [a, b])
+        assert got == ids, f"frame {f}"
+
+
+def test_bytetrack_low_score_detections_keep_track_alive():
+    tracker = ByteTracker(min_hits=1, track_thresh=0.5, track_buffer=0)
+    tid = step(tracker, [box(100, 100)])[0]
+    for f in range(1, 6):
+        assert step(tracker, [box(100 + 3 * f, 100)], [0.3]) == {0: tid}  # occluded: low score
+    assert step(tracker, [box(118, 100)], [0.9]) == {0: tid}
+    # low-score detections never start tracks
+    assert step(ByteTracker(min_hits=1), [box(100, 100)], [0.3]) == {}
+
+
+def test_bytetrack_min_hits_and_classes():
+    tracker = ByteTracker(min_hits=2)
+    assert step(tracker, [box(100, 100)]) == {}
+    assert step(tracker, [box(102, 100)]) == {0: 1}
+    # a detection of another class does not take over the track
+    got = step(tracker, [box(104, 100)], classes=[3])
+    assert 1 not in got.values()
+
+
+def test_track_engine_per_stream_ids():
+    def msg(stream: str, seq: int, cx: float) -> Message:
+        det = {"box": box(cx, 100), "score": 0.9, "class_id": 0, "label": "person"}
+        return Message(stream=stream, seq=seq, data={"detections": [det]})
+
+    msgs = [msg(s, i, 100 + 3 * i) for i in range(5) for s in ("a", "b")]
+    out = run_engine(Track, {"algorithm": "bytetrack", "min_hits": 1}, msgs)["out"]
+    assert len(out) == 10
+    for m in out:
+        (t,) = m.data["tracks"]
+        assert t["track_id"] == 1 and t["label"] == "person" and len(t["box"]) == 4
+    out = run_engine(Track, {"algorithm": "iou", "min_hits": 3}, msgs)["out"]
+    assert [len(m.data["tracks"]) for m in out] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_track_engine_errors():
+    with pytest.raises(ParamError, match="algorithm"):
+        Track("t", {"algorithm": "sort"})
+    with pytest.raises(ValueError, match="detections"):
+        run_engine(Track, {}, [Message()])
+
+
+def test_tracker_throughput():
+    """10 objects per frame; a loose floor so a loaded CI machine passes (the bench measures properly)."""
+    import time
+    rng = np.random.default_rng(0)
+    base, vel = rng.uniform(0, 1000, (10, 2)), rng.uniform(-5, 5, (10, 2))
+    frames = [np.concatenate([base + vel * f, base + vel * f + 50], 1) for f in range(300)]
+    for tracker in (IoUTracker(), ByteTracker()):
+        t0 = time.perf_counter()
+        for b in frames:
+            out = tracker.update(b, np.full(10, 0.9), np.zeros(10))
+        rate = len(frames) / (time.perf_counter() - t0)
+        assert len(out) == 10 and rate > 300, (type(tracker).__name__, rate)
