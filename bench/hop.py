@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hops", type=int, default=5)
     ap.add_argument("--count", type=int, default=400)
-    ap.add_argument("--rate", type=float, default=400.0)
+    ap.add_argument("--rate", type=float, default=100.0)
     args = ap.parse_args()
     results = [measure(args.hops, p, args.count, args.rate, []) for p in ("thread", "process")]
     base = results[0]["p50_us"]

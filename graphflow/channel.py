@@ -175,17 +175,21 @@ class ZmqPump:
 
     def _run(self) -> None:
         open_ = set(self.socks)
+        poller = zmq.Poller()
+        polled: set[int] = set()
         while open_ and not self.stop.is_set():
-            poller = zmq.Poller()
             with self.inbox.cond:
-                ready = [i for i in open_ if self.inbox.room(i)]
-            for i in ready:
+                ready = {i for i in open_ if self.inbox.room(i)}
+            for i in polled - ready:
+                poller.unregister(self.socks[i])
+            for i in ready - polled:
                 poller.register(self.socks[i], zmq.POLLIN)
+            polled = ready
             if not ready:
                 time.sleep(0.001)
                 continue
             events = dict(poller.poll(50))
-            for i in ready:
+            for i in list(ready):
                 if self.socks[i] in events:
                     item = decode(self.socks[i].recv_multipart(copy=False))
                     try:

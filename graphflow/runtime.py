@@ -48,12 +48,14 @@ class Actor:
     """One engine instance and the thread that feeds it: setup → process… → flush → EOS → teardown."""
 
     def __init__(self, node: Node, inbox: Inbox | None, outlets: dict[str, list[Any]],
-                 report: Callable[[str, str], None], stop: threading.Event) -> None:
+                 report: Callable[[str, str], None], stop: threading.Event, go: threading.Event) -> None:
         self.node = node
         self.inbox = inbox
         self.outlets = outlets
         self.report = report  # (kind, text) → launcher
         self.graph_stop = stop
+        self.go = go  # set once every engine of the graph has finished setup: sources wait for it
+        self.ready = threading.Event()
         self.stats = Stats(node.id)
         self.engine: Engine = node.cls(node.id, node.params)
         self.engine._send = self._send
@@ -105,6 +107,7 @@ class Actor:
     def run(self) -> None:
         self.stats.state = "setup"
         ok = self._guarded("setup", self.engine.setup)
+        self.ready.set()
         try:
             if ok:
                 self.stats.state = "running"
@@ -122,6 +125,9 @@ class Actor:
             self.stats.state = "done" if ok else "failed"
 
     def _run_source(self) -> None:
+        while not self.go.wait(0.05):
+            if self.engine.stopping.is_set() or self.graph_stop.is_set():
+                return
         gen = self.engine.generate()
         try:
             while not self.engine.stopping.is_set() and not self.graph_stop.is_set():
@@ -195,6 +201,7 @@ class Host:
                  report: Callable[[str, str], None]) -> None:
         self.name = name
         self.stop = threading.Event()
+        self.go = threading.Event()
         self.ctx = zmq.Context.instance()
         mine = [n for n in graph.nodes.values() if host_of[n.id] == name]
         endpoints = {i: f"ipc://{rundir}/e{i}" for i in range(len(graph.edges))}
@@ -220,7 +227,7 @@ class Host:
                     outlets[e.src_port].append(LocalLink(inboxes[e.dst], index, isolate=fanout > 1))
                 else:
                     outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i]))
-            self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop))
+            self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go))
 
     def start(self) -> None:
         for pump in self.pumps:
@@ -233,6 +240,10 @@ class Host:
         for actor in self.actors:
             if actor.node.cls.is_source():
                 actor.engine.stopping.set()
+
+    def ready(self) -> bool:
+        """Every actor has finished (or failed) setup."""
+        return all(a.ready.is_set() or not a.thread.is_alive() for a in self.actors)
 
     def alive(self) -> bool:
         return any(a.thread.is_alive() for a in self.actors)
@@ -289,7 +300,11 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         out.close()
         return
     signal.signal(signal.SIGTERM, lambda *_: host.request_stop())
+    signal.signal(signal.SIGUSR1, lambda *_: host.go.set())
     host.start()
+    while not host.ready():
+        time.sleep(0.01)
+    report("ready", "")
     while host.alive():
         time.sleep(interval)
         if host.stop.is_set():
@@ -362,6 +377,7 @@ class Launcher:
             p.start()
             children[name] = p
         local.start()
+        ready: set[str] = set()
         stopping_since: float | None = None
         timeout = self.graph.settings.get("shutdown_timeout", 10.0)
         next_progress = time.monotonic()
@@ -372,11 +388,19 @@ class Launcher:
                     if kind == "stats":
                         for s in payload:
                             self.stats[s["engine"]] = s
+                    elif kind == "ready":
+                        ready.add(name)
                     elif kind == "stop":
                         local.stop.set()
                         self._report(kind, payload)
                     else:
                         self._report(kind, payload)
+                if not local.go.is_set() and local.ready() and all(
+                        n in ready or not p.is_alive() for n, p in children.items()):
+                    local.go.set()  # every engine is set up: let the sources start
+                    for p in children.values():
+                        if p.is_alive():
+                            os.kill(p.pid, signal.SIGUSR1)
                 for name, p in children.items():
                     if not p.is_alive() and p.exitcode not in (0, None) and not getattr(p, "_gf_reported", False):
                         p._gf_reported = True
