@@ -127,3 +127,16 @@ def test_cli_validate_exit_code_and_one_line(write_graph):
     assert proc.stderr.strip().count("\n") == 0
     assert "engines.src.params.count: must be ≥ 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_engine_found_through_entry_point_group(tmp_path, write_graph, user_module, monkeypatch):
+    user_module("epengines", "from graphflow import Engine\nclass Echo(Engine):\n"
+                "    def process(self, msg):\n        self.send(msg)\n")
+    dist = tmp_path / "epengines-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: epengines\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[graphflow.engines]\necho = epengines:Echo\n")
+    doc = {"engines": {"src": {"type": "source"}, "e": {"type": "echo"}, "out": {"type": "sink"}},
+           "connections": [["src", "e"], ["e", "out"]]}
+    g = graph.load(write_graph(doc))
+    assert g.nodes["e"].cls.__name__ == "Echo"
