@@ -17,13 +17,16 @@ from .inspect import render
 log = logging.getLogger("graphflow")
 
 
-def _progress_table(stats: dict[str, dict[str, Any]], wall: float) -> Any:
+def _progress_table(stats: dict[str, dict[str, Any]], wall: float, order: list[str]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"graphflow — {wall:5.1f}s", title_justify="left")
     for col in ("engine", "state", "in", "out", "msg/s", "busy ms/msg", "queue", "drops", "errors"):
         table.add_column(col, justify="left" if col in ("engine", "state") else "right")
-    for name, s in stats.items():
+    for name in order:
+        if name not in stats:
+            continue
+        s = stats[name]
         n = max(s["received"], 1)
         table.add_row(name, s["state"], str(s["received"]), str(s["sent"]), f"{s['received'] / max(wall, 1e-9):.1f}",
                       f"{1000 * s['busy_s'] / n:.2f}", str(s["depth"]), str(s["dropped"]), str(s["errors"]))
@@ -51,7 +54,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
         live.start()
     try:
-        summary = runtime.run(g, (lambda st: live.update(_progress_table(st, time.monotonic() - t0))) if live else None)
+        summary = runtime.run(g, (lambda st: live.update(_progress_table(st, time.monotonic() - t0, list(g.nodes)))) if live else None)
     finally:
         if live is not None:
             live.stop()

@@ -438,7 +438,8 @@ class Launcher:
                 self.stats[s["engine"]] = s
             control.close()
             shutil.rmtree(rundir, ignore_errors=True)
-        return Summary(self.stats, self.errors, time.monotonic() - t0, self.stop_reason, self.failed)
+        ordered = {n: self.stats[n] for n in self.graph.nodes if n in self.stats}
+        return Summary(ordered, self.errors, time.monotonic() - t0, self.stop_reason, self.failed)
 
 
 def run(graph: Graph, on_progress: Callable[[dict[str, dict]], None] | None = None,
