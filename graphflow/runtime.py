@@ -428,7 +428,7 @@ class Launcher:
                 if p.is_alive():
                     p.kill()
                     p.join(2)
-            while control.poll(0):
+            while control.poll(100):
                 name, kind, payload = control.recv_pyobj()
                 if kind == "stats":
                     for s in payload:
