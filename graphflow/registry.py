@@ -15,6 +15,7 @@ BUILTINS = {
     "infer": "engines.infer:Infer",
     "track": "engines.track:Track",
     "rule": "engines.rule:Rule",
+    "publish": "engines.publish:Publish",
 }
 
 

@@ -106,7 +106,7 @@ class Actor:
 
     def run(self) -> None:
         self.stats.state = "setup"
-        ok = self._guarded("setup", self.engine.setup)
+        ok = self._guarded("check", self.engine.check) and self._guarded("setup", self.engine.setup)
         self.ready.set()
         try:
             if ok:
@@ -282,6 +282,8 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         os._exit(1)
     sys.path[:] = sys_path
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    early_stop = threading.Event()  # a stop that arrives while the engines are still being built
+    signal.signal(signal.SIGTERM, lambda *_: early_stop.set())
     ctx = zmq.Context.instance()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 5000)
@@ -301,6 +303,8 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         return
     signal.signal(signal.SIGTERM, lambda *_: host.request_stop())
     signal.signal(signal.SIGUSR1, lambda *_: host.go.set())
+    if early_stop.is_set():
+        host.request_stop()
     host.start()
     while not host.ready():
         time.sleep(0.01)
