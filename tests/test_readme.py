@@ -13,7 +13,7 @@ def test_readme_engine_example_runs_in_the_demo_graph(tmp_path, user_module):
     user_module("myengines", source)
     doc = json.loads((ROOT / "graphs/demo.json").read_text())
     doc["engines"]["src"]["params"]["sources"][0].update(uri=str(ROOT / "graphs/data/demo.mp4"), max_frames=12)
-    doc["engines"]["out"]["params"]["path"] = str(tmp_path / "out.jsonl")
+    doc["engines"]["out"]["params"]["sinks"] = [{"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}]
     doc["engines"]["count"] = {"type": "myengines:CountPeople"}
     doc["connections"] = [c for c in doc["connections"] if c != ["det.out", "trk.in"]]
     doc["connections"] += [["det.out", "count.in"], ["count.out", "trk.in"]]
