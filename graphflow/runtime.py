@@ -84,6 +84,17 @@ class Actor:
             return self._portal.call(wait)
         return result
 
+    def _fail(self, what: str, msg: Message | None = None) -> None:
+        """Report the exception being handled with engine id (and stream/frame); apply `on_error`."""
+        self.stats.errors += 1
+        where = f" on stream {msg.stream!r} frame {msg.seq}" if msg is not None else ""
+        text = f"engine {self.node.id!r} failed in {what}{where}:\n{traceback.format_exc()}"
+        self.stats.error = text.splitlines()[-1]
+        self.report("error", text)
+        if self.node.on_error == "stop" or what in ("setup", "check"):
+            self.report("stop", f"engine {self.node.id!r} {what} failed")
+            self.graph_stop.set()
+
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any, msg: Message | None = None) -> bool:
         t0 = time.perf_counter()
         try:
@@ -92,14 +103,7 @@ class Actor:
         except Closed:
             return False
         except Exception:
-            self.stats.errors += 1
-            where = f" on stream {msg.stream!r} frame {msg.seq}" if msg is not None else ""
-            text = f"engine {self.node.id!r} failed in {what}{where}:\n{traceback.format_exc()}"
-            self.stats.error = text.splitlines()[-1]
-            self.report("error", text)
-            if self.node.on_error == "stop" or what in ("setup", "check"):
-                self.report("stop", f"engine {self.node.id!r} {what} failed")
-                self.graph_stop.set()
+            self._fail(what, msg)
             return False
         finally:
             self.stats.busy_s += time.perf_counter() - t0
@@ -138,12 +142,7 @@ class Actor:
                     break
                 except Exception:
                     self.stats.busy_s += time.perf_counter() - t0
-                    self.stats.errors += 1
-                    text = f"engine {self.node.id!r} failed in generate:\n{traceback.format_exc()}"
-                    self.stats.error = text.splitlines()[-1]
-                    self.report("error", text)
-                    if self.node.on_error == "stop":
-                        self.graph_stop.set()
+                    self._fail("generate")
                     break
                 self.stats.busy_s += time.perf_counter() - t0
                 if msg is not None:
@@ -298,7 +297,7 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         host = Host(graph, host_of, name, rundir, report)
     except Exception:
         report("error", f"process {name!r} failed to start:\n{traceback.format_exc()}")
-        report("stats", [])
+        report("stop", f"process {name!r} failed to start")
         out.close()
         return
     signal.signal(signal.SIGTERM, lambda *_: host.request_stop())
@@ -352,8 +351,6 @@ class Launcher:
         if kind == "error":
             self.errors.append(text)
             log.error("%s", text)
-            if "failed in setup" in text or "failed to start" in text:
-                self.failed = True
         elif kind == "stop" and text:
             self.failed = True
             self.stop_reason = self.stop_reason or text
