@@ -40,6 +40,9 @@ def _summary_lines(summary: runtime.Summary) -> list[str]:
         per_stream = ", ".join(f"{k}={v}" for k, v in sorted(s["streams"].items()))
         lines.append(f"  {name:<12} in={s['received']:<6} out={s['sent']:<6} drops={s['dropped']:<4} "
                      f"errors={s['errors']:<3} busy={s['busy_s']:.2f}s  {per_stream}")
+        for key, value in s.get("metrics", {}).items():
+            if not isinstance(value, (list, dict)):  # timelines and tables go to --stats FILE
+                lines.append(f"  {'':<12} {key}={value}")
     return lines
 
 

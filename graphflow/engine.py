@@ -121,8 +121,13 @@ class Engine:
     def teardown(self) -> None:
         """Release what `setup` opened; always called once."""
 
+    def metrics(self) -> dict[str, Any]:
+        """Engine-specific figures (JSON-able) for progress, the launch summary and `--stats FILE`."""
+        return {}
+
     def send(self, msg: Message, port: str = "out") -> None:
-        """Send `msg` on an output port. Do not modify `msg` or its arrays after sending it."""
+        """Send `msg` on an output port (from any thread of the engine). Do not modify `msg` or its
+        arrays after sending it."""
         if self._send is None:
             raise RuntimeError(f"engine {self.id!r} is not running, it cannot send")
         self._send(msg, port)

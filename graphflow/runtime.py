@@ -42,6 +42,7 @@ class Stats:
     state: str = "starting"
     streams: dict[str, int] = field(default_factory=dict)
     error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class Actor:
@@ -61,6 +62,7 @@ class Actor:
         self.engine._send = self._send
         self.thread = threading.Thread(target=self.run, name=f"engine:{node.id}", daemon=True)
         self._loop: Any = None
+        self._send_lock = threading.Lock()  # engines may send from their own worker threads
 
     def _send(self, msg: Message, port: str) -> None:
         links = self.outlets.get(port)
@@ -68,9 +70,10 @@ class Actor:
             raise ValueError(f"engine {self.node.id!r} has no output port {port!r} "
                              f"(outputs: {', '.join(self.node.cls.outputs) or 'none'})")
         msg.times[self.node.id] = time.time()
-        for link in links:
-            link.send(msg, self.engine.stopping)
-        self.stats.sent += 1
+        with self._send_lock:
+            for link in links:
+                link.send(msg, self.engine.stopping)
+            self.stats.sent += 1
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*args)
@@ -190,6 +193,10 @@ class Actor:
         if self.inbox is not None:
             self.stats.dropped = sum(self.inbox.dropped)
             self.stats.depth = self.inbox.depth()
+        try:
+            self.stats.metrics = self.engine.metrics()
+        except Exception as exc:  # a metrics bug must not stop the graph
+            self.stats.metrics = {"error": f"metrics() failed: {exc}"}
         return dict(self.stats.__dict__)
 
 
