@@ -1,6 +1,7 @@
 """Bounded edges between engines: in-process handoff of objects, ZeroMQ ipc:// between processes."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -11,6 +12,9 @@ import numpy as np
 import zmq
 
 from .message import EOS, EndOfStream, Message
+from .shm import ShmContext, ShmError
+
+log = logging.getLogger(__name__)
 
 
 class Closed(Exception):
@@ -106,24 +110,41 @@ class LocalLink:
         pass
 
 
-def encode(msg: Message | EndOfStream) -> list[Any]:
-    """Message → ZeroMQ multipart frames: msgpack header, then one raw buffer per array."""
+def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: str = "") -> list[Any]:
+    """Message → ZeroMQ multipart frames: msgpack header, then one raw buffer per inline array.
+
+    Arrays leased from a shared-memory pool travel as a handle in the header (counted for `holder`)."""
     if msg is EOS:
         return [msgpack.packb({"eos": True})]
-    names = list(msg.arrays)
-    arrays = [np.ascontiguousarray(msg.arrays[k]) for k in names]
-    head = {"s": msg.stream, "q": msg.seq, "p": msg.pts, "d": msg.data, "t": msg.times,
-            "a": [[k, a.dtype.str, list(a.shape)] for k, a in zip(names, arrays)]}
-    return [msgpack.packb(head)] + [memoryview(a).cast("B") if a.size else b"" for a in arrays]
+    specs, frames = [], []
+    for name, arr in msg.arrays.items():
+        handle = shm.handle(arr, holder) if shm is not None else None
+        if handle is not None:
+            specs.append([name, arr.dtype.str, list(arr.shape), handle])
+            continue
+        arr = np.ascontiguousarray(arr)
+        specs.append([name, arr.dtype.str, list(arr.shape)])
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+    head = {"s": msg.stream, "q": msg.seq, "p": msg.pts, "d": msg.data, "t": msg.times, "a": specs}
+    return [msgpack.packb(head)] + frames
 
 
-def decode(frames: list[Any]) -> Message | EndOfStream:
-    """Inverse of `encode`; arrays view the received ZeroMQ buffers (read-only, no copy)."""
+def decode(frames: list[Any], shm: ShmContext | None = None) -> Message | EndOfStream:
+    """Inverse of `encode`; inline arrays view the received buffers, leased ones map the producer's slot
+    (both read-only, no copy)."""
     head = msgpack.unpackb(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
     if head.get("eos"):
         return EOS
     arrays = {}
-    for (name, dtype, shape), frame in zip(head["a"], frames[1:]):
+    rest = iter(frames[1:])
+    for spec in head["a"]:
+        name, dtype, shape = spec[:3]
+        if len(spec) > 3:
+            if shm is None:
+                raise ShmError(f"array {name!r} is in shared memory but this channel has no shared-memory context")
+            arrays[name] = shm.attach(spec[3], dtype, shape)
+            continue
+        frame = next(rest)
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         arrays[name] = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
     return Message(head["s"], head["q"], head["p"], head["d"], arrays, head["t"])
@@ -132,14 +153,16 @@ def decode(frames: list[Any]) -> Message | EndOfStream:
 class ZmqLink:
     """Cross-process edge, producer side: a PUSH socket connected to the consumer's ipc:// endpoint."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, shm: ShmContext | None = None, dst_host: str = "",
+                 policy: str = "block") -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 4)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(endpoint)
+        self.shm, self.dst_host, self.policy = shm, dst_host, policy
 
     def send(self, msg: Message | EndOfStream, stop: threading.Event) -> None:
-        frames = encode(msg)
+        frames = encode(msg, self.shm, self.dst_host)
         while True:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -157,8 +180,10 @@ class ZmqPump:
     """Cross-process edges, consumer side: one thread moves received messages into the Inbox,
     reading a `block` connection only while its queue has room so back-pressure reaches the producer."""
 
-    def __init__(self, ctx: zmq.Context, inbox: Inbox, endpoints: dict[int, str]) -> None:
+    def __init__(self, ctx: zmq.Context, inbox: Inbox, endpoints: dict[int, str], shm: ShmContext | None = None) -> None:
         self.inbox = inbox
+        self.shm = shm
+        self.lost = 0  # messages whose shared-memory frame could not be mapped (producer died)
         self.socks: dict[int, zmq.Socket] = {}
         for i, ep in endpoints.items():
             s = ctx.socket(zmq.PULL)
@@ -191,7 +216,12 @@ class ZmqPump:
             events = dict(poller.poll(50))
             for i in list(ready):
                 if self.socks[i] in events:
-                    item = decode(self.socks[i].recv_multipart(copy=False))
+                    try:
+                        item = decode(self.socks[i].recv_multipart(copy=False), self.shm)
+                    except ShmError as exc:
+                        self.lost += 1
+                        log.warning("connection %d: message lost: %s", i, exc)
+                        continue
                     try:
                         self.inbox.put(i, item, self.stop)
                     except Closed:

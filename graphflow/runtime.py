@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import anyio
+import numpy as np
 import zmq
 
-from .channel import Closed, Inbox, LocalLink, ZmqLink, ZmqPump
+from .channel import Closed, Inbox, LocalLink, ZmqLink, ZmqPump, encode
+from .shm import MIN_BYTES, ShmContext, SlotPool
 from .engine import Engine
 from .graph import Graph, Node
 from .message import EOS, Message
@@ -49,7 +51,9 @@ class Actor:
     """One engine instance and the thread that feeds it: setup → process… → flush → EOS → teardown."""
 
     def __init__(self, node: Node, inbox: Inbox | None, outlets: dict[str, list[Any]],
-                 report: Callable[[str, str], None], stop: threading.Event, go: threading.Event) -> None:
+                 report: Callable[[str, str], None], stop: threading.Event, go: threading.Event,
+                 pools: dict[str, tuple[SlotPool, float | None]] | None = None,
+                 closing: threading.Event | None = None) -> None:
         self.node = node
         self.inbox = inbox
         self.outlets = outlets
@@ -60,6 +64,10 @@ class Actor:
         self.stats = Stats(node.id)
         self.engine: Engine = node.cls(node.id, node.params)
         self.engine._send = self._send
+        self.engine._alloc = self._alloc
+        self.pools = pools or {}  # port → (shared-memory pool, how long to wait for a slot; None: until closing)
+        self.closing = closing or threading.Event()
+        self.shm_drops = 0
         self.thread = threading.Thread(target=self.run, name=f"engine:{node.id}", daemon=True)
         self._loop: Any = None
         self._send_lock = threading.Lock()  # engines may send from their own worker threads
@@ -71,9 +79,36 @@ class Actor:
                              f"(outputs: {', '.join(self.node.cls.outputs) or 'none'})")
         msg.times[self.node.id] = time.time()
         with self._send_lock:
+            remote = self._to_shared_memory(msg, port)
             for link in links:
+                if not remote and isinstance(link, ZmqLink):
+                    self.shm_drops += 1
+                    continue
                 link.send(msg, self.engine.stopping)
             self.stats.sent += 1
+
+    def _to_shared_memory(self, msg: Message, port: str) -> bool:
+        """Put the message's large arrays into the port's pool (once for every consumer process);
+        False when no slot came free in time on a drop-policy channel: the message skips those consumers."""
+        entry = self.pools.get(port)
+        if entry is None or not isinstance(msg, Message):
+            return True
+        pool, wait = entry
+        shm = pool.shm
+        for name, arr in msg.arrays.items():
+            placed = shm.place(arr, pool, self.closing, wait)
+            if placed is None:
+                return False
+            msg.arrays[name] = placed
+        return True
+
+    def _alloc(self, shape: tuple, dtype: np.dtype, port: str) -> np.ndarray:
+        entry = self.pools.get(port)
+        if entry is not None and int(np.prod(shape)) * dtype.itemsize >= MIN_BYTES:
+            arr = entry[0].acquire(shape, dtype, self.closing, entry[1])
+            if arr is not None:
+                return arr
+        return np.empty(shape, dtype)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*args)
@@ -194,9 +229,13 @@ class Actor:
             self.stats.dropped = sum(self.inbox.dropped)
             self.stats.depth = self.inbox.depth()
         try:
-            self.stats.metrics = self.engine.metrics()
+            self.stats.metrics = dict(self.engine.metrics())
         except Exception as exc:  # a metrics bug must not stop the graph
             self.stats.metrics = {"error": f"metrics() failed: {exc}"}
+        if self.pools:
+            pools = [p for p, _ in self.pools.values()]
+            self.stats.metrics["shm"] = {"slots_busy": sum(p.in_use() for p in pools), "waits": sum(p.waits for p in pools),
+                                         "drops": self.shm_drops, "reclaimed": sum(p.reclaimed for p in pools)}
         return dict(self.stats.__dict__)
 
 
@@ -208,7 +247,9 @@ class Host:
         self.name = name
         self.stop = threading.Event()
         self.go = threading.Event()
+        self.closing = threading.Event()
         self.ctx = zmq.Context.instance()
+        self.shm = ShmContext(name, rundir, list(host_of.values()))
         mine = [n for n in graph.nodes.values() if host_of[n.id] == name]
         endpoints = {i: f"ipc://{rundir}/e{i}" for i in range(len(graph.edges))}
         inboxes: dict[str, Inbox] = {}
@@ -220,7 +261,7 @@ class Host:
             inbox = Inbox([(e.dst_port, e.policy, e.capacity) for _, e in incoming])
             inboxes[node.id] = inbox
             remote = {k: endpoints[i] for k, (i, e) in enumerate(incoming) if host_of[e.src] != name}
-            self.pumps.append(ZmqPump(self.ctx, inbox, remote))
+            self.pumps.append(ZmqPump(self.ctx, inbox, remote, self.shm))
         self.actors: list[Actor] = []
         for node in mine:
             outlets: dict[str, list[Any]] = {p: [] for p in node.cls.outputs}
@@ -232,8 +273,20 @@ class Host:
                     index = [j for j, x in enumerate(graph.edges) if x.dst == e.dst].index(i)
                     outlets[e.src_port].append(LocalLink(inboxes[e.dst], index, isolate=fanout > 1))
                 else:
-                    outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i]))
-            self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go))
+                    outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy))
+            self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go,
+                                     self._pools(graph, host_of, node), self.closing))
+
+    def _pools(self, graph: Graph, host_of: dict[str, str], node: Node) -> dict[str, tuple[SlotPool, float | None]]:
+        """A shared-memory pool for each output port of `node` with consumers in other processes."""
+        pools = {}
+        for port in node.cls.outputs:
+            remote = [e for e in graph.edges if e.src == node.id and e.src_port == port and host_of[e.dst] != self.name]
+            if remote:
+                slots = max(e.slots or 2 * e.capacity + 8 for e in remote)
+                lossless = any(e.policy == "block" for e in remote)
+                pools[port] = (self.shm.pool(f"{node.id}.{port}", slots), None if lossless else 0.1)
+        return pools
 
     def start(self) -> None:
         for pump in self.pumps:
@@ -255,6 +308,7 @@ class Host:
         return any(a.thread.is_alive() for a in self.actors)
 
     def close(self) -> None:
+        self.closing.set()
         for actor in self.actors:
             actor.engine.stopping.set()
             if actor.inbox is not None:
@@ -267,6 +321,7 @@ class Host:
             for links in actor.outlets.values():
                 for link in links:
                     link.close()
+        self.shm.close()
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [a.snapshot() for a in self.actors]
@@ -341,6 +396,42 @@ class Summary:
         return 1 if self.failed else 0
 
 
+class Graveyard:
+    """Stands in for process engines that died for good: their consumers get end-of-stream so the rest of
+    the graph can finish, and what their producers still send them is received and discarded (counted),
+    so no producer blocks on a dead consumer; their shared-memory holds are reclaimed by the owners."""
+
+    def __init__(self, graph: Graph, host_of: dict[str, str], rundir: str, ctx: zmq.Context) -> None:
+        self.graph, self.host_of, self.rundir, self.ctx = graph, host_of, rundir, ctx
+        self.socks: list[tuple[zmq.Socket, str]] = []  # (socket, engine whose inputs it discards, or "")
+        self.discarded: dict[str, int] = {}
+
+    def bury(self, node: Node) -> None:
+        for i, e in enumerate(self.graph.edges):
+            if e.src == node.id:
+                push = self.ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 1000)
+                push.connect(f"ipc://{self.rundir}/e{i}")
+                push.send_multipart(encode(EOS), zmq.NOBLOCK)
+                self.socks.append((push, ""))
+            if e.dst == node.id:
+                pull = self.ctx.socket(zmq.PULL)
+                pull.setsockopt(zmq.LINGER, 0)
+                pull.bind(f"ipc://{self.rundir}/e{i}")
+                self.socks.append((pull, node.id))
+        self.discarded.setdefault(node.id, 0)
+
+    def drain(self) -> None:
+        for sock, engine in self.socks:
+            while engine and sock.poll(0):
+                sock.recv_multipart(copy=False)
+                self.discarded[engine] += 1
+
+    def close(self) -> None:
+        for sock, _ in self.socks:
+            sock.close()
+
+
 class Launcher:
     """Starts every host (this process + one child per process-placed engine), supervises, stops."""
 
@@ -376,21 +467,26 @@ class Launcher:
         control.bind(control_ep)
         interval = self.graph.settings.get("stats_interval", 0.5)
         local = Host(self.graph, self.host_of, MAIN, rundir, self._report)
+        self.graveyard = Graveyard(self.graph, self.host_of, rundir, ctx)
         spawn = mp.get_context("spawn")
-        children: dict[str, mp.Process] = {}
-        for name in sorted(set(self.host_of.values()) - {MAIN}):
+
+        def start(name: str) -> mp.Process:
             p = spawn.Process(target=_child_main, name=f"graphflow {name}", daemon=True,
                               args=(self.graph, self.host_of, name, rundir, control_ep, list(sys.path),
                                     os.getpid(), interval))
             p.start()
-            children[name] = p
+            return p
+        children = {name: start(name) for name in sorted(set(self.host_of.values()) - {MAIN})}
+        restarts = {name: 0 for name in children}
+        due: dict[str, float] = {}  # process → when it restarts
+        self.rundir = rundir
         local.start()
         ready: set[str] = set()
         stopping_since: float | None = None
         timeout = self.graph.settings.get("shutdown_timeout", 10.0)
         next_progress = time.monotonic()
         try:
-            while local.alive() or any(p.is_alive() for p in children.values()):
+            while local.alive() or any(p.is_alive() for p in children.values()) or due:
                 while control.poll(50):
                     name, kind, payload = control.recv_pyobj()
                     if kind == "stats":
@@ -398,6 +494,8 @@ class Launcher:
                             self.stats[s["engine"]] = s
                     elif kind == "ready":
                         ready.add(name)
+                        if local.go.is_set() and children[name].is_alive():  # a restarted process
+                            os.kill(children[name].pid, signal.SIGUSR1)
                     elif kind == "stop":
                         local.stop.set()
                         self._report(kind, payload)
@@ -410,10 +508,31 @@ class Launcher:
                         if p.is_alive():
                             os.kill(p.pid, signal.SIGUSR1)
                 for name, p in children.items():
-                    if not p.is_alive() and p.exitcode not in (0, None) and not getattr(p, "_gf_reported", False):
+                    if name not in due and not p.is_alive() and p.exitcode not in (0, None) \
+                            and not getattr(p, "_gf_reported", False):
                         p._gf_reported = True
-                        self._report("error", f"process {name!r} died with exit code {p.exitcode}")
-                        self.failed = True
+                        ready.discard(name)
+                        node = self.graph.nodes[name.split(":", 1)[1]]
+                        cause = (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                                 else f"exit code {p.exitcode}")
+                        if node.restart == "on-failure" and restarts[name] < node.max_restarts and stopping_since is None:
+                            restarts[name] += 1
+                            delay = min(0.5 * 2 ** (restarts[name] - 1), 8.0)
+                            due[name] = time.monotonic() + delay
+                            self._report("error", f"engine {node.id!r} (process {p.pid}) died: {cause}; restart "
+                                                  f"{restarts[name]}/{node.max_restarts} in {delay:g}s")
+                        else:
+                            self._report("error", f"engine {node.id!r} (process {p.pid}) died: {cause}; "
+                                                  "its consumers get end-of-stream, its inputs are discarded")
+                            self.failed = True
+                            self.stats.setdefault(node.id, {"engine": node.id})["state"] = "died"
+                            self.graveyard.bury(node)
+                for name, when in list(due.items()):
+                    if time.monotonic() >= when:
+                        del due[name]
+                        if stopping_since is None:
+                            children[name] = start(name)
+                self.graveyard.drain()
                 if (self.signals or local.stop.is_set()) and stopping_since is None:
                     stopping_since = time.monotonic()
                     self.stop_reason = self.stop_reason or "engine error"
@@ -442,10 +561,13 @@ class Launcher:
                     for s in payload:
                         self.stats[s["engine"]] = s
             local.close()
+            self.graveyard.close()
             for s in local.snapshot():
                 self.stats[s["engine"]] = s
             control.close()
             shutil.rmtree(rundir, ignore_errors=True)
+        for engine, n in self.graveyard.discarded.items():
+            self.stats[engine]["discarded"] = n
         ordered = {n: self.stats[n] for n in self.graph.nodes if n in self.stats}
         return Summary(ordered, self.errors, time.monotonic() - t0, self.stop_reason, self.failed)
 

@@ -1,0 +1,288 @@
+"""Shared-memory frame pools: a frame crosses a process boundary as a small handle, not as bytes.
+
+A producer process owns one `SlotPool` per output port that has consumers in other processes. A slot is
+an anonymous memory file (Linux memfd), so nothing ever appears in /dev/shm and the kernel frees it once
+the last process that maps it exits — a SIGKILL cannot leak it. A consumer maps the producer's slot
+read-only through /proc/<pid>/fd/<fd> and caches the mapping.
+
+Who holds a slot is counted without any message: each pool has a control table in shared memory with
+single-writer cumulative counters — `given[slot, by, to]` (leases of the slot that process `by` handed
+to process `to`: the owner's sends, a consumer's forwards, and every local array) and
+`released[slot, by]`. A process bumps its own `given` cell *before* it sends a handle and its own
+`released` cell when its array dies, so a slot is free exactly when, for every process, what it was
+given equals what it released. Processes are numbered by the graph's sorted host names. A process that
+dies holding slots is forgiven its balance (checked through its pid file when the pool runs dry)."""
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MIN_BYTES = 64 * 1024  # smaller arrays travel inline in the ZeroMQ message: a handle would cost more
+PAGE = mmap.PAGESIZE
+MAPS_CACHED = 512
+
+
+class ShmError(Exception):
+    """A shared-memory handle could not be mapped (its producer is gone)."""
+
+
+def _memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(f"graphflow:{name}", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
+def _open(pid: int, fd: int, writable: bool) -> mmap.mmap:
+    """Map another process's memfd through /proc (the whole file)."""
+    try:
+        f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as exc:
+        raise ShmError(f"frame pool of process {pid} is gone ({exc.strerror})") from None
+    try:
+        return mmap.mmap(f, 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    finally:
+        os.close(f)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A pool's counter table, as mapped in one process."""
+
+    given: np.ndarray     # [slots, hosts, hosts] int64: leases handed by → to
+    released: np.ndarray  # [slots, hosts] int64
+
+    @classmethod
+    def view(cls, mm: mmap.mmap, slots: int, hosts: int) -> Control:
+        given = np.frombuffer(mm, np.int64, slots * hosts * hosts).reshape(slots, hosts, hosts)
+        released = np.frombuffer(mm, np.int64, slots * hosts, offset=given.nbytes).reshape(slots, hosts)
+        return cls(given, released)
+
+    @staticmethod
+    def nbytes(slots: int, hosts: int) -> int:
+        return 8 * slots * hosts * (hosts + 1)
+
+    def bump(self, cell: tuple, table: str = "given") -> None:
+        """+1 on one cell in a single C call, so threads of the writing process never lose an update."""
+        np.add.at(self.given if table == "given" else self.released, cell, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Where a leased array lives: owner pid, control table fd and size, slot fd, slot index, generation."""
+
+    pid: int
+    ctl_fd: int
+    slots: int
+    fd: int
+    index: int
+    gen: int
+
+    def wire(self) -> list[int]:
+        return [self.pid, self.ctl_fd, self.slots, self.fd, self.index, self.gen]
+
+
+@dataclass
+class Slot:
+    index: int
+    fd: int
+    size: int
+    mm: mmap.mmap
+    gen: int = 0
+
+
+class SlotPool:
+    """At most `capacity` reusable slots for one output port; a slot grows (new generation) for a bigger frame."""
+
+    def __init__(self, shm: ShmContext, name: str, capacity: int) -> None:
+        self.shm, self.name, self.capacity = shm, name, capacity
+        hosts = len(shm.hosts)
+        self.ctl_fd, self._ctl_mm = _memfd(f"{name}:ctl", Control.nbytes(capacity, hosts))
+        self.ctl = Control.view(self._ctl_mm, capacity, hosts)
+        shm.controls[(os.getpid(), self.ctl_fd)] = self.ctl
+        self.forgiven = np.zeros((capacity, hosts), np.int64)  # balances of dead processes
+        self.slots: list[Slot] = []
+        self.lock = threading.Lock()
+        self.reclaimed = 0
+        self.waits = 0
+        self._checked = 0.0
+
+    def held(self) -> np.ndarray:
+        """[slots, hosts] leases outstanding per slot and process."""
+        return self.ctl.given.sum(axis=1) - self.ctl.released - self.forgiven
+
+    def _reclaim_dead(self, held: np.ndarray) -> None:
+        """Forgive the balances of processes that are gone (killed, crashed)."""
+        for h in np.flatnonzero((held > 0).any(axis=0)):
+            host = self.shm.hosts[h]
+            if host != self.shm.host and not self.shm.host_alive(host):
+                self.reclaimed += int((held[:, h] > 0).sum())
+                self.forgiven[:, h] += held[:, h]
+                log.warning("pool %s: reclaimed slots held by dead process %s", self.name, host)
+
+    def _free(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero((self.held()[:len(self.slots)] <= 0).all(axis=1))]
+
+    def _take(self, nbytes: int) -> Slot | None:
+        free = self._free()
+        if not free and len(self.slots) == self.capacity and time.monotonic() - self._checked > 0.5:
+            self._checked = time.monotonic()
+            self._reclaim_dead(self.held())
+            free = self._free()
+        fits = [i for i in free if self.slots[i].size >= nbytes]
+        if fits:
+            return self.slots[min(fits, key=lambda i: self.slots[i].size)]
+        if len(self.slots) < self.capacity:
+            fd, mm = _memfd(self.name, -(-nbytes // PAGE) * PAGE)
+            self.slots.append(Slot(len(self.slots), fd, len(mm), mm))
+            return self.slots[-1]
+        if free:  # a frame bigger than every free slot: grow one (consumers remap the new generation)
+            slot = self.slots[free[0]]
+            slot.size = -(-nbytes // PAGE) * PAGE
+            os.ftruncate(slot.fd, slot.size)
+            slot.mm = mmap.mmap(slot.fd, slot.size)
+            slot.gen += 1
+            return slot
+        return None
+
+    def acquire(self, shape: tuple[int, ...], dtype: np.dtype, stop: threading.Event | None = None,
+                wait: float | None = None) -> np.ndarray | None:
+        """A writable array on a free slot; waits for releases up to `wait` seconds (None: until `stop`)."""
+        count = math.prod(shape)
+        nbytes = max(count * dtype.itemsize, 1)
+        deadline = None if wait is None else time.monotonic() + wait
+        waited = False
+        while True:
+            with self.lock:
+                slot = self._take(nbytes)
+                if slot is not None:
+                    me = self.shm.index
+                    self.ctl.bump((slot.index, me, me))  # this process's own array is a lease too
+                    break
+            if not waited:
+                self.waits += 1
+                waited = True
+            if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                return None
+            time.sleep(0.001)
+        arr = np.frombuffer(slot.mm, dtype, count).reshape(shape)
+        self.shm.register(arr, Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen), self.ctl)
+        return arr
+
+    def in_use(self) -> int:
+        with self.lock:
+            return int((self.held()[:len(self.slots)] > 0).any(axis=1).sum())
+
+    def close(self) -> None:
+        for mm in [s.mm for s in self.slots] + [self._ctl_mm]:
+            try:
+                mm.close()
+            except BufferError:  # an array still views it; the mapping goes with that array
+                pass
+        for fd in [s.fd for s in self.slots] + [self.ctl_fd]:
+            os.close(fd)
+        self.slots.clear()
+
+
+class ShmContext:
+    """Per-process shared-memory state: own pools, leased arrays, and cached mappings of other pools."""
+
+    def __init__(self, host: str, rundir: str, hosts: Sequence[str]) -> None:
+        self.host, self.rundir = host, rundir
+        self.hosts = sorted(set(hosts) | {host})
+        self.index = self.hosts.index(host)
+        self.pools: dict[str, SlotPool] = {}
+        self.controls: dict[tuple[int, int], Control] = {}
+        self.leases: dict[int, tuple[Lease, Control]] = {}  # id(array) → its lease, while the array lives
+        self._refs: dict[int, weakref.ref] = {}
+        self.maps: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
+        self._lock = threading.Lock()
+        Path(rundir, f"pid-{host}").write_text(str(os.getpid()))
+
+    def pool(self, name: str, slots: int) -> SlotPool:
+        with self._lock:
+            if name not in self.pools:
+                self.pools[name] = SlotPool(self, name, slots)
+            return self.pools[name]
+
+    def register(self, arr: np.ndarray, lease: Lease, ctl: Control) -> None:
+        """Remember `arr` as leased; when it dies (in any thread, even inside GC) count the release."""
+        key = id(arr)
+        self.leases[key] = (lease, ctl)
+        cell = (lease.index, self.index)
+
+        def dead(_ref: weakref.ref, release: Callable[..., Any] = ctl.bump) -> None:
+            self.leases.pop(key, None)
+            self._refs.pop(key, None)
+            release(cell, "released")
+        self._refs[key] = weakref.ref(arr, dead)
+
+    def host_alive(self, host: str) -> bool:
+        try:
+            pid = int(Path(self.rundir, f"pid-{host}").read_text())
+        except (OSError, ValueError):
+            return True  # unknown: never reclaim on a guess
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state not in ("Z", "X")
+
+    # --- producer side -----------------------------------------------------------------------
+    def place(self, arr: np.ndarray, pool: SlotPool, stop: threading.Event | None, wait: float | None) -> np.ndarray | None:
+        """`arr` as a leased array: itself if already leased or small, else copied once into a slot."""
+        if arr.nbytes < MIN_BYTES or id(arr) in self.leases:
+            return arr
+        slot = pool.acquire(arr.shape, arr.dtype, stop, wait)
+        if slot is not None:
+            np.copyto(slot, arr)
+        return slot
+
+    def handle(self, arr: np.ndarray, host: str) -> list[int] | None:
+        """The wire handle of a leased array, counted as handed to `host` before it travels; None if the
+        array is not leased (it then travels inline)."""
+        found = self.leases.get(id(arr))
+        if found is None:
+            return None
+        lease, ctl = found
+        ctl.bump((lease.index, self.index, self.hosts.index(host)))
+        return lease.wire()
+
+    # --- consumer side -----------------------------------------------------------------------
+    def _mapped(self, pid: int, fd: int, gen: int, writable: bool) -> mmap.mmap:
+        cached = self.maps.get((pid, fd))
+        if cached is None or cached[0] != gen:
+            self.maps[(pid, fd)] = cached = (gen, _open(pid, fd, writable))
+            if len(self.maps) > MAPS_CACHED:
+                self.maps.popitem(last=False)
+        return cached[1]
+
+    def attach(self, handle: list[int], dtype: str, shape: list[int]) -> np.ndarray:
+        """A read-only array on another process's slot; its release is counted when the array dies."""
+        pid, ctl_fd, slots, fd, index, gen = handle
+        ctl = self.controls.get((pid, ctl_fd))
+        if ctl is None:
+            ctl = self.controls[(pid, ctl_fd)] = Control.view(
+                self._mapped(pid, ctl_fd, -1, writable=True), slots, len(self.hosts))
+        mm = self._mapped(pid, fd, gen, writable=False)
+        arr = np.frombuffer(mm, np.dtype(dtype), math.prod(shape)).reshape(shape)
+        self.register(arr, Lease(pid, ctl_fd, slots, fd, index, gen), ctl)
+        return arr
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.maps.clear()
+        self.controls.clear()
