@@ -68,6 +68,7 @@ class Actor:
         self.pools = pools or {}  # port → (shared-memory pool, how long to wait for a slot; None: until closing)
         self.closing = closing or threading.Event()
         self.shm_drops = 0
+        self._setup_tries_left = node.max_restarts if node.restart == "on-failure" else 0
         self.thread = threading.Thread(target=self.run, name=f"engine:{node.id}", daemon=True)
         self._loop: Any = None
         self._send_lock = threading.Lock()  # engines may send from their own worker threads
@@ -129,6 +130,8 @@ class Actor:
         text = f"engine {self.node.id!r} failed in {what}{where}:\n{traceback.format_exc()}"
         self.stats.error = text.splitlines()[-1]
         self.report("error", text)
+        if what == "setup" and self._setup_tries_left:
+            return  # run() tries again after a back-off
         if self.node.on_error == "stop" or what in ("setup", "check"):
             self.report("stop", f"engine {self.node.id!r} {what} failed")
             self.graph_stop.set()
@@ -148,7 +151,7 @@ class Actor:
 
     def run(self) -> None:
         self.stats.state = "setup"
-        ok = self._guarded("check", self.engine.check) and self._guarded("setup", self.engine.setup)
+        ok = self._guarded("check", self.engine.check) and self._setup()
         self.ready.set()
         try:
             if ok:
@@ -165,6 +168,20 @@ class Actor:
             if self._loop is not None:
                 self._loop.__exit__(None, None, None)
             self.stats.state = "done" if ok else "failed"
+
+    def _setup(self) -> bool:
+        """setup(), tried again with exponential back-off while `restart: on-failure` allows."""
+        tries = 0
+        while not self._guarded("setup", self.engine.setup):
+            if self._setup_tries_left == 0 or self.graph_stop.is_set():
+                return False
+            self._setup_tries_left -= 1
+            tries += 1
+            delay = min(0.5 * 2 ** (tries - 1), 8.0)
+            self.report("error", f"engine {self.node.id!r}: setup retry {tries}/{self.node.max_restarts} in {delay:g}s")
+            if self.graph_stop.wait(delay):
+                return False
+        return True
 
     def _run_source(self) -> None:
         while not self.go.wait(0.05):

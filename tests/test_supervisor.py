@@ -1,0 +1,98 @@
+"""Supervisor of process engines: crashes reported with engine id and cause, restart on-failure with
+back-off and a bound, the rest of the graph finishing when an engine is gone for good."""
+import json
+import time
+from pathlib import Path
+
+from graphflow import graph, runtime
+
+ENGINES = '''
+import os, signal, time
+from pathlib import Path
+from graphflow import Engine, Param
+
+class Crashy(Engine):
+    """Passes messages on; its first incarnation kills itself (SIGKILL) at frame `at`."""
+    at = Param(int, 10)
+    marker = Param(str)
+    def process(self, msg):
+        if msg.seq == self.at and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        msg.data["pid"] = os.getpid()
+        self.send(msg)
+
+class BadSetup(Engine):
+    """Fails in setup the first `fails` times (counted in a file), then works."""
+    fails = Param(int, 1)
+    marker = Param(str)
+    def setup(self):
+        n = int(Path(self.marker).read_text()) if Path(self.marker).exists() else 0
+        Path(self.marker).write_text(str(n + 1))
+        if n < self.fails:
+            raise RuntimeError(f"model file not ready (attempt {n + 1})")
+    def process(self, msg):
+        self.send(msg)
+'''
+
+
+def run(doc):
+    return runtime.run(graph.build(doc, "supervisor-test"), handle_signals=False)
+
+
+def lines(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def chain(mid, out, count=60, rate=200.0, policy="block"):
+    return {"engines": {"src": {"type": "source", "params": {"count": count, "rate": rate}},
+                        "mid": mid,
+                        "out": {"type": "sink", "params": {"path": str(out)}}},
+            "connections": [{"from": "src.out", "to": "mid.in", "policy": policy}, ["mid.out", "out.in"]],
+            "settings": {"shutdown_timeout": 5}}
+
+
+def test_killed_engine_is_restarted_and_the_graph_goes_on(tmp_path, user_module):
+    user_module("crashy", ENGINES)
+    out, marker = tmp_path / "out.jsonl", tmp_path / "first.pid"
+    mid = {"type": "crashy:Crashy", "placement": "process", "restart": "on-failure", "max_restarts": 2,
+           "params": {"at": 10, "marker": str(marker)}}
+    summary = run(chain(mid, out))
+    rows = lines(out)
+    pids = {r["pid"] for r in rows}
+    assert len(pids) == 2 and int(marker.read_text()) in pids  # before and after the restart
+    assert max(r["value"] for r in rows) == 59  # frames after the crash got through the new process
+    assert any("engine 'mid'" in e and "killed by SIGKILL" in e and "restart 1/2" in e for e in summary.errors)
+    assert not summary.failed  # recovered
+
+
+def test_engine_gone_for_good_ends_its_branch_not_the_run(tmp_path, user_module):
+    user_module("crashy2", ENGINES)
+    out, marker = tmp_path / "out.jsonl", tmp_path / "first.pid"
+    mid = {"type": "crashy2:Crashy", "placement": "process", "params": {"at": 10, "marker": str(marker)}}
+    t0 = time.monotonic()
+    summary = run(chain(mid, out, count=100, rate=100.0))
+    took = time.monotonic() - t0
+    assert summary.failed and took < 5  # not the 5 s shutdown timeout: the sink got end-of-stream
+    assert any("engine 'mid'" in e and "killed by SIGKILL" in e and "end-of-stream" in e for e in summary.errors)
+    assert len(lines(out)) == 10  # what it sent before dying was kept
+    assert summary.stats["src"]["sent"] == 100  # the source was never blocked by the dead consumer
+    assert summary.stats["mid"]["state"] == "died"
+
+
+def test_setup_failure_is_retried_with_back_off_then_gives_up(tmp_path, user_module):
+    user_module("badsetup2", ENGINES)
+    out, marker = tmp_path / "out.jsonl", tmp_path / "attempts"
+    mid = {"type": "badsetup2:BadSetup", "placement": "process", "restart": "on-failure", "max_restarts": 2,
+           "params": {"fails": 1, "marker": str(marker)}}
+    summary = run(chain(mid, out, count=20))
+    assert not summary.failed and len(lines(out)) == 20 and marker.read_text() == "2"
+    assert any("model file not ready (attempt 1)" in e for e in summary.errors)
+
+    marker.unlink()
+    mid["params"]["fails"] = 10
+    t0 = time.monotonic()
+    summary = run(chain(mid, out, count=20))
+    assert summary.failed and marker.read_text() == "3"  # first try + 2 restarts
+    assert time.monotonic() - t0 >= 1.5  # back-off 0.5 s then 1 s
+    assert any("engine 'mid': setup retry 2/2 in 1s" in e for e in summary.errors)
