@@ -36,6 +36,7 @@ class Inbox:
         self.cond = threading.Condition()
         self.closed = False
         self._next = 0
+        self.pump: ZmqPump | None = None  # set when the engine's thread reads its sockets itself
 
     def room(self, i: int) -> bool:
         return self.policies[i] != "block" or len(self.queues[i]) < self.capacity[i]
@@ -76,7 +77,14 @@ class Inbox:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
-                self.cond.wait(left)
+                if self.pump is not None and self.pump.open:
+                    self.cond.release()
+                    try:
+                        self.pump.pull(0.05 if left is None else min(left, 0.05))
+                    finally:
+                        self.cond.acquire()
+                else:
+                    self.cond.wait(left)
 
     def depth(self) -> int:
         return sum(len(q) for q in self.queues)
@@ -191,43 +199,59 @@ class ZmqPump:
             s.setsockopt(zmq.LINGER, 0)
             s.bind(ep)
             self.socks[i] = s
+        self.open = set(self.socks)
+        self.poller = zmq.Poller()
+        self.polled: set[int] = set()
         self.stop = threading.Event()
+        # every input remote: the engine's own thread reads the sockets when its queues run dry (one
+        # thread hand-off less per message); otherwise a pump thread feeds the shared inbox
+        self.direct = len(self.socks) == len(inbox.queues)
+        if self.direct:
+            inbox.pump = self
         self.thread = threading.Thread(target=self._run, name="pump", daemon=True)
 
     def start(self) -> None:
-        if self.socks:
+        if self.socks and not self.direct:
             self.thread.start()
 
     def _run(self) -> None:
-        open_ = set(self.socks)
-        poller = zmq.Poller()
-        polled: set[int] = set()
-        while open_ and not self.stop.is_set():
-            with self.inbox.cond:
-                ready = {i for i in open_ if self.inbox.room(i)}
-            for i in polled - ready:
-                poller.unregister(self.socks[i])
-            for i in ready - polled:
-                poller.register(self.socks[i], zmq.POLLIN)
-            polled = ready
-            if not ready:
-                time.sleep(0.001)
-                continue
-            events = dict(poller.poll(50))
-            for i in list(ready):
-                if self.socks[i] in events:
-                    try:
-                        item = decode(self.socks[i].recv_multipart(copy=False), self.shm)
-                    except ShmError as exc:
-                        self.lost += 1
-                        log.warning("connection %d: message lost: %s", i, exc)
-                        continue
+        while self.open and not self.stop.is_set():
+            if not self.pull(0.05):
+                return
+
+    def pull(self, timeout: float) -> bool:
+        """Move what has arrived (up to each queue's room) into the inbox, waiting up to `timeout` s for
+        something; False once the inbox is closed."""
+        with self.inbox.cond:
+            ready = {i for i in self.open if self.inbox.room(i)}
+        for i in self.polled - ready:
+            self.poller.unregister(self.socks[i])
+        for i in ready - self.polled:
+            self.poller.register(self.socks[i], zmq.POLLIN)
+        self.polled = ready
+        if not ready:
+            time.sleep(0.001)
+            return True
+        events = dict(self.poller.poll(int(timeout * 1000)))
+        for i in list(ready):
+            sock = self.socks[i]
+            while i in self.open and sock in events and self.inbox.room(i):
+                try:
+                    item = decode(sock.recv_multipart(copy=False), self.shm)
+                except ShmError as exc:
+                    self.lost += 1
+                    log.warning("connection %d: message lost: %s", i, exc)
+                    item = None
+                if item is not None:
                     try:
                         self.inbox.put(i, item, self.stop)
                     except Closed:
-                        return
+                        return False
                     if item is EOS:
-                        open_.discard(i)
+                        self.open.discard(i)
+                if not sock.poll(0):
+                    break
+        return True
 
     def close(self) -> None:
         self.stop.set()
