@@ -105,8 +105,8 @@ def run_graph(streams: int, max_frames: int | None, infer_placement: str) -> Out
         records = [json.loads(line) for line in sink.read_text().splitlines()]
     latency = [(max(r["times"].values()) - r["times"]["capture"]) * 1e3 for r in records]
     span_s = max(max(r["times"].values()) for r in records) - min(r["times"]["capture"] for r in records)
-    stages = {name: {"msgs": s["received"], "sent": s["sent"], "busy_s": s["busy_s"]}
-              for name, s in summary.stats.items()}
+    stages = {name: {"msgs": s["received"], "sent": s["sent"], "busy_s": s["busy_s"],
+                     "runtime_cpu_s": s.get("runtime_cpu_s", 0.0)} for name, s in summary.stats.items()}
     return Outcome(f"graphflow infer={infer_placement}", len(records), summary.wall_s, cpu_s, span_s, stages,
                    latency)
 
@@ -179,16 +179,21 @@ def track(tracker: Any, detections: list[dict]) -> list[dict]:
 def print_stages(outcome: Outcome) -> None:
     """Per-engine (or per-stage) message counts, rate over the run's wall time, and busy time per message."""
     print(f"\n{outcome.name}: {outcome.frames} frames in {outcome.wall_s:.2f} s wall")
-    print(f"  {'engine':<12} {'msgs':>6} {'msgs/s':>8} {'busy s':>8} {'busy ms/msg':>12}")
+    print(f"  {'engine':<12} {'msgs':>6} {'msgs/s':>8} {'busy s':>8} {'busy ms/msg':>12} {'runtime ms/msg':>15}")
     for name, s in outcome.stages.items():
         per = s["busy_s"] / s["msgs"] * 1e3 if s["msgs"] else 0.0
-        print(f"  {name:<12} {s['msgs']:>6} {s['msgs'] / outcome.wall_s:>8.1f} {s['busy_s']:>8.2f} {per:>12.2f}")
+        rt = s.get("runtime_cpu_s", 0.0) / s["msgs"] * 1e3 if s["msgs"] and "runtime_cpu_s" in s else None
+        print(f"  {name:<12} {s['msgs']:>6} {s['msgs'] / outcome.wall_s:>8.1f} {s['busy_s']:>8.2f} {per:>12.2f} "
+              f"{'' if rt is None else f'{rt:.3f}':>15}")
 
 
 def summary_row(outcome: Outcome, base: Outcome, cores: int) -> dict[str, Any]:
     """The comparison figures of one variant against the naive loop `base`."""
     busy = sum(s["busy_s"] for s in outcome.stages.values())
-    return {"frames": outcome.frames, "wall_s": round(outcome.wall_s, 3), "fps": round(outcome.fps, 2),
+    runtime_cpu = sum(s.get("runtime_cpu_s", 0.0) for s in outcome.stages.values())
+    overhead = {"runtime_cpu_s": round(runtime_cpu, 3), "overhead_pct": round(100 * runtime_cpu / busy, 2)} \
+        if runtime_cpu else {}
+    return {**overhead, "frames": outcome.frames, "wall_s": round(outcome.wall_s, 3), "fps": round(outcome.fps, 2),
             "vs_naive": round(outcome.fps / base.fps, 3) if base.fps else None,
             "span_fps": round(outcome.span_fps, 2),
             "span_vs_naive": round(outcome.span_fps / base.span_fps, 3) if base.span_fps else None,
@@ -214,6 +219,10 @@ def print_summary(rows: dict[str, dict[str, Any]], cores: int) -> None:
     print("         framework overhead per frame ≈ graphflow cpu ms/f − naive cpu ms/f (onnxruntime's")
     print("         idle spin-waits count as CPU too, so a negative difference means the loop spun more)")
     print("  core use = cpu s / (wall s × cores)")
+    for name, r in rows.items():
+        if "overhead_pct" in r:
+            print(f"  runtime overhead, {name}: {r['runtime_cpu_s']:.3f} s CPU in the runtime (queues, channels, sends,"
+                  f" shared memory) = {r['overhead_pct']:.2f}% of {r['busy_s']:.2f} s engine time")
     print("  latency: graphflow capture → last engine stamp (rule); naive capture → after rules; files are read as")
     print("           fast as possible, so it includes waiting in the bounded queues, not camera latency")
 

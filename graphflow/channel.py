@@ -37,6 +37,7 @@ class Inbox:
         self.closed = False
         self._next = 0
         self.pump: ZmqPump | None = None  # set when the engine's thread reads its sockets itself
+        self.pump_cpu = 0.0  # CPU time of the pump thread feeding this inbox
 
     def room(self, i: int) -> bool:
         return self.policies[i] != "block" or len(self.queues[i]) < self.capacity[i]
@@ -216,7 +217,9 @@ class ZmqPump:
 
     def _run(self) -> None:
         while self.open and not self.stop.is_set():
-            if not self.pull(0.05):
+            ok = self.pull(0.05)
+            self.inbox.pump_cpu = time.thread_time()
+            if not ok:
                 return
 
     def pull(self, timeout: float) -> bool:

@@ -38,7 +38,8 @@ class Stats:
     received: int = 0
     sent: int = 0
     errors: int = 0
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # wall time inside the engine's own code (its sends excluded)
+    runtime_cpu_s: float = 0.0  # CPU time of the runtime working for this engine: queues, channels, sends
     dropped: int = 0
     depth: int = 0
     state: str = "starting"
@@ -72,6 +73,11 @@ class Actor:
         self.thread = threading.Thread(target=self.run, name=f"engine:{node.id}", daemon=True)
         self._loop: Any = None
         self._send_lock = threading.Lock()  # engines may send from their own worker threads
+        self._engine_cpu = 0.0  # CPU of this actor's thread inside engine calls (sends included)
+        self._send_cpu = 0.0    # CPU of sends not already counted outside engine calls
+        self._send_wall = 0.0   # wall time of sends made inside engine calls (taken off busy_s)
+        self._in_engine = False
+        self._thread_cpu = 0.0  # the actor thread's CPU when it ended
 
     def _send(self, msg: Message, port: str) -> None:
         links = self.outlets.get(port)
@@ -79,14 +85,22 @@ class Actor:
             raise ValueError(f"engine {self.node.id!r} has no output port {port!r} "
                              f"(outputs: {', '.join(self.node.cls.outputs) or 'none'})")
         msg.times[self.node.id] = time.time()
+        t0, c0 = time.perf_counter(), time.thread_time()
         with self._send_lock:
-            remote = self._to_shared_memory(msg, port)
-            for link in links:
-                if not remote and isinstance(link, ZmqLink):
-                    self.shm_drops += 1
-                    continue
-                link.send(msg, self.engine.stopping)
-            self.stats.sent += 1
+            try:
+                remote = self._to_shared_memory(msg, port)
+                for link in links:
+                    if not remote and isinstance(link, ZmqLink):
+                        self.shm_drops += 1
+                        continue
+                    link.send(msg, self.engine.stopping)
+                self.stats.sent += 1
+            finally:
+                mine = threading.current_thread() is self.thread
+                if self._in_engine or not mine:
+                    self._send_cpu += time.thread_time() - c0
+                if self._in_engine and mine:
+                    self._send_wall += time.perf_counter() - t0
 
     def _to_shared_memory(self, msg: Message, port: str) -> bool:
         """Put the message's large arrays into the port's pool (once for every consumer process);
@@ -137,7 +151,7 @@ class Actor:
             self.graph_stop.set()
 
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any, msg: Message | None = None) -> bool:
-        t0 = time.perf_counter()
+        self._enter()
         try:
             self._call(fn, *args)
             return True
@@ -147,7 +161,16 @@ class Actor:
             self._fail(what, msg)
             return False
         finally:
-            self.stats.busy_s += time.perf_counter() - t0
+            self._leave()
+
+    def _enter(self) -> None:
+        self._t0, self._c0, self._sent0 = time.perf_counter(), time.thread_time(), self._send_wall
+        self._in_engine = True
+
+    def _leave(self) -> None:
+        self._in_engine = False
+        self._engine_cpu += time.thread_time() - self._c0
+        self.stats.busy_s += time.perf_counter() - self._t0 - (self._send_wall - self._sent0)
 
     def run(self) -> None:
         self.stats.state = "setup"
@@ -167,6 +190,7 @@ class Actor:
             self._guarded("teardown", self.engine.teardown)
             if self._loop is not None:
                 self._loop.__exit__(None, None, None)
+            self._thread_cpu = time.thread_time()
             self.stats.state = "done" if ok else "failed"
 
     def _setup(self) -> bool:
@@ -190,16 +214,18 @@ class Actor:
         gen = self.engine.generate()
         try:
             while not self.engine.stopping.is_set() and not self.graph_stop.is_set():
-                t0 = time.perf_counter()
+                self._enter()
                 try:
                     msg = next(gen)
                 except StopIteration:
                     break
                 except Exception:
-                    self.stats.busy_s += time.perf_counter() - t0
+                    self._leave()
                     self._fail("generate")
                     break
-                self.stats.busy_s += time.perf_counter() - t0
+                finally:
+                    if self._in_engine:
+                        self._leave()
                 if msg is not None:
                     msg.times.setdefault("capture", time.time())
                     self._count(msg)
@@ -245,6 +271,14 @@ class Actor:
         if self.inbox is not None:
             self.stats.dropped = sum(self.inbox.dropped)
             self.stats.depth = self.inbox.depth()
+        total = self._thread_cpu
+        if self.thread.is_alive() and self.thread.ident is not None:
+            try:
+                total = time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
+            except OSError:  # the thread ended just now
+                total = self._thread_cpu
+        pump = self.inbox.pump_cpu if self.inbox is not None else 0.0
+        self.stats.runtime_cpu_s = max(0.0, total - self._engine_cpu) + self._send_cpu + pump
         try:
             self.stats.metrics = dict(self.engine.metrics())
         except Exception as exc:  # a metrics bug must not stop the graph
