@@ -118,6 +118,7 @@ class SlotPool:
         self.reclaimed = 0
         self.waits = 0
         self._checked = 0.0
+        self._known_free: set[int] = set()
 
     def held(self) -> np.ndarray:
         """[slots, hosts] leases outstanding per slot and process."""
@@ -133,9 +134,19 @@ class SlotPool:
                 log.warning("pool %s: reclaimed slots held by dead process %s", self.name, host)
 
     def _free(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero((self.held()[:len(self.slots)] <= 0).all(axis=1))]
+        """Free slots. Counters only ever move towards free, so a slot seen free stays free until this
+        pool hands it out: the table is read again only when none is known."""
+        if not self._known_free:
+            self._known_free = {int(i) for i in np.flatnonzero((self.held()[:len(self.slots)] <= 0).all(axis=1))}
+        return list(self._known_free)
 
     def _take(self, nbytes: int) -> Slot | None:
+        slot = self._pick(nbytes)
+        if slot is not None:
+            self._known_free.discard(slot.index)
+        return slot
+
+    def _pick(self, nbytes: int) -> Slot | None:
         free = self._free()
         if not free and len(self.slots) == self.capacity and time.monotonic() - self._checked > 0.5:
             self._checked = time.monotonic()
