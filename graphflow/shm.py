@@ -18,6 +18,7 @@ import logging
 import math
 import mmap
 import os
+import resource
 import threading
 import time
 import weakref
@@ -207,6 +208,15 @@ class SlotPool:
         self.slots.clear()
 
 
+def _raise_fd_limit(want: int = 65536) -> None:
+    """Each slot mapping holds a file descriptor (Python's mmap keeps a dup), so a process that maps
+    many pools needs more than the common soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 class ShmContext:
     """Per-process shared-memory state: own pools, leased arrays, and cached mappings of other pools."""
 
@@ -221,6 +231,7 @@ class ShmContext:
         self.maps: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
         self._lock = threading.Lock()
         Path(rundir, f"pid-{host}").write_text(str(os.getpid()))
+        _raise_fd_limit()
 
     def pool(self, name: str, slots: int) -> SlotPool:
         with self._lock:
