@@ -51,8 +51,9 @@ def memfds(proc: psutil.Process) -> int:
         return 0
 
 
-def sample(launcher: psutil.Process) -> dict:
+def sample(launcher: psutil.Process, seen: set[int]) -> dict:
     procs = [launcher] + launcher.children(recursive=True)
+    seen.update(p.pid for p in procs)
     rss = {}
     for p in procs:
         try:
@@ -88,13 +89,14 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "graphflow", "launch", "-q", str(path),
                                  "--stats", str(Path(tmp) / "stats.json")], stderr=subprocess.PIPE, text=True)
         launcher = psutil.Process(proc.pid)
-        samples = []
+        samples: list[dict] = []
+        seen: set[int] = set()  # every pid of the graph, to look for leftovers after it exits
         end = time.monotonic() + args.minutes * 60
         print(f"{'t s':>6} {'procs':>5} {'RSS MiB':>8} {'/dev/shm':>8} {'memfds':>6}")
         try:
             time.sleep(min(5.0, args.interval))
             while time.monotonic() < end and proc.poll() is None:
-                s = sample(launcher)
+                s = sample(launcher, seen)
                 samples.append(s)
                 print(f"{s['t'] - samples[0]['t']:>6.0f} {len(s['rss']):>5} {s['total_rss'] / 2**20:>8.1f} "
                       f"{s['dev_shm']:>8} {s['memfds']:>6}", flush=True)
@@ -107,6 +109,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
+        deadline = time.monotonic() + 5  # children and the resource tracker go with the launcher
+        while any(psutil.pid_exists(pid) for pid in seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
         stats = json.loads((Path(tmp) / "stats.json").read_text()) if (Path(tmp) / "stats.json").exists() else {}
         frames = stats.get("engines", {}).get("out", {}).get("received", 0)
     result = {"minutes": args.minutes, "samples": len(samples), "frames": frames, "exit_code": proc.returncode,
@@ -115,7 +120,8 @@ def main() -> None:
               "rss_growth_pct_per_hour": round(growth_per_hour(samples), 2),
               "dev_shm_added": max((s["dev_shm"] for s in samples), default=shm_before) - shm_before,
               "memfds": sorted({s["memfds"] for s in samples}),
-              "memfds_after_exit": sum(memfds(p) for p in psutil.process_iter() if p.pid != os.getpid())}
+              "leftover_processes": sum(psutil.pid_exists(pid) for pid in seen),
+              "memfds_after_exit": sum(memfds(psutil.Process(pid)) for pid in seen if psutil.pid_exists(pid))}
     print(f"frames through the graph: {frames}; exit code {proc.returncode}")
     if proc.returncode != 0:
         print(err[-2000:], file=sys.stderr)

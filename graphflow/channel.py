@@ -131,6 +131,9 @@ def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: st
         if handle is not None:
             specs.append([name, arr.dtype.str, list(arr.shape), handle])
             continue
+        if not isinstance(arr, np.ndarray) and hasattr(arr, "__cuda_array_interface__"):
+            raise ValueError(f"array {name!r} is in GPU memory and cannot go to another process: run the consumer "
+                             "in the same process, or let the producer copy it to the host (preprocess: keep_on_gpu false)")
         arr = np.ascontiguousarray(arr)
         specs.append([name, arr.dtype.str, list(arr.shape)])
         frames.append(memoryview(arr).cast("B") if arr.size else b"")

@@ -34,8 +34,9 @@ def _progress_table(stats: dict[str, dict[str, Any]], wall: float, order: list[s
 
 
 def _summary_lines(summary: runtime.Summary) -> list[str]:
-    lines = [f"graphflow: {'stopped by ' + summary.stopped_by if summary.stopped_by else 'all sources finished'}"
-             f" after {summary.wall_s:.1f}s"]
+    how = ("stopped by " + summary.stopped_by if summary.stopped_by
+           else "finished with failures" if summary.failed else "all sources finished")
+    lines = [f"graphflow: {how} after {summary.wall_s:.1f}s"]
     for name, s in summary.stats.items():
         per_stream = ", ".join(f"{k}={v}" for k, v in sorted(s["streams"].items()))
         lines.append(f"  {name:<12} in={s['received']:<6} out={s['sent']:<6} drops={s['dropped']:<4} "

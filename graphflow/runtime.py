@@ -23,6 +23,7 @@ import zmq
 from .channel import Closed, Inbox, LocalLink, ZmqLink, ZmqPump, encode
 from .shm import MIN_BYTES, ShmContext, SlotPool
 from .engine import Engine
+from .errors import GraphflowError
 from .graph import Graph, Node
 from .message import EOS, Message
 
@@ -141,9 +142,13 @@ class Actor:
         """Report the exception being handled with engine id (and stream/frame); apply `on_error`."""
         self.stats.errors += 1
         where = f" on stream {msg.stream!r} frame {msg.seq}" if msg is not None else ""
-        text = f"engine {self.node.id!r} failed in {what}{where}:\n{traceback.format_exc()}"
+        exc = sys.exc_info()[1]
+        detail = f" {exc}" if isinstance(exc, GraphflowError) else f"\n{traceback.format_exc()}"  # user errors: one line
+        text = f"engine {self.node.id!r} failed in {what}{where}:{detail}"
         self.stats.error = text.splitlines()[-1]
         self.report("error", text)
+        if what == "generate":
+            self.report("failed", f"source {self.node.id!r} failed")  # the run's exit code says so
         if what == "setup" and self._setup_tries_left:
             return  # run() tries again after a back-off
         if self.node.on_error == "stop" or what in ("setup", "check"):
@@ -503,6 +508,8 @@ class Launcher:
         elif kind == "stop" and text:
             self.failed = True
             self.stop_reason = self.stop_reason or text
+        elif kind == "failed":
+            self.failed = True
 
     def on_signal(self, signum: int, _frame: Any = None) -> None:
         self.signals += 1

@@ -265,8 +265,8 @@ class ShmContext:
     # --- producer side -----------------------------------------------------------------------
     def place(self, arr: np.ndarray, pool: SlotPool, stop: threading.Event | None, wait: float | None) -> np.ndarray | None:
         """`arr` as a leased array: itself if already leased or small, else copied once into a slot."""
-        if arr.nbytes < MIN_BYTES or id(arr) in self.leases:
-            return arr
+        if arr.nbytes < MIN_BYTES or id(arr) in self.leases or not isinstance(arr, np.ndarray):
+            return arr  # (a GPU array is refused with a clear error when it is encoded)
         slot = pool.acquire(arr.shape, arr.dtype, stop, wait)
         if slot is not None:
             np.copyto(slot, arr)
