@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -98,11 +101,19 @@ def test_missing_file_is_a_param_error_naming_the_source():
     (["cam.mp4"], "sources[0]"),
     ([{"uri": str(DEMO), "speed": 2}], "sources[0].speed"),
     ([{"id": "x", "uri": str(DEMO)}, {"id": "x", "uri": str(DEMO)}], "sources[1].id"),
+    ([{"id": ["x"], "uri": str(DEMO)}], "sources[0].id"),
+    ([{"uri": "x" * 5000 + ".mp4"}], "sources[0].uri"),
+    ([{"uri": str(DEMO), "read_timeout": "5"}], "sources[0].read_timeout"),
 ])
 def test_bad_sources_rejected(sources, field):
     with pytest.raises(ParamError) as err:
         decode(*sources)
     assert err.value.field == field
+
+
+def test_retry_cap_below_first_delay_rejected():
+    with pytest.raises(ParamError, match=r"retry_max: must be ≥ retry \(2 s\) \(got 1\)"):
+        decode({"uri": str(DEMO)}, retry=2.0, retry_max=1.0)
 
 
 def test_unreadable_file_error_is_one_line(tmp_path):
@@ -113,15 +124,51 @@ def test_unreadable_file_error_is_one_line(tmp_path):
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_truncated_file_decodes_what_is_there(tmp_path):
-    cut = tmp_path / "cut.mp4"
+@pytest.fixture
+def damaged(tmp_path):
+    """Copies of the demo clip: `cut` loses its last 40 %, `hit` has two 2000-byte runs of noise mid-file."""
     data = DEMO.read_bytes()
-    cut.write_bytes(data[: len(data) // 2])
-    source = open_source({"uri": str(cut)})
+    cut, hit = tmp_path / "cut.mp4", tmp_path / "hit.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    noisy = bytearray(data)
+    rng = np.random.default_rng(0)
+    for start in (len(data) // 3, len(data) // 2):
+        noisy[start:start + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    hit.write_bytes(noisy)
+    return {"cut": cut, "hit": hit}
+
+
+@pytest.mark.parametrize("kind, least", [("cut", 100), ("hit", DEMO_FRAMES - 10)])
+def test_damaged_file_decodes_what_is_there(damaged, kind, least):
+    source = open_source({"uri": str(damaged[kind])})
     frames = list(source)
-    assert 0 < len(frames) < DEMO_FRAMES
+    assert least <= len(frames) < DEMO_FRAMES
     assert source.stats.corrupt >= 1
-    assert len(decode({"uri": str(cut)})) == len(frames)
+
+
+def test_damaged_files_never_stop_a_launched_graph(tmp_path, damaged, write_graph):
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    sources = [{"id": k, "uri": str(v)} for k, v in damaged.items()]
+    sources.append({"id": "ok", "uri": str(DEMO), "max_frames": 50})
+    doc = {"engines": {"src": {"type": "decode", "params": {"sources": sources}},
+                       "out": {"type": "sink", "params": {"path": str(out), "times": False}}},
+           "connections": [["src", "out"]]}
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", "-q", str(write_graph(doc)), "--stats",
+                           str(stats)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    seqs: dict[str, list[int]] = {}
+    for line in out.read_text().splitlines():
+        record = json.loads(line)
+        seqs.setdefault(record["stream"], []).append(record["seq"])
+    src = json.loads(stats.read_text())["engines"]["src"]
+    per_source = src["metrics"]["sources"]
+    counts = {stream: len(s) for stream, s in seqs.items()}
+    assert counts == src["streams"] == {stream: m["kept"] for stream, m in per_source.items()}
+    assert all(s == list(range(len(s))) for s in seqs.values())
+    assert 100 <= counts["cut"] < DEMO_FRAMES and DEMO_FRAMES - 10 <= counts["hit"] < DEMO_FRAMES and counts["ok"] == 50
+    assert {stream: m["corrupt"] > 0 for stream, m in per_source.items()} == {"cut": True, "hit": True, "ok": False}
+    assert src["metrics"]["corrupt"] == per_source["cut"]["corrupt"] + per_source["hit"]["corrupt"]
+    assert f"corrupt={src['metrics']['corrupt']}" in proc.stderr, "the launch summary shows the count"
 
 
 def test_video_writer_roundtrip(tmp_path):

@@ -1,9 +1,11 @@
 """Letterbox resize and normalisation: an HxWx3 uint8 frame to a 3xHxW float32 model input.
 
 The letterbox info dict `{"scale", "pad", "input"}` lets detections be mapped back: x = (x' - pad_x) / scale.
+`letterbox` runs in NumPy; `letterbox_cupy` does the same in one CUDA kernel with CuPy, with equal results.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -46,76 +48,164 @@ def letterbox_geometry(width: int, height: int, spec: LetterboxSpec) -> tuple[fl
     return scale, new_w, new_h, pad_x, pad_y
 
 
-def _resize_indices(src: int, dst: int, xp: Any = np) -> Any:
+def _resize_indices(src: int, dst: int) -> np.ndarray:
     """Fractional source coordinate of each destination pixel, with pixel centres aligned."""
-    pos = (xp.arange(dst, dtype=xp.float32) + 0.5) * (src / dst) - 0.5
-    return xp.clip(pos, 0, src - 1)
+    pos = (np.arange(dst, dtype=np.float32) + 0.5) * (src / dst) - 0.5
+    return np.clip(pos, 0, src - 1)
 
 
-def resize_bilinear(image: Any, new_w: int, new_h: int, xp: Any = np) -> Any:
-    """Bilinear resize of an HxWxC array to new_h x new_w x C float32, vectorised (pixel-centre aligned)."""
+def resize_bilinear(image: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
+    """Bilinear resize of an HxWxC array to new_h x new_w x C, vectorised (pixel-centre aligned; float32
+    coordinates, float64 weights, as the CUDA kernel below)."""
     h, w = image.shape[:2]
-    ys, xs = _resize_indices(h, new_h, xp), _resize_indices(w, new_w, xp)
-    y0 = xp.floor(ys).astype(xp.int64)
-    x0 = xp.floor(xs).astype(xp.int64)
-    y1 = xp.minimum(y0 + 1, h - 1)
-    x1 = xp.minimum(x0 + 1, w - 1)
+    ys, xs = _resize_indices(h, new_h), _resize_indices(w, new_w)
+    y0 = np.floor(ys).astype(np.int64)
+    x0 = np.floor(xs).astype(np.int64)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
     wy = (ys - y0)[:, None, None]
     wx = (xs - x0)[None, :, None]
     row0, row1 = image[y0], image[y1]
-    top = row0[:, x0].astype(xp.float32) * (1 - wx) + row0[:, x1].astype(xp.float32) * wx
-    bottom = row1[:, x0].astype(xp.float32) * (1 - wx) + row1[:, x1].astype(xp.float32) * wx
+    top = row0[:, x0].astype(np.float32) * (1 - wx) + row0[:, x1].astype(np.float32) * wx
+    bottom = row1[:, x0].astype(np.float32) * (1 - wx) + row1[:, x1].astype(np.float32) * wx
     return top * (1 - wy) + bottom * wy
 
 
-def _normalize(chw: Any, mode: str, xp: Any) -> Any:
-    """Scale a 3xHxW float32 array in place by the normalisation mode (channels already in model order)."""
+def normalize_terms(mode: str) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """Per-channel (sub, div) float32 arrays and a multiplier: normalised v = (v - sub) / div * mul."""
+    sub, div, mul = np.zeros(3, np.float32), np.ones(3, np.float32), np.float32(1.0)
     if mode == "unit":
-        chw *= 1.0 / 255.0
+        mul = np.float32(1.0 / 255.0)
     elif mode == "imagenet":
-        mean = xp.asarray(IMAGENET_MEAN, dtype=xp.float32)[:, None, None] * 255.0
-        std = xp.asarray(IMAGENET_STD, dtype=xp.float32)[:, None, None] * 255.0
-        chw -= mean
-        chw /= std
+        sub = np.asarray(IMAGENET_MEAN, dtype=np.float32) * np.float32(255.0)
+        div = np.asarray(IMAGENET_STD, dtype=np.float32) * np.float32(255.0)
+    return sub, div, mul
+
+
+def _normalize(chw: np.ndarray, mode: str) -> np.ndarray:
+    """Normalise a 3xHxW float32 array in place (channels already in model order)."""
+    if mode != "none":
+        sub, div, mul = normalize_terms(mode)
+        chw -= sub[:, None, None]
+        chw /= div[:, None, None]
+        chw *= mul
     return chw
-
-
-def _letterbox(image: Any, spec: LetterboxSpec, image_color: str, xp: Any, out: Any = None) -> tuple[Any, dict]:
-    """Shared body of the NumPy and CuPy letterbox functions (`xp` is the array module; `out` an optional target)."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"letterbox: image must be HxWx3 (got shape {tuple(image.shape)})")
-    height, width = image.shape[:2]
-    scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, spec)
-    same_size = (new_w, new_h) == (width, height)
-    resized = image.astype(xp.float32) if same_size else resize_bilinear(image, new_w, new_h, xp)
-    if image_color != spec.color:
-        resized = resized[:, :, ::-1]
-    in_w, in_h = spec.size
-    if out is None:
-        chw = xp.full((3, in_h, in_w), float(spec.pad_value), dtype=xp.float32)
-    elif out.shape != (3, in_h, in_w) or out.dtype != xp.float32:
-        raise ValueError(f"letterbox: out must be float32 {(3, in_h, in_w)} (got {out.dtype} {tuple(out.shape)})")
-    else:
-        chw = out
-        chw.fill(float(spec.pad_value))
-    chw[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = xp.round(resized).transpose(2, 0, 1)
-    info = {"scale": float(scale), "pad": [int(pad_x), int(pad_y)], "input": [int(in_w), int(in_h)]}
-    return _normalize(chw, spec.normalize, xp), info
 
 
 def letterbox(image: np.ndarray, spec: LetterboxSpec, image_color: str = "bgr",
               out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Letterbox an HxWx3 uint8 frame into a 3xHxW float32 tensor (into `out` if given); returns (tensor, info)."""
-    return _letterbox(np.asarray(image), spec, image_color, np, out)
+    image = np.asarray(image)
+    height, width = _check_image(image)
+    scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, spec)
+    same_size = (new_w, new_h) == (width, height)
+    resized = image.astype(np.float32) if same_size else resize_bilinear(image, new_w, new_h)
+    if image_color != spec.color:
+        resized = resized[:, :, ::-1]
+    chw = _target(out, spec, np)
+    chw.fill(float(spec.pad_value))
+    chw[:, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = np.round(resized).transpose(2, 0, 1)
+    return _normalize(chw, spec.normalize), _info(scale, pad_x, pad_y, spec)
 
 
-def letterbox_cupy(image: Any, spec: LetterboxSpec, image_color: str = "bgr") -> tuple[Any, dict]:
-    """CuPy version of `letterbox` (input and output on the GPU). Unverified: no GPU on the build machine."""
+def _check_image(image: Any) -> tuple[int, int]:
+    """(height, width) of an HxWx3 image; ValueError for any other shape."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"letterbox: image must be HxWx3 (got shape {tuple(image.shape)})")
+    return image.shape[0], image.shape[1]
+
+
+def _target(out: Any, spec: LetterboxSpec, xp: Any) -> Any:
+    """`out` checked against the model input shape, or a new float32 3xHxW array of module `xp`."""
+    in_w, in_h = spec.size
+    if out is None:
+        return xp.empty((3, in_h, in_w), dtype=xp.float32)
+    if out.shape != (3, in_h, in_w) or out.dtype != xp.float32:
+        raise ValueError(f"letterbox: out must be float32 {(3, in_h, in_w)} (got {out.dtype} {tuple(out.shape)})")
+    return out
+
+
+def _info(scale: float, pad_x: int, pad_y: int, spec: LetterboxSpec) -> dict:
+    return {"scale": float(scale), "pad": [int(pad_x), int(pad_y)], "input": [int(spec.size[0]), int(spec.size[1])]}
+
+
+# One thread per model-input pixel: bilinear sample of the uint8 HWC frame, round half to even, normalise, and
+# write all 3 CHW planes. The arithmetic follows resize_bilinear's NumPy promotion (float32 coordinates, float64
+# weights and blend) with FMA contraction off, so the result equals `letterbox`'s.
+_LETTERBOX_CUDA = r"""
+extern "C" __global__ void letterbox(
+        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
+        int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
+        float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
+    int i = blockDim.x * blockIdx.x + threadIdx.x;
+    if (i >= dst_h * dst_w) return;
+    int x = i % dst_w - pad_x, y = i / dst_w - pad_y;
+    float v[3] = {pad, pad, pad};
+    if (x >= 0 && x < new_w && y >= 0 && y < new_h) {
+        float fy = fminf(fmaxf(((float)y + 0.5f) * sy - 0.5f, 0.0f), (float)(src_h - 1));
+        float fx = fminf(fmaxf(((float)x + 0.5f) * sx - 0.5f, 0.0f), (float)(src_w - 1));
+        int y0 = (int)floorf(fy), x0 = (int)floorf(fx);
+        int y1 = min(y0 + 1, src_h - 1), x1 = min(x0 + 1, src_w - 1);
+        double wy = (double)fy - y0, wx = (double)fx - x0;
+        const unsigned char* r0 = src + (size_t)y0 * src_w * 3;
+        const unsigned char* r1 = src + (size_t)y1 * src_w * 3;
+        for (int c = 0; c < 3; ++c) {
+            double top = (double)r0[x0 * 3 + c] * (1.0 - wx) + (double)r0[x1 * 3 + c] * wx;
+            double bottom = (double)r1[x0 * 3 + c] * (1.0 - wx) + (double)r1[x1 * 3 + c] * wx;
+            v[swap ? 2 - c : c] = (float)rint(top * (1.0 - wy) + bottom * wy);
+        }
+    }
+    const float sub[3] = {sub0, sub1, sub2}, div[3] = {div0, div1, div2};
+    for (int c = 0; c < 3; ++c)
+        dst[(size_t)c * dst_h * dst_w + i] = (v[c] - sub[c]) / div[c] * mul;
+}
+"""
+_THREADS = 256
+
+
+def _import_cupy() -> Any:
     try:
         import cupy
-    except ImportError as exc:
-        raise ValueError("letterbox_cupy: CuPy is not installed (pip install cupy-cuda12x)") from exc
-    return _letterbox(cupy.asarray(image), spec, image_color, cupy)
+    except ImportError:
+        raise ValueError("device cuda: CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)") from None
+    return cupy
+
+
+def require_cupy() -> Any:
+    """The cupy module when CuPy is installed and sees a CUDA GPU; else ValueError saying what is missing."""
+    cupy = _import_cupy()
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise ValueError(f"device cuda: CuPy cannot reach a CUDA GPU ({exc})") from None
+    if count < 1:
+        raise ValueError("device cuda: CuPy sees no CUDA GPU")
+    return cupy
+
+
+@functools.cache
+def _cuda_kernel() -> Any:
+    """The letterbox kernel, compiled by NVRTC once per process."""
+    import cupy
+
+    return cupy.RawKernel(_LETTERBOX_CUDA, "letterbox", options=("--fmad=false",))
+
+
+def letterbox_cupy(image: Any, spec: LetterboxSpec, image_color: str = "bgr", out: Any = None) -> tuple[Any, dict]:
+    """`letterbox` on the GPU in one CUDA kernel: a NumPy or CuPy uint8 frame (uploaded once) to a CuPy 3xHxW
+    float32 tensor (into `out` if given), equal to `letterbox`'s output; runs on CuPy's current stream."""
+    cupy = _import_cupy()
+    height, width = _check_image(image)
+    src = cupy.ascontiguousarray(cupy.asarray(image, dtype=cupy.uint8))
+    scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, spec)
+    chw = _target(out, spec, cupy)
+    in_w, in_h = spec.size
+    sub, div, mul = normalize_terms(spec.normalize)
+    i32, f32 = np.int32, np.float32
+    args = (src, i32(height), i32(width), chw, i32(in_h), i32(in_w), i32(pad_x), i32(pad_y), i32(new_w), i32(new_h),
+            f32(height / new_h), f32(width / new_w), i32(image_color != spec.color), f32(spec.pad_value), *sub, *div, mul)
+    _cuda_kernel()(((in_w * in_h + _THREADS - 1) // _THREADS,), (_THREADS,), args)
+    return chw, _info(scale, pad_x, pad_y, spec)
 
 
 def unletterbox_boxes(boxes: np.ndarray, info: dict, width: int, height: int) -> np.ndarray:

@@ -1,13 +1,18 @@
 """Detector models: a registry of shipped models, ONNX file inspection, and inference backends.
 
-A backend has `load(path)`, `input` (ModelInput) and `infer(batch [N,3,H,W] float32) -> np.ndarray`.
+A backend has `load(path)`, `input` (ModelInput) and `infer(batch [N,3,H,W] float32) -> np.ndarray`: onnxruntime
+(CPU), torch (onnx2torch on a CUDA GPU, fp16) and tensorrt (unverified). GPU backends take CuPy batches without a copy.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,7 +22,7 @@ from graphflow.vision.letterbox import LetterboxSpec
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 EXPECTED_OUTPUTS = "need [N, anchors, 5+classes] or [N, 4+classes, anchors]"
 
 
@@ -115,8 +120,49 @@ def inspect_onnx(path: Path) -> tuple[ModelInput, list[list]]:
     return info, [_dims(o) for o in graph.output]
 
 
+class Backend(Protocol):
+    """What the infer engine needs of a backend."""
+
+    name: str
+    input: ModelInput | None
+
+    def load(self, path: Path) -> None: ...
+
+    def infer(self, batch: Any) -> np.ndarray: ...
+
+
+def _on_gpu(array: Any) -> bool:
+    """True for arrays that live in CUDA memory (CuPy arrays, CUDA torch tensors)."""
+    return hasattr(array, "__cuda_array_interface__")
+
+
+def to_host(batch: Any) -> np.ndarray:
+    """A batch as a C-contiguous float32 NumPy array, copied from the GPU when it lives there."""
+    if _on_gpu(batch):
+        import cupy
+
+        batch = cupy.asnumpy(cupy.asarray(batch))
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def stack_batch(tensors: Sequence[Any]) -> Any:
+    """Stack 3xHxW tensors into one [N, 3, H, W] batch where they live: CuPy on the GPU if any is there, else NumPy."""
+    if any(_on_gpu(t) for t in tensors):
+        import cupy
+
+        return cupy.stack([cupy.asarray(t) for t in tensors])
+    return np.stack(tensors)
+
+
+def _in_chunks(run: Callable[[Any], np.ndarray], batch: Any, size: int) -> np.ndarray:
+    """`run` over slices of at most `size` images, outputs concatenated (for fixed-batch or size-capped engines)."""
+    if len(batch) <= size:
+        return run(batch)
+    return np.concatenate([run(batch[i:i + size]) for i in range(0, len(batch), size)])
+
+
 class OnnxRuntimeBackend:
-    """Runs an ONNX model with onnxruntime; `gpu` asks for its CUDA provider (unverified: no GPU here)."""
+    """Runs an ONNX model with onnxruntime; `gpu` asks for its CUDA provider (unverified: onnxruntime-gpu not run)."""
 
     name = "onnxruntime"
 
@@ -147,17 +193,265 @@ class OnnxRuntimeBackend:
         self.input, _ = inspect_onnx(Path(path))
         log.info("loaded %s with %s", path, self.session.get_providers()[0])
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run a [N, 3, H, W] float32 batch and return the first output; a fixed-batch model runs image by image."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.input.dynamic_batch or len(batch) == 1:
-            return self.session.run(None, {self.input.name: batch})[0]
-        runs = [self.session.run(None, {self.input.name: batch[i:i + 1]})[0] for i in range(len(batch))]
-        return np.concatenate(runs)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input.name: batch})[0]
+
+    def infer(self, batch: Any) -> np.ndarray:
+        """Run a [N, 3, H, W] float32 batch (NumPy, or GPU arrays copied to the host) and return the first output;
+        a fixed-batch model runs image by image."""
+        batch = to_host(batch)
+        return _in_chunks(self._run, batch, len(batch) if self.input.dynamic_batch else 1)
 
 
-def make_backend(kind: str, threads: int = 0) -> OnnxRuntimeBackend:
-    """A backend by name: "onnxruntime" runs on the CPU; "auto" also takes onnxruntime's CUDA provider if present."""
-    if kind in BACKENDS:
-        return OnnxRuntimeBackend(threads, gpu=kind == "auto")
+def _require_torch_cuda(kind: str) -> Any:
+    """The torch module when PyTorch is installed and sees a CUDA GPU; else ValueError naming the backend."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"backend {kind}: PyTorch with CUDA is not installed (pip install torch onnx2torch)") from None
+    if not torch.cuda.is_available():
+        raise ValueError(f"backend {kind}: PyTorch {torch.__version__} sees no CUDA GPU "
+                         f"(CUDA build {torch.version.cuda or 'none'})")
+    return torch
+
+
+def _to_torch(batch: Any, torch: Any) -> Any:
+    """A batch as a CUDA torch tensor: GPU arrays are shared through DLPack (no copy), NumPy is uploaded once."""
+    if isinstance(batch, torch.Tensor):
+        return batch.cuda()
+    if _on_gpu(batch):
+        return torch.from_dlpack(batch)
+    return torch.from_numpy(np.require(batch, np.float32, ("C", "W"))).cuda()
+
+
+HOST_READ_OPS = ("OnnxSlice", "OnnxResize", "OnnxReshape")  # onnx2torch ops that read their non-data inputs on the CPU
+
+
+def _powers_of_two(top: int) -> list[int]:
+    """1, 2, 4, … up to the first power of two ≥ top."""
+    return [1 << i for i in range((top - 1).bit_length() + 1)]
+
+
+def keep_shape_constants_on_host(module: Any) -> int:
+    """Move the constants that onnx2torch's Slice/Resize/Reshape read as Python values (bounds, scales, shapes) back
+    to the CPU: left on the GPU, each read is a device-to-host sync per call, which also stops CUDA graph capture.
+    Returns how many were moved."""
+    moved = 0
+    for node in module.graph.nodes:
+        users = list(node.users)
+        if node.op != "get_attr" or not users or not all(
+                user.op == "call_module" and user.args[0] is not node
+                and type(module.get_submodule(user.target)).__name__ in HOST_READ_OPS for user in users):
+            continue
+        owner, _, name = node.target.rpartition(".")
+        holder = module.get_submodule(owner)
+        buffers = dict(holder.named_buffers(recurse=False))
+        if name in buffers:
+            holder.register_buffer(name, buffers[name].cpu())
+            moved += 1
+    return moved
+
+
+class TorchBackend:
+    """Runs the ONNX model converted to PyTorch by onnx2torch on a CUDA GPU, in fp16 by default; takes NumPy, CuPy
+    or torch batches (GPU ones without a copy) and returns a float32 NumPy output.
+
+    With `cuda_graphs` each batch is padded to the next power of two and replayed from a CUDA graph recorded once
+    per size (those up to `max_batch` at load): the converted model is hundreds of small kernels, so launching them
+    one by one bounds small batches."""
+
+    name = "torch"
+
+    def __init__(self, half: bool = True, cuda_graphs: bool = True, max_batch: int = 1) -> None:
+        self.torch = _require_torch_cuda(self.name)
+        try:
+            import onnx2torch
+        except ImportError:
+            raise ValueError(f"backend {self.name}: onnx2torch is not installed (pip install onnx2torch)") from None
+        self.convert = onnx2torch.convert
+        self.dtype = self.torch.float16 if half else self.torch.float32
+        self.cuda_graphs = cuda_graphs
+        self.max_batch = max_batch
+        self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self.model = None
+        self.input: ModelInput | None = None
+
+    def load(self, path: Path) -> None:
+        """Convert the ONNX graph to a torch module on the GPU and run each power-of-two batch size up to max_batch
+        once, so cuDNN picks its kernels and CUDA graphs are recorded before any other thread uses the GPU."""
+        import onnx
+
+        self.input, _ = inspect_onnx(Path(path))
+        try:
+            module = self.convert(onnx.load(str(path)))
+        except Exception as exc:  # onnx2torch raises NotImplementedError and others on unsupported ops
+            raise ValueError(f"model {path}: onnx2torch cannot convert it ({str(exc).splitlines()[0]})") from None
+        self.model = module.eval().to("cuda", self.dtype)
+        keep_shape_constants_on_host(self.model)
+        self.torch.backends.cudnn.benchmark = True
+        width, height = self.input.size
+        for size in _powers_of_two(self.max_batch):
+            self.infer(np.zeros((size, 3, height, width), np.float32))
+        log.info("loaded %s with torch %s on %s (%s%s)", path, self.torch.__version__, self.torch.cuda.get_device_name(),
+                 str(self.dtype).removeprefix("torch."), ", CUDA graphs" if self.cuda_graphs else "")
+
+    def prepare(self, batch: Any) -> Any:
+        """The batch on the GPU in the model's dtype (the infer engine uploads batch k+1 while batch k runs)."""
+        return _to_torch(batch, self.torch).to(self.dtype)
+
+    def _eager(self, x: Any) -> Any:
+        output = self.model(x)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def _capture(self, size: int) -> tuple[Any, Any, Any]:
+        """Record the forward pass of a `size` batch as a CUDA graph: (static input, static output, graph)."""
+        torch = self.torch
+        width, height = self.input.size
+        static_in = torch.zeros((size, 3, height, width), dtype=self.dtype, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                self._eager(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may upload meanwhile
+            static_out = self._eager(static_in)
+        return static_in, static_out, graph
+
+    def forward(self, x: Any) -> Any:
+        """The first output of a prepared batch, left on the GPU (valid until the next call)."""
+        if not self.cuda_graphs:
+            return self._eager(x)
+        count = len(x)
+        size = _powers_of_two(count)[-1]
+        if size not in self.graphs:
+            try:
+                self.graphs[size] = self._capture(size)
+            except Exception as exc:  # an op that cannot be captured: run eagerly from now on
+                log.warning("torch backend: CUDA graph capture failed (%s); running eagerly", exc)
+                self.cuda_graphs = False
+                return self._eager(x)
+        static_in, static_out, graph = self.graphs[size]
+        static_in[:count].copy_(x)
+        graph.replay()
+        return static_out[:count]
+
+    def infer(self, batch: Any) -> np.ndarray:
+        """Run a [N, 3, H, W] batch (prepared or not) and return the first output as float32 NumPy."""
+        with self.torch.inference_mode():
+            return self.forward(self.prepare(batch)).float().cpu().numpy()
+
+
+class TensorRTBackend:
+    """Runs the ONNX model as a TensorRT 10 engine built with FP16 and a 1..max_batch batch profile, cached on disk
+    by model hash, GPU name and TensorRT version. Unverified: TensorRT is not installed on any machine we can run."""
+
+    name = "tensorrt"
+
+    def __init__(self, max_batch: int = 1, cache_dir: Path | None = None) -> None:
+        try:
+            import tensorrt
+        except ImportError:
+            raise ValueError(f"backend {self.name}: TensorRT is not installed (pip install tensorrt; "
+                             "it also needs PyTorch with CUDA)") from None
+        self.trt = tensorrt
+        self.torch = _require_torch_cuda(self.name)
+        self.max_batch = max_batch
+        self.cache_dir = cache_dir or Path(os.environ.get("GRAPHFLOW_CACHE", "~/.cache/graphflow")).expanduser()
+        self.logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+        self.input: ModelInput | None = None
+
+    def cache_path(self, path: Path, onnx_bytes: bytes) -> Path:
+        """Where the engine built for this model, GPU, TensorRT version and batch profile is kept."""
+        key = hashlib.sha256(onnx_bytes)
+        key.update(f"{self.torch.cuda.get_device_name()}|{self.trt.__version__}|{self.max_batch}|fp16".encode())
+        return self.cache_dir / "tensorrt" / f"{Path(path).stem}-{key.hexdigest()[:16]}.engine"
+
+    def _build(self, path: Path, onnx_bytes: bytes) -> bytes:
+        """Parse the ONNX model and build a serialized FP16 engine with one optimisation profile over the batch."""
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(onnx_bytes):
+            raise ValueError(f"model {path}: TensorRT cannot parse it ({parser.get_error(0).desc()})")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        width, height = self.input.size
+        top = self.max_batch if self.input.dynamic_batch else 1
+        profile.set_shape(self.input.name, (1, 3, height, width), (top, 3, height, width), (top, 3, height, width))
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise ValueError(f"model {path}: TensorRT could not build an engine (see its log above)")
+        return bytes(plan)
+
+    def load(self, path: Path) -> None:
+        """Load the cached engine, or build and cache it (minutes for large models), and open an execution context."""
+        self.input, _ = inspect_onnx(Path(path))
+        onnx_bytes = Path(path).read_bytes()
+        cached = self.cache_path(path, onnx_bytes)
+        if cached.is_file():
+            plan = cached.read_bytes()
+        else:
+            log.info("building TensorRT engine for %s (max batch %d)", path, self.max_batch)
+            plan = self._build(path, onnx_bytes)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(".partial")
+            partial.write_bytes(plan)
+            partial.replace(cached)
+        self.engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise ValueError(f"model {path}: TensorRT cannot load the engine {cached} (delete it to rebuild)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT]
+
+    def prepare(self, batch: Any) -> Any:
+        """The batch as a contiguous float32 CUDA tensor (the engine's FP16 layers take float32 I/O)."""
+        return _to_torch(batch, self.torch).float().contiguous()
+
+    def _run(self, batch: Any) -> np.ndarray:
+        """One execute_async_v3 call on torch's current stream, I/O in torch CUDA tensors."""
+        torch = self.torch
+        x = self.prepare(batch)
+        self.context.set_input_shape(self.input.name, tuple(x.shape))
+        self.context.set_tensor_address(self.input.name, x.data_ptr())
+        outputs = []
+        for name in self.outputs:
+            dtype = torch.from_numpy(np.empty(0, self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"backend {self.name}: execute_async_v3 failed")
+        return outputs[0].float().cpu().numpy()
+
+    def infer(self, batch: Any) -> np.ndarray:
+        """Run a [N, 3, H, W] batch in slices the engine's profile allows; returns the first output."""
+        return _in_chunks(self._run, batch, self.max_batch if self.input.dynamic_batch else 1)
+
+
+def _torch_ready() -> bool:
+    """Whether the torch backend can run here (checked without importing torch when it is not installed)."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx2torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_backend(kind: str, threads: int = 0, max_batch: int = 1) -> Backend:
+    """A backend by name; "auto" takes torch on a CUDA GPU when installed, else onnxruntime (its CUDA provider if
+    present, else CPU). An unavailable backend raises a one-line ValueError saying what to install."""
+    if kind == "auto":
+        return TorchBackend(max_batch=max_batch) if _torch_ready() else OnnxRuntimeBackend(threads, gpu=True)
+    if kind == "onnxruntime":
+        return OnnxRuntimeBackend(threads)
+    if kind == "torch":
+        return TorchBackend(max_batch=max_batch)
+    if kind == "tensorrt":
+        return TensorRTBackend(max_batch)
     raise ValueError(f"backend {kind}: not available (choices: {', '.join(BACKENDS)})")

@@ -16,8 +16,9 @@ from typing import Any
 
 import av
 import numpy as np
-from av.codec.hwaccel import HWAccel, hwdevices_available
 from PIL import Image
+
+from graphflow.errors import GraphflowError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _FIELD_TYPES = {"uri": (str,), "fps": (int, float), "start": (int, float), "max_
                 "transport": (str,), "open_timeout": (int, float), "read_timeout": (int, float)}
 
 
-class SourceError(ValueError):
+class SourceError(GraphflowError, ValueError):
     """A source cannot be opened or read; the message names the source and the cause on one line.
 
     `field` names the SourceSpec field at fault, when one is."""
@@ -120,6 +121,7 @@ class Source:
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
         self.stats = SourceStats()
+        self.lost = ""  # why a network stream stopped early (a read error), "" when it just ended
         self.rate = 25.0
         self.width = 0
         self.height = 0
@@ -147,9 +149,9 @@ class Source:
                 if image is None:
                     continue
                 self.height, self.width = image.shape[:2]
-                yield Frame(image, index, pts + offset, time.time())
                 index += 1
                 self.stats.kept = index
+                yield Frame(image, index - 1, pts + offset, time.time())
                 if spec.max_frames is not None and index >= spec.max_frames:
                     return
             if not spec.loop or last is None:
@@ -175,32 +177,42 @@ class AVSource(Source):
         options = {"rtsp_transport": self.spec.transport} if self.spec.uri.lower().startswith("rtsp") else {}
         return options | {"fflags": "discardcorrupt"}
 
-    def _hwaccel(self) -> HWAccel | None:
-        """NVDEC through FFmpeg's cuda device, falling back to software decode (unverified: no GPU here)."""
+    def _select_decoder(self, stream: Any) -> Any:
+        """The stream's decoder: with hwaccel cuda, FFmpeg's NVDEC one (`<codec>_cuvid`, frames come back in host
+        memory), else, or when it cannot open (no GPU, codec not supported), the software one with a warning."""
         if self.spec.hwaccel != "cuda":
-            return None
-        if "cuda" not in hwdevices_available():
-            log.warning("source %s: hwaccel cuda unavailable in this FFmpeg build; decoding in software", self.spec.uri)
-            return None
-        return HWAccel(device_type="cuda", allow_software_fallback=True)
+            return stream.codec_context
+        name = f"{stream.codec_context.name}_cuvid"
+        if name not in av.codecs_available:
+            log.warning("source %s: no NVDEC decoder for %s in this FFmpeg build; decoding in software",
+                        self.spec.uri, stream.codec_context.name)
+            return stream.codec_context
+        decoder = av.CodecContext.create(name, "r")
+        decoder.extradata = stream.codec_context.extradata
+        decoder.width, decoder.height = stream.width, stream.height
+        try:
+            decoder.open()
+        except av.FFmpegError as exc:
+            log.warning("source %s: %s unavailable (%s); decoding in software", self.spec.uri, name,
+                        exc.strerror or exc)
+            return stream.codec_context
+        log.info("source %s: decoding on the GPU with %s", self.spec.uri, name)
+        return decoder
 
-    def _open_container(self, hwaccel: HWAccel | None) -> Any:
-        """The opened container, retried with software decode when cuda decode cannot start."""
+    def _open_container(self) -> Any:
+        """The opened container (demuxer); SourceError when it cannot be opened."""
         spec = self.spec
         try:
-            return av.open(spec.uri, options=self._options(), timeout=(spec.open_timeout, spec.read_timeout),
-                           hwaccel=hwaccel)
+            return av.open(spec.uri, options=self._options(), timeout=(spec.open_timeout, spec.read_timeout))
         except av.FFmpegError as exc:
-            if hwaccel is None:
-                raise SourceError(f"source {spec.uri}: cannot open ({exc.strerror or exc})") from None
-            log.warning("source %s: cuda decode unavailable (%s); decoding in software", spec.uri, exc.strerror or exc)
-            return self._open_container(None)
+            raise SourceError(f"source {spec.uri}: cannot open ({exc.strerror or exc})") from None
 
     def _open(self) -> None:
         spec = self.spec
-        if not spec.is_stream and not Path(spec.uri).is_file():
+        local = None if spec.is_stream else local_path(spec.uri)
+        if not spec.is_stream and (local is None or not local.is_file()):
             raise SourceError(f"source {spec.uri}: file not found")
-        container = self._open_container(self._hwaccel())
+        container = self._open_container()
         if not container.streams.video:
             container.close()
             raise SourceError(f"source {spec.uri}: no video stream")
@@ -210,15 +222,21 @@ class AVSource(Source):
             raise SourceError(f"source {spec.uri}: unsupported codec")
         stream.thread_type = "AUTO"
         self._container, self._stream = container, stream
+        self._decoder = self._select_decoder(stream)
         self.rate = float(stream.average_rate or stream.guessed_rate or self.rate)
-        self._t0 = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+        # a live stream's start_time is its first timed packet, which may come after frames shown earlier
+        # (an IDR without a timestamp, then B-frames): its t0 is taken from the first decoded frame instead
+        self._t0: float | None = None if spec.is_stream else (
+            float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0)
         self.width, self.height = stream.width, stream.height
 
     def _seek(self, seconds: float) -> None:
         """Go to the key frame at or before `seconds`; 0 means the very start (some demuxers overshoot t0)."""
-        target = int((seconds + self._t0) / self._stream.time_base) if seconds > 0 and self._stream.time_base else 0
+        base = self._stream.time_base
+        target = int((seconds + (self._t0 or 0.0)) / base) if seconds > 0 and base else 0
         try:
             self._container.seek(target, stream=self._stream, backward=True)
+            self._decoder.flush_buffers()
         except av.FFmpegError as exc:
             raise SourceError(f"source {self.spec.uri}: cannot seek ({exc.strerror or exc})") from None
 
@@ -245,18 +263,31 @@ class AVSource(Source):
             except StopIteration:
                 return
             except av.FFmpegError as exc:
-                self._corrupt(f"demux: {exc}")
+                if self.spec.is_stream:
+                    stalled = isinstance(exc, av.ExitError)  # FFmpeg's interrupt: read_timeout passed
+                    self.lost = (f"no data for {self.spec.read_timeout:g} s" if stalled
+                                 else f"read error: {exc.strerror or exc}")
+                else:
+                    self._corrupt(f"demux: {exc}")
                 return
             if packet.is_corrupt:
                 self._corrupt("corrupt packet")
                 continue
             try:
-                frames = packet.decode()
+                frames = self._decoder.decode(packet)
             except av.FFmpegError as exc:
                 self._corrupt(f"decode: {exc}")
                 continue
             for frame in frames:
-                yield frame, float(frame.time) - self._t0 if frame.time is not None else self.stats.decoded / self.rate
+                yield frame, self._pts(frame)
+
+    def _pts(self, frame: av.VideoFrame) -> float:
+        """Seconds since the start of the media; a frame without a timestamp is placed by its count."""
+        if frame.time is None:
+            return self.stats.decoded / self.rate
+        if self._t0 is None:
+            self._t0 = float(frame.time) - self.stats.decoded / self.rate
+        return float(frame.time) - self._t0
 
     def _to_image(self, item: av.VideoFrame) -> np.ndarray:
         return item.to_ndarray(format=COLORS[self.spec.color])
@@ -276,12 +307,12 @@ class ImageSource(Source):
 
     def __init__(self, spec: SourceSpec) -> None:
         super().__init__(spec)
-        path = Path(spec.uri)
-        if path.is_dir():
+        path = local_path(spec.uri)
+        if path is not None and path.is_dir():
             self.paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not self.paths:
                 raise SourceError(f"source {spec.uri}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        elif path.is_file():
+        elif path is not None and path.is_file():
             self.paths = [path]
         else:
             raise SourceError(f"source {spec.uri}: file or folder not found")
@@ -303,6 +334,15 @@ class ImageSource(Source):
         return np.ascontiguousarray(rgb[:, :, ::-1]) if self.spec.color == "bgr" else rgb
 
 
+def local_path(uri: str) -> Path | None:
+    """`uri` as the path of an existing file or folder; None when nothing is there or it cannot be a path."""
+    path = Path(uri)
+    try:
+        return path if path.exists() else None
+    except (OSError, ValueError):  # e.g. a name longer than the file system allows
+        return None
+
+
 def open_source(spec: SourceSpec | dict[str, Any]) -> Source:
     """The right source for `spec` (a SourceSpec or a dict of its fields), opened and ready to iterate."""
     if isinstance(spec, dict):
@@ -312,7 +352,7 @@ def open_source(spec: SourceSpec | dict[str, Any]) -> Source:
         if "uri" not in spec:
             raise SourceError("source: 'uri' is required")
         spec = SourceSpec(**spec)
-    path = Path(spec.uri)
-    if not spec.is_stream and (path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES):
+    local = None if spec.is_stream else local_path(spec.uri)
+    if local is not None and (local.is_dir() or local.suffix.lower() in IMAGE_SUFFIXES):
         return ImageSource(spec)
     return AVSource(spec)

@@ -1,0 +1,140 @@
+"""GPU paths: CuPy letterbox, the torch backend, NVDEC decode (skipped without a CUDA GPU), and their CPU-side
+fallbacks and one-line errors (run everywhere)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.preprocess import Preprocess
+from graphflow import ParamError
+from graphflow.testing import run_engine
+from graphflow.vision import models
+from graphflow.vision.letterbox import LetterboxSpec, letterbox_cupy
+from graphflow.vision.video import open_source
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = str(ROOT / "graphs" / "data" / "demo.mp4")
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cuda_ready() -> bool:
+    """CuPy and PyTorch installed and both see a CUDA GPU."""
+    try:
+        models._require_torch_cuda("test")
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except (ValueError, ImportError, RuntimeError):
+        return False
+
+
+def _nvdec_ready() -> bool:
+    """FFmpeg's h264_cuvid decoder opens (it needs an NVIDIA GPU and driver)."""
+    import av
+
+    try:
+        av.CodecContext.create("h264_cuvid", "r").open()
+    except (av.FFmpegError, ValueError):
+        return False
+    return True
+
+
+gpu = pytest.mark.skipif(not _cuda_ready(), reason="needs CuPy and PyTorch with a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _load_gpu_check()
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------------
+
+@gpu
+def test_letterbox_cupy_equals_numpy(gpu_check):
+    for row in gpu_check.letterbox_diffs(gpu_check.photos()):
+        assert row["max_abs_diff"] <= 1e-3, row
+
+
+@gpu
+def test_torch_fp16_matches_onnxruntime(gpu_check):
+    result = gpu_check.compare_backends(gpu_check.photos())
+    assert result["backend"] == "torch" and result["unmatched"] == 0, result
+    assert result["min_iou"] > 0.9 and result["max_score_diff"] < 0.05, result
+    assert result["cupy_input_same"] and result["batch1_matches_batch"] and result["cuda_graphs"], result
+
+
+@gpu
+def test_preprocess_engine_on_cuda(gpu_check):
+    result, _, _ = gpu_check.preprocess_on_gpu(gpu_check.frame_messages(gpu_check.photos()))
+    assert result == {"host_equal": True, "kept_type": "cupy", "kept_equal": True}
+
+
+@pytest.mark.skipif(not _nvdec_ready(), reason="needs NVDEC (h264_cuvid and an NVIDIA GPU)")
+def test_nvdec_decode_matches_software(gpu_check):
+    result = gpu_check.compare_decode()
+    assert result["decoder"] == "h264_cuvid", result
+    assert result["frames"] == result["software_frames"] == 250 and result["same_pts"], result
+    assert result["psnr_db"] > 40, result
+
+
+# --- everywhere: fallbacks and errors ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(_nvdec_ready(), reason="NVDEC works here, so there is no fallback to see")
+def test_hwaccel_cuda_falls_back_to_software(caplog):
+    with caplog.at_level(logging.WARNING, logger="graphflow.vision.video"):
+        source = open_source({"uri": VIDEO, "hwaccel": "cuda", "start": 2.0, "max_frames": 30})
+        frames = list(source)
+        source.close()
+    assert any("h264_cuvid" in r.message and "decoding in software" in r.message for r in caplog.records)
+    reference = open_source({"uri": VIDEO, "start": 2.0, "max_frames": 30})
+    expected = list(reference)
+    reference.close()
+    assert [f.pts for f in frames] == [f.pts for f in expected] and len(frames) == 30
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, expected))
+
+
+@pytest.mark.parametrize("kind, module, needs", [("torch", "torch", "PyTorch with CUDA is not installed"),
+                                                  ("tensorrt", "tensorrt", "TensorRT is not installed")])
+def test_gpu_backend_missing_is_one_line(monkeypatch, kind, module, needs):
+    monkeypatch.setitem(sys.modules, module, None)  # import now fails as if not installed
+    with pytest.raises(ValueError) as err:
+        models.make_backend(kind)
+    text = str(err.value)
+    assert text.startswith(f"backend {kind}: ") and needs in text and "pip install" in text and "\n" not in text
+
+
+def test_auto_backend_without_torch_uses_onnxruntime(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert models.make_backend("auto").name == "onnxruntime"
+
+
+def test_cuda_preprocess_without_cupy_is_a_param_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    with pytest.raises(ParamError, match="device.*CuPy"):
+        run_engine(Preprocess, {"device": "cuda"}, [])
+    with pytest.raises(ParamError, match="keep_on_gpu.*needs device 'cuda'"):
+        run_engine(Preprocess, {"keep_on_gpu": True}, [])
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ValueError, match="^device cuda: CuPy is not installed"):
+        letterbox_cupy(np.zeros((4, 4, 3), np.uint8), LetterboxSpec())
+
+
+def test_host_batches_pass_through_unchanged():
+    batch = [np.full((3, 2, 2), i, np.float32) for i in range(3)]
+    stacked = models.stack_batch(batch)
+    assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 3, 2, 2) and stacked[2, 0, 0, 0] == 2
+    assert models.to_host(stacked) is stacked
