@@ -149,12 +149,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer frames (under 30 s)")
     args = ap.parse_args()
-    n = 60 if args.quick else 300
-    small = run_graphflow(None, 2 * n)
+    n = 200 if args.quick else 1000
+    small = run_graphflow(None, n)
     rows = {}
     for name, shape in SIZES.items():
         mb = np.prod(shape) / 1e6
-        slow_n = max(20, min(n, int(n * 6 / mb / 4)))  # the Queue at 4K is ~100× slower: fewer frames
+        slow_n = max(12, min(n, int(n / mb / 8)))  # pickling through a pipe is ~100× slower: fewer frames
         rows[name] = {"graphflow": run_graphflow(shape, n), "zmq": run_zmq(shape, n),
                       "mp_queue": run_queue(shape, slow_n), "copy": run_copy(shape, n)}
     print(f"{'frame':<10} {'transport':<10} {'µs/hop':>10} {'frames/s':>10} {'vs zmq':>8}")

@@ -11,13 +11,15 @@ log = logging.getLogger(__name__)
 
 
 class Rule(Engine):
-    """Evaluates event rules on each stream's tracks and adds data["events"] (times from pts, else seq/fps)."""
+    """Evaluates event rules on each stream's tracks and adds data["events"] (times from pts, else seq/fps) and,
+    for the osd, data["rules"] (geometry in pixels, line counts, tracks inside zones)."""
 
     inputs = ("in",)
     outputs = ("out",)
     rules = Param(list, doc='list of {"id", "kind": zone|line_cross|dwell|crowding|speed, ...}')
     fps = Param(float, 25.0, ge=0.001, doc="frame rate for event times when a message has no pts")
     forget_after = Param(float, 5.0, ge=0, doc="seconds after which an unseen track is dropped from rule state")
+    overlay = Param(bool, True, doc="add data['rules']: each rule's geometry in pixels and counts, for the video sink's osd")
 
     def check(self) -> None:
         RuleSet(self.rules)
@@ -31,4 +33,7 @@ class Rule(Engine):
             raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no data['tracks'] (put track before rule)")
         time = msg.pts if msg.pts is not None else msg.seq / msg.data.get("fps", self.fps)
         events = self.ruleset.evaluate(msg.stream, msg.seq, time, tracks, msg.data.get("width"), msg.data.get("height"))
-        self.send(dataclasses.replace(msg, data={**msg.data, "events": events}))
+        data = {**msg.data, "events": events}
+        if self.overlay:
+            data["rules"] = self.ruleset.overlay(msg.stream)
+        self.send(dataclasses.replace(msg, data=data))

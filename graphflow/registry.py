@@ -16,6 +16,7 @@ BUILTINS = {
     "track": "engines.track:Track",
     "rule": "engines.rule:Rule",
     "publish": "engines.publish:Publish",
+    "detfile": "engines.detfile:DetFile",
 }
 
 

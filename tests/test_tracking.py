@@ -7,7 +7,7 @@ import pytest
 from engines.track import Track
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
-from graphflow.vision.tracking import ByteTracker, IoUTracker, greedy_match, iou_matrix, linear_match
+from graphflow.vision.tracking import ByteTracker, IoUTracker, TrackedObject, Tracks, greedy_match, iou_matrix, linear_match
 
 TRACKERS = [lambda: IoUTracker(min_hits=1), lambda: ByteTracker(min_hits=1)]
 
@@ -89,6 +89,29 @@ def test_bytetrack_low_score_detections_keep_track_alive():
     assert step(tracker, [box(118, 100)], [0.9]) == {0: tid}
     # low-score detections never start tracks
     assert step(ByteTracker(min_hits=1), [box(100, 100)], [0.3]) == {}
+
+
+def test_bytetrack_low_score_detection_holds_a_lost_track_and_confirms_a_new_one():
+    tracker = ByteTracker(min_hits=2)
+    assert step(tracker, [box(100, 100)]) == {}
+    assert step(tracker, [box(102, 100)], [0.3]) == {0: 1}     # a close low-score box confirms the new track
+    assert step(tracker, []) == {}                              # lost for a frame
+    assert step(tracker, [box(106, 100)], [0.3]) == {0: 1}     # a close low-score box takes it back
+    assert step(tracker, [box(300, 100)], [0.3]) == {}          # a far one does nothing
+
+
+def test_update_returns_arrays_with_the_detection_boxes():
+    tracker = ByteTracker(min_hits=1)
+    tracker.update(np.array([box(100, 100), box(300, 100)]), np.array([0.9, 0.8]), np.array([0, 2]))
+    dets = np.array([box(305, 101), box(104, 99)])
+    out = tracker.update(dets, np.array([0.7, 0.95]), np.array([2, 0]))
+    assert isinstance(out, Tracks) and len(out) == 2
+    order = np.argsort(out.det_index)
+    np.testing.assert_array_equal(out.boxes[order], dets)
+    assert out.ids[order].tolist() == [2, 1] and out.classes[order].tolist() == [2, 0]
+    assert out.scores[order].tolist() == [0.7, 0.95]
+    first = next(iter(out))
+    assert isinstance(first, TrackedObject) and first.track_id in (1, 2)
 
 
 def test_bytetrack_min_hits_and_classes():

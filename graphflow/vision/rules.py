@@ -155,6 +155,13 @@ class Rule:
     def forget(self, track_ids: set[int]) -> None:
         """Drop state of tracks not seen for a while."""
 
+    def overlay(self, frame: Frame) -> dict[str, Any]:
+        """What an on-screen display draws for this rule: id, kind, geometry in pixels and live figures."""
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind}
+        for name in self.geometry:
+            out[name] = np.round(self.pixels(name, frame), 1).tolist()
+        return out
+
 
 class ZoneRule(Rule):
     """Zone intrusion: `enter` when a track's anchor gets inside `polygon`, `exit` when it leaves."""
@@ -187,6 +194,9 @@ class ZoneRule(Rule):
     def forget(self, track_ids: set[int]) -> None:
         for tid in track_ids:
             self.inside.pop(tid, None)
+
+    def overlay(self, frame: Frame) -> dict[str, Any]:
+        return {**super().overlay(frame), "inside": len(self.inside)}
 
 
 class DwellRule(ZoneRule):
@@ -267,6 +277,9 @@ class LineCrossRule(Rule):
         for tid in track_ids:
             self.last.pop(tid, None)
 
+    def overlay(self, frame: Frame) -> dict[str, Any]:
+        return {**super().overlay(frame), "counts": dict(self.counts)}
+
 
 class CrowdingRule(Rule):
     """Crowding: `crowd_start` once at least `min_count` tracks stay in `polygon` for `seconds`; `crowd_end` when fewer."""
@@ -281,10 +294,11 @@ class CrowdingRule(Rule):
         self.seconds = _number(spec, index, "seconds", default=0.0)
         self.since: float | None = None
         self.active = False
+        self.count = 0
 
     def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
         inside = rows[points_in_polygon(points[rows], self.pixels("polygon", frame))] if len(rows) else rows
-        count = len(inside)
+        count = self.count = len(inside)
         centroid = points[inside].mean(axis=0) if count else None
         if count < self.min_count:
             self.since = None
@@ -299,6 +313,9 @@ class CrowdingRule(Rule):
             return [self.event(frame, "crowd_start", None, centroid, count=count,
                                track_ids=[int(t) for t in frame.ids[inside]])]
         return []
+
+    def overlay(self, frame: Frame) -> dict[str, Any]:
+        return {**super().overlay(frame), "inside": self.count, "active": self.active}
 
 
 class SpeedRule(Rule):
@@ -384,6 +401,7 @@ def parse_rules(specs: list) -> list[Rule]:
 class _StreamState:
     rules: list[Rule]
     last_seen: dict[int, float] = field(default_factory=dict)
+    frame: Frame | None = None
 
 
 class RuleSet:
@@ -418,4 +436,13 @@ class RuleSet:
             events += rule.evaluate(frame)
         for tid in stale:
             del state.last_seen[tid]
+        state.frame = frame
         return events
+
+    def overlay(self, stream: str) -> list[dict[str, Any]]:
+        """Each rule's geometry (pixels) and live figures (line counts, tracks inside) after the stream's last
+        `evaluate`, for an on-screen display; [] before the first."""
+        state = self.streams.get(stream)
+        if state is None or state.frame is None:
+            return []
+        return [rule.overlay(state.frame) for rule in state.rules]

@@ -1,13 +1,16 @@
 """Multi-object trackers: greedy IoU matching and ByteTrack (Kalman filter + two-stage association).
 
 Both take one frame's detections (xyxy boxes, scores, classes) per `update` and return the tracks seen in
-that frame as `TrackedObject`s. One tracker instance follows one stream; track ids start at 1.
+that frame as `Tracks` (parallel arrays; iterating gives `TrackedObject`s). One tracker instance follows one
+stream; track ids start at 1. State is kept as arrays with one row per track, so a frame costs a fixed number
+of small NumPy operations whatever the number of tracks (bench/tracking.py measures the rate).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -25,70 +28,129 @@ class TrackedObject(NamedTuple):
     det_index: int
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes a (N,4) and b (M,4) as an (N, M) float array."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
+@dataclass
+class Tracks:
+    """The tracks a tracker reports for one frame, as parallel arrays (no per-track objects on the hot path);
+    iterating gives `TrackedObject`s."""
+
+    ids: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    det_index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[TrackedObject]:
+        return map(TrackedObject, self.ids.tolist(), self.boxes, self.scores.tolist(), self.classes.tolist(),
+                   self.det_index.tolist())
+
+    def __add__(self, other: Tracks) -> Tracks:
+        return Tracks(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of float64 xyxy boxes a (N,4) and b (M,4), without input checks (the trackers' hot path)."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.maximum(rb - lt, 0.0)
+    wh = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh -= lt
+    np.maximum(wh, 0.0, out=wh)
     inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
+    size_a, size_b = a[:, 2:] - a[:, :2], b[:, 2:] - b[:, :2]
+    union = (size_a[:, 0] * size_a[:, 1])[:, None] + size_b[:, 0] * size_b[:, 1] - inter
     return inter / np.maximum(union, 1e-12)
 
 
-def _class_gate(iou: np.ndarray, track_classes: np.ndarray, det_classes: np.ndarray) -> np.ndarray:
-    """IoU with pairs of different classes set to 0, so a track never changes class."""
-    return np.where(track_classes[:, None] == det_classes[None, :], iou, 0.0)
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes a (N,4) and b (M,4) as an (N, M) float array."""
+    return _iou(np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4))
+
+
+def _free(n: int, used: np.ndarray) -> np.ndarray:
+    """Indices in range(n) not in `used`."""
+    taken = np.zeros(n, bool)
+    taken[used] = True
+    return (~taken).nonzero()[0]
+
+
+def _assign(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-IoU assignment among pairs with IoU ≥ min_iou (lower pairs may not be matched): (rows, cols)."""
+    gated = iou * (iou >= min_iou)
+    rows, cols = linear_sum_assignment(gated, maximize=True)
+    keep = gated[rows, cols] > 0
+    return rows[keep], cols[keep]
 
 
 def linear_match(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Optimal assignment on 1-IoU keeping pairs with IoU ≥ min_iou: (pairs (K,2), unmatched rows, unmatched cols)."""
+    """Optimal assignment on IoU keeping pairs with IoU ≥ min_iou: (pairs (K,2), unmatched rows, unmatched cols)."""
     n, m = iou.shape
     if n == 0 or m == 0:
-        return np.empty((0, 2), int), np.arange(n), np.arange(m)
-    rows, cols = linear_sum_assignment(1.0 - iou)
-    keep = iou[rows, cols] >= min_iou
-    rows, cols = rows[keep], cols[keep]
-    free_r, free_c = np.ones(n, bool), np.ones(m, bool)
-    free_r[rows] = free_c[cols] = False
-    return np.column_stack([rows, cols]), np.flatnonzero(free_r), np.flatnonzero(free_c)
+        return np.empty((0, 2), np.intp), np.arange(n), np.arange(m)
+    rows, cols = _assign(iou, min_iou)
+    return np.stack([rows, cols], axis=1), _free(n, rows), _free(m, cols)
 
 
 def greedy_match(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy assignment, highest IoU first, keeping pairs with IoU ≥ min_iou; same return as `linear_match`."""
     n, m = iou.shape
-    order = np.argsort(-iou, axis=None, kind="stable")
-    order = order[iou.ravel()[order] >= min_iou]
-    used_r, used_c, pairs = np.zeros(n, bool), np.zeros(m, bool), []
-    for r, c in zip(*np.unravel_index(order, iou.shape)):
-        if not used_r[r] and not used_c[c]:
-            used_r[r] = used_c[c] = True
+    cand = (iou >= min_iou).nonzero()
+    order = np.argsort(-iou[cand], kind="stable")
+    used_r, used_c, pairs = set(), set(), []
+    for r, c in zip(cand[0][order].tolist(), cand[1][order].tolist()):
+        if r not in used_r and c not in used_c:
+            used_r.add(r)
+            used_c.add(c)
             pairs.append((r, c))
-    pairs_arr = np.array(pairs, int).reshape(-1, 2)
-    return pairs_arr, np.flatnonzero(~used_r), np.flatnonzero(~used_c)
+    pairs_arr = np.array(pairs, np.intp).reshape(-1, 2)
+    return pairs_arr, _free(n, pairs_arr[:, 0]), _free(m, pairs_arr[:, 1])
 
 
 def _as_inputs(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Checked float64 boxes (N,4), float scores (N,) and int classes (N,)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    classes = np.asarray(classes, np.int64).reshape(-1)
+    if not (type(boxes) is np.ndarray and boxes.dtype == np.float64 and boxes.ndim == 2 and boxes.shape[1] == 4):
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not (type(scores) is np.ndarray and scores.dtype == np.float64 and scores.ndim == 1):
+        scores = np.asarray(scores, np.float64).reshape(-1)
+    if not (type(classes) is np.ndarray and classes.dtype == np.int64 and classes.ndim == 1):
+        classes = np.asarray(classes, np.int64).reshape(-1)
     if not len(boxes) == len(scores) == len(classes):
         raise ValueError(f"tracker update: boxes, scores and classes differ in length "
                          f"({len(boxes)}, {len(scores)}, {len(classes)})")
     return boxes, scores, classes
 
 
+class _Table:
+    """Tracker state as parallel arrays, one row per track (subclasses are dataclasses naming the columns),
+    so a frame is a few vectorised operations rather than a loop over track objects."""
+
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep only `rows` (a boolean mask or indices)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[rows])
+
+    def extend(self, other: _Table) -> None:
+        """Append the rows of a table of the same kind."""
+        for f in fields(self):
+            setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(other, f.name)]))
+
+
+def _column(*shape: int, dtype: type = np.float64) -> Any:
+    return field(default_factory=lambda: np.zeros((0, *shape), dtype))
+
+
 @dataclass
-class _IoUTrack:
-    track_id: int
-    box: np.ndarray
-    class_id: int
-    hits: int = 1
-    missed: int = 0
+class _IoUTable(_Table):
+    ids: np.ndarray = _column(dtype=np.int64)
+    classes: np.ndarray = _column(dtype=np.int64)
+    box: np.ndarray = _column(4)
+    hits: np.ndarray = _column(dtype=np.int64)
+    missed: np.ndarray = _column(dtype=np.int64)
 
 
 class IoUTracker:
@@ -101,60 +163,67 @@ class IoUTracker:
                  min_hits: int = 1, class_aware: bool = True) -> None:
         self.match_thresh, self.track_thresh = match_thresh, track_thresh
         self.track_buffer, self.min_hits, self.class_aware = track_buffer, min_hits, class_aware
-        self.tracks: list[_IoUTrack] = []
+        self.tracks = _IoUTable()
         self._next_id = 1
 
-    def update(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> list[TrackedObject]:
+    def update(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Tracks:
         """Match one frame's detections; return confirmed tracks seen in this frame."""
         boxes, scores, classes = _as_inputs(boxes, scores, classes)
-        keep = np.flatnonzero(scores >= self.track_thresh)
-        prev = np.array([t.box for t in self.tracks]).reshape(-1, 4)
-        iou = iou_matrix(prev, boxes[keep])
+        t = self.tracks
+        keep = (scores >= self.track_thresh).nonzero()[0]
+        iou = _iou(t.box, boxes[keep])
         if self.class_aware:
-            iou = _class_gate(iou, np.array([t.class_id for t in self.tracks], np.int64), classes[keep])
+            iou *= t.classes[:, None] == classes[keep]
         pairs, lost, fresh = greedy_match(iou, 1.0 - self.match_thresh)
-        out = []
-        for r, c in pairs:
-            t, d = self.tracks[r], keep[c]
-            t.box, t.hits, t.missed = boxes[d], t.hits + 1, 0
-            if t.hits >= self.min_hits:
-                out.append(TrackedObject(t.track_id, boxes[d].copy(), float(scores[d]), t.class_id, int(d)))
-        for r in lost:
-            self.tracks[r].missed += 1
-        self.tracks = [t for t in self.tracks if t.missed <= self.track_buffer and (t.missed == 0 or t.hits >= self.min_hits)]
-        for c in fresh:
-            d = keep[c]
-            t = _IoUTrack(self._next_id, boxes[d], int(classes[d]))
-            self._next_id += 1
-            self.tracks.append(t)
+        rows, dets = pairs[:, 0], keep[pairs[:, 1]]
+        t.box[rows] = boxes[dets]
+        t.hits[rows] += 1
+        t.missed[rows] = 0
+        t.missed[lost] += 1
+        shown = t.hits[rows] >= self.min_hits
+        rows, dets = rows[shown], dets[shown]
+        out = Tracks(t.ids[rows], boxes[dets], scores[dets], t.classes[rows], dets)
+        alive = (t.missed <= self.track_buffer) & ((t.missed == 0) | (t.hits >= self.min_hits))
+        if np.count_nonzero(alive) < len(alive):
+            t.select(alive)
+        born = keep[fresh]
+        if len(born):
+            n = len(born)
+            new = _IoUTable(np.arange(self._next_id, self._next_id + n), classes[born], boxes[born],
+                            np.ones(n, np.int64), np.zeros(n, np.int64))
+            self._next_id += n
+            t.extend(new)
             if self.min_hits <= 1:
-                out.append(TrackedObject(t.track_id, boxes[d].copy(), float(scores[d]), t.class_id, int(d)))
+                out += Tracks(new.ids, boxes[born], scores[born], new.classes, born)
         return out
 
 
+# [cx, cy, w, h] @ _CWH_TO_XYXY = [x1, y1, x2, y2], and back with its inverse
+_CWH_TO_XYXY = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]])
+_XYXY_TO_CWH = np.linalg.inv(_CWH_TO_XYXY)
+
+
 def _xyxy_to_xyah(boxes: np.ndarray) -> np.ndarray:
-    out = np.empty_like(boxes)
-    h = boxes[:, 3] - boxes[:, 1]
-    out[:, :2] = (boxes[:, :2] + boxes[:, 2:]) / 2
-    out[:, 2] = (boxes[:, 2] - boxes[:, 0]) / np.maximum(h, 1e-9)
-    out[:, 3] = h
+    """Boxes x1,y1,x2,y2 as centre x, centre y, aspect w/h, height."""
+    out = boxes @ _XYXY_TO_CWH
+    out[:, 2] /= np.maximum(out[:, 3], 1e-9)
     return out
 
 
 def _xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
-    half = np.empty((len(xyah), 2))
-    half[:, 0] = xyah[:, 2] * xyah[:, 3] / 2
-    half[:, 1] = xyah[:, 3] / 2
-    return np.concatenate([xyah[:, :2] - half, xyah[:, :2] + half], axis=1)
+    """Centre x, centre y, aspect, height as boxes x1,y1,x2,y2."""
+    cwh = xyah.copy()
+    cwh[:, 2] *= xyah[:, 3]  # not cwh[:, 3]: an operand overlapping the output makes NumPy copy (slow)
+    return cwh @ _CWH_TO_XYXY
 
 
 class KalmanBoxFilter:
     """Constant-velocity Kalman filter on (centre x, centre y, aspect w/h, height), batched over tracks.
 
     Noise scales with the box height, as in SORT/ByteTrack (Bewley 2016, Zhang 2022). Each of the four
-    coordinates evolves independently, so the 8x8 covariance is four 2x2 blocks: we keep them as `cov`
-    (N, 3, 4) = (pos var, pos-vel cov, vel var) per coordinate and update them elementwise (exact, and much
-    cheaper than batched 8x8 matrix products).
+    coordinates evolves independently, so the 8x8 covariance is four 2x2 blocks. A track's whole state is
+    one (5, 4) block, rows = position, velocity, pos var, pos-vel cov, vel var (one column per coordinate):
+    a prediction is one small matrix product and an update a few elementwise operations, for all tracks.
     """
 
     POS_W = np.array([1 / 20, 1 / 20, 0.0, 1 / 20])
@@ -162,77 +231,64 @@ class KalmanBoxFilter:
     VEL_W = np.array([1 / 160, 1 / 160, 0.0, 1 / 160])
     VEL_FIXED = np.array([0.0, 0.0, 1e-5, 0.0])
     MEAS_FIXED = np.array([0.0, 0.0, 1e-1, 0.0])
+    # process noise std of (position, velocity) = Q_W * height + Q_FIXED, added to (pos var, vel var)
+    Q_W = np.stack([POS_W, VEL_W])
+    Q_FIXED = np.stack([POS_FIXED, VEL_FIXED])
+    # x' = x + v, and its effect on the covariance blocks: pp + 2 pv + vv, pv + vv, vv
+    STEP = np.array([[1.0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 2, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
 
-    def initiate(self, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Means (N,8) and covariances (N,3,4) of new tracks from measurements (N,4)."""
+    def initiate(self, xyah: np.ndarray) -> np.ndarray:
+        """States (N,5,4) of new tracks from measurements (N,4), at rest."""
         h = xyah[:, 3:4]
-        cov = np.zeros((len(xyah), 3, 4))
-        cov[:, 0] = (2 * self.POS_W * h + self.POS_FIXED) ** 2
-        cov[:, 2] = (10 * self.VEL_W * h + self.VEL_FIXED) ** 2
-        return np.concatenate([xyah, np.zeros_like(xyah)], axis=1), cov
+        state = np.zeros((len(xyah), 5, 4))
+        state[:, 0] = xyah
+        state[:, 2] = (2 * self.POS_W * h + self.POS_FIXED) ** 2
+        state[:, 4] = (10 * self.VEL_W * h + self.VEL_FIXED) ** 2
+        return state
 
-    def predict(self, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One step ahead for every row."""
-        h = mean[:, 3:4]
-        pp, pv, vv = cov[:, 0], cov[:, 1], cov[:, 2]
-        out = np.empty_like(cov)
-        out[:, 0] = pp + 2 * pv + vv + (self.POS_W * h + self.POS_FIXED) ** 2
-        out[:, 1] = pv + vv
-        out[:, 2] = vv + (self.VEL_W * h + self.VEL_FIXED) ** 2
-        mean = mean.copy()
-        mean[:, :4] += mean[:, 4:]
-        return mean, out
+    def predict(self, state: np.ndarray) -> np.ndarray:
+        """Every state one step ahead (a new array)."""
+        q = self.Q_W * state[:, 0, 3, None, None]
+        q += self.Q_FIXED
+        q *= q
+        state = self.STEP @ state
+        state[:, 2::2] += q
+        return state
 
-    def update(self, mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Correct rows with their measurements (N,4)."""
-        pp, pv, vv = cov[:, 0], cov[:, 1], cov[:, 2]
-        s = pp + (self.POS_W * mean[:, 3:4] + self.MEAS_FIXED) ** 2
-        kp, kv = pp / s, pv / s
-        innov = xyah - mean[:, :4]
-        mean = np.concatenate([mean[:, :4] + kp * innov, mean[:, 4:] + kv * innov], axis=1)
-        out = np.empty_like(cov)
-        out[:, 0], out[:, 1], out[:, 2] = pp - kp * pp, pv - kp * pv, vv - kv * pv
-        return mean, out
-
-
-def _objects(ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, dets: np.ndarray) -> list[TrackedObject]:
-    """TrackedObjects from parallel arrays (`boxes` rows become the objects' boxes, so pass a copy)."""
-    return list(map(TrackedObject, ids.tolist(), boxes, scores.tolist(), classes.tolist(), dets.tolist()))
+    def update(self, state: np.ndarray, xyah: np.ndarray) -> None:
+        """Correct states (N,5,4) with their measurements (N,4), in place."""
+        r = self.POS_W * state[:, 0, 3, None]
+        r += self.MEAS_FIXED
+        r *= r
+        s = state[:, 2] + r
+        gain = state[:, 2:4] / s[:, None]
+        state[:, :2] += gain * (xyah - state[:, 0])[:, None]
+        state[:, 4] -= gain[:, 1] * state[:, 3]
+        r /= s
+        state[:, 2:4] *= r[:, None]
 
 
 @dataclass
-class _TrackTable:
-    """ByteTracker state as parallel arrays, one row per track, so each frame is a few vectorised ops."""
+class _ByteTable(_Table):
+    ids: np.ndarray = _column(dtype=np.int64)
+    classes: np.ndarray = _column(dtype=np.int64)
+    state: np.ndarray = _column(5, 4)
+    hits: np.ndarray = _column(dtype=np.int64)
+    missed: np.ndarray = _column(dtype=np.int64)
+    confirmed: np.ndarray = _column(dtype=bool)
 
-    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    mean: np.ndarray = field(default_factory=lambda: np.zeros((0, 8)))
-    cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 4)))
-    box: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-    score: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    hits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    missed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    confirmed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def select(self, rows: np.ndarray) -> None:
-        """Keep only `rows` (a boolean mask or indices)."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[rows])
-
-    def extend(self, other: _TrackTable) -> None:
-        for f in fields(self):
-            setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(other, f.name)]))
+_NONE = np.zeros(0, np.intp)
 
 
 class ByteTracker:
     """ByteTrack: Kalman-predicted tracks matched to high-score detections, then to low-score ones.
 
     Low-score detections (between `low_thresh` and `track_thresh`) never start tracks but keep existing ones
-    alive through occlusion. A track is reported after `min_hits` matches and kept `track_buffer` frames
-    after its last match.
+    alive through occlusion (IoU ≥ 0.5). Unlike the original, they may also hold a track lost for a few frames
+    and confirm a new one, which lowers misses on partly occluded people (bench/tracking.py). A track is
+    reported after `min_hits` matches and kept `track_buffer` frames after its last match; its reported box is
+    the matched detection's (Kalman-smoothed boxes lag behind turns and size changes).
     """
 
     def __init__(self, track_thresh: float = 0.5, low_thresh: float = 0.1, new_track_thresh: float | None = None,
@@ -241,62 +297,72 @@ class ByteTracker:
         self.new_track_thresh = track_thresh + 0.1 if new_track_thresh is None else new_track_thresh
         self.match_thresh, self.track_buffer, self.min_hits, self.class_aware = match_thresh, track_buffer, min_hits, class_aware
         self.kf = KalmanBoxFilter()
-        self.tracks = _TrackTable()
+        self.tracks = _ByteTable()
         self._next_id = 1
 
-    def _match(self, rows: np.ndarray, dets: np.ndarray, boxes: np.ndarray, classes: np.ndarray,
-               min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Assign detections `dets` to track `rows`: (matched rows, matched dets, unmatched rows, unmatched dets)."""
-        if not len(rows) or not len(dets):
-            return rows[:0], dets[:0], rows, dets
-        iou = iou_matrix(self.tracks.box[rows], boxes[dets])
-        if self.class_aware:
-            iou = _class_gate(iou, self.tracks.classes[rows], classes[dets])
-        pairs, free_r, free_d = linear_match(iou, min_iou)
-        return rows[pairs[:, 0]], dets[pairs[:, 1]], rows[free_r], dets[free_d]
+    @staticmethod
+    def _match(iou: np.ndarray, allowed: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
+        """Maximum-IoU assignment among the `allowed` (track, detection) pairs with IoU ≥ min_iou: (rows, dets)."""
+        allowed = allowed & (iou >= min_iou)
+        if not np.count_nonzero(allowed):  # (count_nonzero: no Python-level wrapper, unlike .any())
+            return _NONE, _NONE
+        gated = iou * allowed
+        rows, dets = linear_sum_assignment(gated, maximize=True)
+        keep = gated[rows, dets] > 0
+        return rows[keep], dets[keep]
 
-    def update(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> list[TrackedObject]:
+    def update(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Tracks:
         """Advance one frame with its detections; return confirmed tracks matched in this frame."""
         boxes, scores, classes = _as_inputs(boxes, scores, classes)
         t = self.tracks
         if len(t):
-            t.mean[t.missed > 0, 7] = 0.0
-            t.mean, t.cov = self.kf.predict(t.mean, t.cov)
-            t.box = _xyah_to_xyxy(t.mean[:, :4])
-        high = np.flatnonzero(scores >= self.track_thresh)
-        low = np.flatnonzero((scores >= self.low_thresh) & (scores < self.track_thresh))
-        confirmed, tentative = np.flatnonzero(t.confirmed), np.flatnonzero(~t.confirmed)
-
-        r1, d1, rest, left = self._match(confirmed, high, boxes, classes, 1.0 - self.match_thresh)
-        r2, d2, _, _ = self._match(rest[t.missed[rest] == 0], low, boxes, classes, 0.5)
-        r3, d3, rest_tentative, left = self._match(tentative, left, boxes, classes, 0.3)
-        rows, dets = np.concatenate([r1, r2, r3]), np.concatenate([d1, d2, d3])
+            t.state[:, 1, 3] *= t.missed == 0  # a lost track keeps its size
+            t.state = self.kf.predict(t.state)
+        iou = _iou(_xyah_to_xyxy(t.state[:, 0]), boxes)
+        if self.class_aware:
+            iou *= t.classes[:, None] == classes
+        free_d = scores >= self.track_thresh  # high-score detections not matched yet
+        low = (scores >= self.low_thresh) & ~free_d
+        # 1: confirmed tracks (seen or lost) with high-score detections
+        rows, dets = self._match(iou, t.confirmed[:, None] & free_d, 1.0 - self.match_thresh)
+        free_d[dets] = False
+        # 2: the confirmed tracks left with low-score detections, by close overlap only
+        if np.count_nonzero(low):
+            left = t.confirmed.copy()
+            left[rows] = False
+            r2, d2 = self._match(iou, left[:, None] & low, 0.5)
+            rows, dets = np.concatenate([rows, r2]), np.concatenate([dets, d2])
+            low[d2] = False
+        # 3: new tracks with the high-score detections left (or a closely overlapping low-score one)
+        tentative = ~t.confirmed
+        if np.count_nonzero(tentative):
+            r3, d3 = self._match(iou, tentative[:, None] & (free_d | (low & (iou >= 0.5))), 0.3)
+            rows, dets = np.concatenate([rows, r3]), np.concatenate([dets, d3])
+            free_d[d3] = False
         if len(rows):
-            t.mean[rows], t.cov[rows] = self.kf.update(t.mean[rows], t.cov[rows], _xyxy_to_xyah(boxes[dets]))
-            t.box[rows] = _xyah_to_xyxy(t.mean[rows, :4])
-            t.score[rows], t.hits[rows], t.missed[rows] = scores[dets], t.hits[rows] + 1, 0
+            state = t.state[rows]
+            self.kf.update(state, _xyxy_to_xyah(boxes[dets]))
+            t.state[rows] = state
+            t.hits[rows] += 1
             t.confirmed[rows] |= t.hits[rows] >= self.min_hits
-        unmatched = np.ones(len(t), bool)
-        unmatched[rows] = False
-        t.missed[unmatched & t.confirmed] += 1
+        t.missed += 1
+        t.missed[rows] = 0
         shown = t.confirmed[rows]
-        out = _objects(t.ids[rows[shown]], t.box[rows[shown]], t.score[rows[shown]], t.classes[rows[shown]], dets[shown])
-        keep = t.missed <= self.track_buffer
-        keep[rest_tentative] = False
-        if not keep.all():
+        rows, dets = rows[shown], dets[shown]
+        out = Tracks(t.ids[rows], boxes[dets], scores[dets], t.classes[rows], dets)
+        keep = (t.missed <= self.track_buffer) & (t.confirmed | (t.missed == 0))  # unconfirmed: no miss allowed
+        if np.count_nonzero(keep) < len(keep):
             t.select(keep)
-
-        born = left[scores[left] >= self.new_track_thresh]
+        born = (free_d & (scores >= self.new_track_thresh)).nonzero()[0]
         if len(born):
-            mean, cov = self.kf.initiate(_xyxy_to_xyah(boxes[born]))
             n = len(born)
-            new = _TrackTable(ids=np.arange(self._next_id, self._next_id + n), classes=classes[born], mean=mean, cov=cov,
-                              box=boxes[born].copy(), score=scores[born], hits=np.ones(n, np.int64),
-                              missed=np.zeros(n, np.int64), confirmed=np.full(n, self.min_hits <= 1))
+            new = _ByteTable(ids=np.arange(self._next_id, self._next_id + n), classes=classes[born],
+                             state=self.kf.initiate(_xyxy_to_xyah(boxes[born])), hits=np.ones(n, np.int64),
+                             missed=np.zeros(n, np.int64), confirmed=np.full(n, self.min_hits <= 1))
             self._next_id += n
             t.extend(new)
             if self.min_hits <= 1:
-                out += _objects(new.ids, new.box.copy(), new.score, new.classes, born)
+                out += Tracks(new.ids, boxes[born], scores[born], new.classes, born)
         return out
 
 
