@@ -1,14 +1,22 @@
-"""Infer engine: runs a detector on arrays["tensor"] and writes data["detections"] in frame pixels."""
+"""Infer engine: batches frames from all streams, runs a detector and writes data["detections"] in frame pixels.
+
+The batching (per-stream queues, round-robin, deadline, drops, pipelining, records) is graphflow.vision.batching;
+this engine validates frames, queues them, and turns each model output into the contract's detections.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from typing import Any
 
 import numpy as np
 
 from graphflow import Engine, Message, Param, ParamError
+from graphflow.channel import Closed
+from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
 from graphflow.vision.detect import DetectParams, postprocess
-from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, resolve_model
+from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, resolve_model, stack_batch
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +32,39 @@ def frame_size(msg: Message) -> tuple[int, int]:
     return round(info["input"][0] / info["scale"]), round(info["input"][1] / info["scale"])
 
 
+def without_tensor(msg: Message) -> Message:
+    """The message less arrays["tensor"] (a shallow copy: the received message is left as it is)."""
+    return dataclasses.replace(msg, arrays={k: v for k, v in msg.arrays.items() if k != "tensor"})
+
+
+def frame_names(batch: list[Queued], limit: int = 8) -> str:
+    """`cam1#4, cam2#4, …` for log lines and errors."""
+    names = [f"{q.item.stream}#{q.item.seq}" for q in batch[:limit]]
+    return ", ".join(names) + (f", … ({len(batch)} frames)" if len(batch) > limit else "")
+
+
 class Infer(Engine):
-    """Object detector: batches tensors from preprocess, runs the model, decodes, NMS, maps boxes back."""
+    """Object detector: batches tensors across streams, runs the model, decodes, NMS, maps boxes back."""
 
     inputs = ("in",)
     outputs = ("out",)
     model = Param(str, "yolox-nano", doc="registered model name or path to an ONNX file")
-    backend = Param(str, "auto", choices=BACKENDS, doc="auto: GPU if onnxruntime has CUDA, else CPU; onnxruntime: CPU")
+    backend = Param(str, "auto", choices=BACKENDS, doc="auto: torch on a CUDA GPU if installed, else onnxruntime "
+                                                        "(its CUDA provider if present, else CPU)")
     conf = Param(float, 0.3, ge=0.0, le=1.0, doc="minimum detection score")
     iou = Param(float, 0.45, ge=0.0, le=1.0, doc="NMS IoU threshold (per class)")
     classes = Param(list, [], doc="keep only these classes (names or ids); empty keeps all")
-    max_batch = Param(int, 1, ge=1, doc="frames run together; a partial batch runs at end of stream")
-    threads = Param(int, 0, ge=0, doc="CPU threads for the backend (0: up to 4)")
+    max_batch = Param(int, 1, ge=1, doc="most frames run together, taken round-robin from all streams")
+    max_wait_ms = Param(float, 10.0, ge=0.0, doc="longest a frame waits for its batch to fill")
+    queue = Param(int, 8, ge=1, doc="frames held per stream before the drop policy applies")
+    drop = Param(str, "block", choices=DROP_POLICIES,
+                 doc="full stream queue: block (back-pressure upstream), drop_oldest, or latest (also skip stale "
+                     "frames: each batch takes a stream's newest frame only)")
+    target_latency_ms = Param(float, 0.0, ge=0.0, doc="adapt batch size and wait to hold per-stream p95 latency "
+                                                      "under this (0: off)")
+    threads = Param(int, 0, ge=0, doc="CPU threads for each model instance (0: up to 4)")
+    instances = Param(int, 1, ge=1, doc="model copies running batches at once (CPU: e.g. one per core with "
+                                        "threads 1; GPU: 1)")
 
     def check(self) -> None:
         try:
@@ -61,11 +90,20 @@ class Infer(Engine):
 
     def setup(self) -> None:
         self.check()  # again: with process placement the engine may be rebuilt after validation
-        self.runner = make_backend(self.backend, self.threads)
-        self.runner.load(self.spec.path)
-        self.pending: list[Message] = []
-        self.log.info("model %s (%s) on %s, input %s", self.spec.name, self.spec.output_format,
-                      self.runner.name, list(self.runner.input.size))
+        self.runners = [make_backend(self.backend, self.threads, self.max_batch) for _ in range(self.instances)]
+        for runner in self.runners:
+            runner.load(self.spec.path)
+        self.runner = self.runners[0]
+        policy = BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, queue=self.queue,
+                             drop=self.drop, target_latency_s=self.target_latency_ms / 1e3)
+        self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
+        self.failures: list[str] = []
+        self.failures_lock = threading.Lock()
+        self.pipeline = BatchPipeline(self.scheduler, self._assemble, [r.infer for r in self.runners], self._finish,
+                                      self._failed, name=self.id)
+        self.pipeline.start()
+        self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d", self.spec.name, self.spec.output_format,
+                      self.runner.name, self.instances, list(self.runner.input.size), self.max_batch)
 
     def process(self, msg: Message) -> None:
         if "tensor" not in msg.arrays or "letterbox" not in msg.data:
@@ -76,20 +114,54 @@ class Infer(Engine):
         if tensor.shape != expected:
             raise ValueError(f"{self.id}: tensor shape {list(tensor.shape)} does not fit model {self.spec.name} "
                              f"input {list(expected)} (set preprocess size to {list(self.runner.input.size)})")
-        self.pending.append(msg)
-        if len(self.pending) >= self.max_batch:
-            self._run()
+        self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
+        self._raise_failures()
 
     def flush(self) -> None:
-        if self.pending:
-            self._run()
+        self.pipeline.drain(self.stopping)
+        self._raise_failures()
 
-    def _run(self) -> None:
-        """Run the pending messages as one batch and send each with its detections."""
-        batch, self.pending = self.pending, []
-        outputs = self.runner.infer(np.stack([m.arrays["tensor"] for m in batch]))
-        for msg, output in zip(batch, outputs):
-            detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
-                                     self.spec.labels, self.detect)
-            arrays = {k: v for k, v in msg.arrays.items() if k != "tensor"}
-            self.send(dataclasses.replace(msg, data={**msg.data, "detections": detections}, arrays=arrays))
+    def teardown(self) -> None:
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.stop()
+
+    def metrics(self) -> dict[str, Any]:
+        scheduler = getattr(self, "scheduler", None)
+        return scheduler.metrics() if scheduler is not None else {}
+
+    def _assemble(self, batch: list[Queued]) -> Any:
+        """Stack the batch's tensors where they live (one frame: a view, no copy); a backend with `prepare(batch)`
+        (e.g. an upload on its own CUDA stream) runs it here, off the model's thread."""
+        tensors = [q.item.arrays["tensor"] for q in batch]
+        stacked = tensors[0][None] if len(tensors) == 1 else stack_batch(tensors)
+        if len(batch) > 1:  # copied: let go of the frames' tensors now (shared-memory slots come free sooner)
+            for q in batch:
+                q.item = without_tensor(q.item)
+        prepare = getattr(self.runner, "prepare", None)
+        return prepare(stacked) if prepare is not None else stacked
+
+    def _finish(self, entry: Queued, output: np.ndarray) -> None:
+        """One frame's raw output to detections in frame pixels; the tensor is dropped, the rest passes on."""
+        msg = without_tensor(entry.item)
+        detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
+                                 self.spec.labels, self.detect)
+        msg.data = {**msg.data, "detections": detections}
+        try:
+            self.send(msg)
+        except Closed:  # the graph is shutting down: nothing downstream takes frames any more
+            self.pipeline.stop(timeout=0)
+
+    def _failed(self, batch: list[Queued], exc: BaseException) -> None:
+        """A worker stage failed: log it with its frames and keep it for the next process()/flush() to raise."""
+        text = f"{self.id}: {frame_names(batch)} failed: {type(exc).__name__}: {exc}"
+        self.log.error("%s", text, exc_info=exc)
+        with self.failures_lock:
+            self.failures.append(text)
+
+    def _raise_failures(self) -> None:
+        """Re-raise worker failures on the engine's own thread, so the runtime counts them and applies on_error."""
+        with self.failures_lock:
+            failures, self.failures = self.failures, []
+        if failures:
+            more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
+            raise RuntimeError(failures[0] + more)

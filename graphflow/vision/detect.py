@@ -4,6 +4,8 @@ Every decoder turns one image's raw output into (boxes Nx4 xyxy in model-input p
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -48,14 +50,19 @@ def _best_class(boxes_xywh: np.ndarray, class_scores: np.ndarray, weight: np.nda
     return xywh_to_xyxy(boxes_xywh[keep]), scores[keep].astype(np.float32), class_ids[keep]
 
 
+@functools.lru_cache(maxsize=16)
 def yolox_grid(input_w: int, input_h: int, strides: tuple[int, ...] = YOLOX_STRIDES) -> tuple[np.ndarray, np.ndarray]:
-    """Cell (x, y) index and stride of every YOLOX anchor, in the model's output order."""
+    """Cell (x, y) index and stride of every YOLOX anchor, in the model's output order (computed once per size;
+    the arrays are read-only because they are shared)."""
     cells, cell_strides = [], []
     for stride in strides:
         gy, gx = np.meshgrid(np.arange(input_h // stride), np.arange(input_w // stride), indexing="ij")
         cells.append(np.stack([gx.ravel(), gy.ravel()], axis=1))
         cell_strides.append(np.full(gx.size, stride))
-    return np.concatenate(cells).astype(np.float32), np.concatenate(cell_strides).astype(np.float32)[:, None]
+    grid, stride = np.concatenate(cells).astype(np.float32), np.concatenate(cell_strides).astype(np.float32)[:, None]
+    grid.setflags(write=False)
+    stride.setflags(write=False)
+    return grid, stride
 
 
 def decode_yolox(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:

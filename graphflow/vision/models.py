@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,7 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self.max_batch = max_batch
         self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._lock = threading.Lock()
         self.model = None
         self.input: ModelInput | None = None
 
@@ -338,9 +340,12 @@ class TorchBackend:
         return static_out[:count]
 
     def infer(self, batch: Any) -> np.ndarray:
-        """Run a [N, 3, H, W] batch (prepared or not) and return the first output as float32 NumPy."""
+        """Run a [N, 3, H, W] batch (prepared or not) and return the first output as float32 NumPy. Callers in
+        several threads take turns: the recorded graphs share their input and output buffers."""
         with self.torch.inference_mode():
-            return self.forward(self.prepare(batch)).float().cpu().numpy()
+            x = self.prepare(batch)
+            with self._lock:
+                return self.forward(x).float().cpu().numpy()
 
 
 class TensorRTBackend:

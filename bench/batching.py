@@ -1,0 +1,347 @@
+"""Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
+
+Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--unbatched] [--quick]
+(a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
+(b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
+    and decodes/NMS — the loop a user writes without a scheduler.
+Both see the same frames at the same offered rate; a frame not taken before its camera's next one is skipped, as a
+live camera overwrites it (counted as a drop). Frames are 416 px wide, so letterbox pads without resizing and the
+comparison is about inference scheduling. Prints a table and a final `RESULT {json}` line.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime  # noqa: F401  imported before any timing so neither variant pays for it
+from skimage import data as photos
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from graphflow import Engine, Message, Param, graph, runtime  # noqa: E402
+from graphflow.vision.batching import BatchStats  # noqa: E402
+from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
+from graphflow.vision.letterbox import letterbox, letterbox_cupy  # noqa: E402
+from graphflow.vision.models import make_backend, resolve_model  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MODEL = "yolox-nano"
+FRAME_SIZE = (416, 234)  # width, height: 16:9 at the model's width
+FRAMES_PER_CAMERA = 12
+PHOTOS = ("astronaut", "chelsea", "coffee")
+QUICK_SECONDS = 6.0
+
+
+@dataclass(frozen=True)
+class LiveCamera:
+    """Frame k of a camera is due at start + (k + phase) / fps; cameras get different phases, as real ones do."""
+
+    fps: float
+    start: float
+    phase: float
+    end: float
+
+    def due(self, k: int) -> float:
+        return self.start + (k + self.phase) / self.fps
+
+    def newest(self, now: float) -> int:
+        """Index of the newest frame due by `now` (-1 before the first)."""
+        return math.floor((now - self.start) * self.fps - self.phase)
+
+    @property
+    def frames(self) -> int:
+        """Frames this camera shows before `end`."""
+        return max(0, math.ceil((self.end - self.start) * self.fps - self.phase))
+
+
+def cameras(streams: int, fps: float, start: float, seconds: float) -> list[LiveCamera]:
+    return [LiveCamera(fps, start, i / streams, start + seconds) for i in range(streams)]
+
+
+def camera_frames(stream: int, width: int, height: int, count: int = FRAMES_PER_CAMERA) -> list[np.ndarray]:
+    """`count` read-only BGR frames of one camera: a photo (person, cat, cup…) sliding across a grey scene."""
+    photo = getattr(photos, PHOTOS[stream % len(PHOTOS)])()[:, :, ::-1]
+    scale = 0.8 * height / photo.shape[0]
+    ph, pw = max(1, int(photo.shape[0] * scale)), max(1, int(photo.shape[1] * scale))
+    small = photo[(np.arange(ph) / scale).astype(int)][:, (np.arange(pw) / scale).astype(int)]  # nearest resize
+    frames = []
+    for k in range(count):
+        frame = np.full((height, width, 3), 90 + 10 * (stream % 5), np.uint8)
+        x = (stream * 37 + k * 9) % max(1, width - pw)
+        y = (height - ph) // 2
+        frame[y:y + ph, x:x + pw] = small[:, :min(pw, width - x)]
+        frame.setflags(write=False)
+        frames.append(frame)
+    return frames
+
+
+class Cameras(Engine):
+    """N synthetic live cameras: each frame is sent when due, stamped with its due time as capture; frames that are
+    overdue when the loop gets to them are skipped (a live camera overwrites them) and counted."""
+
+    inputs = ()
+    outputs = ("out",)
+    streams = Param(int, 8, ge=1, doc="cameras")
+    fps = Param(float, 10.0, ge=0.1, doc="frames per second per camera")
+    seconds = Param(float, 10.0, ge=0.1, doc="how long the cameras run")
+    width = Param(int, FRAME_SIZE[0], ge=16)
+    height = Param(int, FRAME_SIZE[1], ge=16)
+
+    def setup(self) -> None:
+        self.frames = [camera_frames(i, self.width, self.height) for i in range(self.streams)]
+        self.skipped = 0
+        self.start = 0.0
+        self.cpu_start = 0.0
+
+    def generate(self) -> Iterator[Message | None]:
+        self.start = time.time() + 0.05
+        self.cpu_start = cpu_seconds()
+        cams = cameras(self.streams, self.fps, self.start, self.seconds)
+        total = [c.frames for c in cams]
+        due = [(cam.due(0), i, 0) for i, cam in enumerate(cams) if total[i]]
+        heapq.heapify(due)  # (when the camera's next frame is due, camera, frame): cheap at thousands of frames/s
+        while due:
+            when, i, k = due[0]
+            now = time.time()
+            if when > now:
+                time.sleep(min(when - now, 0.05))
+                yield None
+                continue
+            cam = cams[i]
+            newest = min(cam.newest(now), total[i] - 1)
+            self.skipped += newest - k
+            k = newest
+            if k + 1 < total[i]:
+                heapq.heapreplace(due, (cam.due(k + 1), i, k + 1))
+            else:
+                heapq.heappop(due)
+            yield Message(stream=f"cam{i}", seq=k, pts=k / self.fps, data={"width": self.width, "height": self.height},
+                          arrays={"image": self.frames[i][k % len(self.frames[i])]}, times={"capture": cam.due(k)})
+
+    def metrics(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "start": self.start, "cpu_start": self.cpu_start}
+
+
+class Tally(Engine):
+    """Counts the frames that came through, and when (wall clock and process CPU time) the last one arrived."""
+
+    outputs = ()
+
+    def setup(self) -> None:
+        self.frames = 0
+        self.last = 0.0
+        self.cpu_last = 0.0
+
+    def process(self, msg: Message) -> None:
+        self.frames += 1
+        self.last = time.time()
+        self.cpu_last = cpu_seconds()
+
+    def metrics(self) -> dict[str, Any]:
+        return {"frames": self.frames, "last": self.last, "cpu_last": self.cpu_last}
+
+
+@dataclass
+class Outcome:
+    """One variant's figures."""
+
+    name: str
+    frames: int
+    offered: int
+    span_s: float
+    drops: int
+    cpu_s: float
+    metrics: dict[str, Any]
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.span_s if self.span_s else 0.0
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {"frames": self.frames, "offered": self.offered, "fps": round(self.fps, 2), "drops": self.drops,
+                "cpu_ms_per_frame": round(self.cpu_s / self.frames * 1e3, 1) if self.frames else None,
+                "mean_batch": m["mean_batch"], "mean_batch_fill": m["mean_batch_fill"],
+                "busy_fraction": m["busy_fraction"], "busy_cv": m["busy_cv"],
+                "p50_ms": m["p50_ms"], "p95_ms": m["p95_ms"]}
+
+
+def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
+    """(a): the product — a graph of cameras → preprocess → infer → tally run by graphflow.runtime.run; CPU time
+    is counted from the cameras' start to the last frame, so model loading is left out as in (b)."""
+    doc = {
+        "name": "batching-bench",
+        "engines": {
+            "cams": {"type": f"{Cameras.__module__}:Cameras",
+                     "params": {"streams": args.streams, "fps": args.fps, "seconds": args.seconds}},
+            "pre": {"type": "preprocess", "params": {"size": list(resolve_model(MODEL).preprocess.size),
+                                                     **({"device": "cuda", "keep_on_gpu": True}
+                                                        if args.device == "cuda" else {})}},
+            "det": {"type": "infer", "params": {"model": MODEL, "backend": args.backend, "instances": args.instances,
+                                                "threads": args.threads or max(1, cores() // args.instances),
+                                                "max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
+                                                "queue": 2, "drop": "latest"}},
+            "tally": {"type": f"{Tally.__module__}:Tally"},
+        },
+        "connections": [{"from": "cams.out", "to": "pre.in", "policy": "latest", "capacity": args.streams},
+                        ["pre.out", "det.in"], ["det.out", "tally.in"]],
+    }
+    summary = runtime.run(graph.build(doc, "batching-bench"), handle_signals=False)
+    if summary.failed or summary.errors:
+        raise SystemExit(f"graphflow variant failed: {'; '.join(summary.errors) or summary.stopped_by}")
+    cams, det, tally = (summary.stats[k]["metrics"] for k in ("cams", "det", "tally"))
+    drops = cams["skipped"] + det["dropped"] + sum(summary.stats[k]["dropped"] for k in ("pre", "det"))
+    offered = sum(c.frames for c in cameras(args.streams, args.fps, 0.0, args.seconds))
+    return Outcome(f"(a) graphflow batch≤{max_batch}", tally["frames"], offered, tally["last"] - cams["start"],
+                   drops, tally["cpu_last"] - cams["cpu_start"], det)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def naive_threads(streams: int) -> int:
+    """onnxruntime threads of each naive session: the cores shared out between the streams, at least one each."""
+    return max(1, cores() // streams)
+
+
+def run_naive(args: argparse.Namespace) -> Outcome:
+    """(b): one thread per camera, batch size 1; on the CPU each thread has its own session (cores shared out), on a
+    GPU they share one model."""
+    spec = resolve_model(MODEL)
+    detect = DetectParams()
+    threads = args.threads or naive_threads(args.streams)
+    shared = args.device == "cuda"
+    runners = []
+    for _ in range(1 if shared else args.streams):
+        try:
+            runner = make_backend(args.backend, threads)
+            runner.load(spec.path)
+        except ValueError as exc:  # backend not installed or not usable here: one line, no traceback
+            raise SystemExit(f"naive variant: {exc}") from None
+        runners.append(runner)
+    frames = [camera_frames(i, *FRAME_SIZE) for i in range(args.streams)]
+    boxer = letterbox_cupy if args.device == "cuda" else letterbox  # same preprocessing as (a) on each device
+    stats = BatchStats(max_batch=1, slots=1 if shared else cores())
+    start = time.time() + 0.05
+    cams = cameras(args.streams, args.fps, start, args.seconds)
+    skipped = [0] * args.streams
+    done = [0] * args.streams
+    last = [0.0] * args.streams
+
+    def loop(i: int) -> None:
+        runner, cam, k = runners[0 if shared else i], cams[i], 0
+        while k < cam.frames:
+            now = time.time()
+            if cam.due(k) > now:
+                time.sleep(cam.due(k) - now)
+                continue
+            newest = min(cam.newest(now), cam.frames - 1)
+            skipped[i] += newest - k
+            k = newest
+            tensor, info = boxer(frames[i][k % len(frames[i])], spec.preprocess)
+            stats.batch(1, 0)
+            with stats.running():
+                output = runner.infer(tensor[None])[0]
+            postprocess(output, spec.output_format, info, FRAME_SIZE, spec.labels, detect)
+            last[i] = time.time()
+            stats.done(f"cam{i}", last[i] - cam.due(k))
+            done[i] += 1
+            k += 1
+
+    workers = [threading.Thread(target=loop, args=(i,), name=f"naive:cam{i}") for i in range(args.streams)]
+    cpu0 = cpu_seconds()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    cpu_s = cpu_seconds() - cpu0
+    offered = sum(c.frames for c in cams)
+    return Outcome(f"(b) naive {args.streams} threads", sum(done), offered, max(last) - start, sum(skipped), cpu_s,
+                   stats.snapshot({}))
+
+
+def print_table(rounds: list[dict[str, Outcome]]) -> None:
+    print(f"{'variant':<26} {'frames':>6} {'offered':>7} {'fps':>7} {'vs (b)':>7} {'cpu ms/f':>8} {'batch':>6} "
+          f"{'fill':>5} {'busy':>5} {'busy CV':>7} {'p50 ms':>7} {'p95 ms':>7} {'drops':>6}")
+    for n, variants in enumerate(rounds, 1):
+        for o in variants.values():
+            r = o.row()
+            print(f"{o.name + (f' #{n}' if len(rounds) > 1 else ''):<26} {r['frames']:>6} {r['offered']:>7} "
+                  f"{r['fps']:>7.2f} {o.fps / variants['naive'].fps:>6.2f}x {r['cpu_ms_per_frame']:>8.1f} "
+                  f"{r['mean_batch']:>6.2f} {r['mean_batch_fill']:>5.2f} {r['busy_fraction']:>5.2f} "
+                  f"{r['busy_cv']:>7.3f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['drops']:>6}")
+    print("  fps: frames done / (last done − cameras' start); cpu ms/f: CPU time of this process per frame done;\n"
+          "  batch/fill: mean batch size, and over max_batch; busy: share of the accelerator in use per 100 ms window\n"
+          "  (CPU: of its cores, one per model instance or session), mean over the run; busy CV: std/mean of the\n"
+          "  windows; p50/p95: capture → detections decoded, the worst camera's; drops: frames skipped or dropped")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: onnxruntime; cuda: a GPU backend")
+    ap.add_argument("--backend", help="infer backend (default: onnxruntime on cpu, torch on cuda)")
+    ap.add_argument("--streams", type=int, default=8, help="cameras")
+    ap.add_argument("--fps", type=float, default=10.0, help="frames per second per camera")
+    ap.add_argument("--seconds", type=float, default=15.0, help="how long the cameras run, per round")
+    ap.add_argument("--rounds", type=int, default=2, help="(b) then (a), this many times; the median round is reported")
+    ap.add_argument("--max-batch", type=int, help="graphflow's max_batch (default: 4 on cpu, --streams on cuda)")
+    ap.add_argument("--max-wait-ms", type=float, default=50.0, help="graphflow's max_wait_ms")
+    ap.add_argument("--instances", type=int, help="graphflow's model instances (default: the cores on cpu, 1 on cuda)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime threads per session (0: graphflow cores / instances, naive cores / streams)")
+    ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
+    ap.add_argument("--quick", action="store_true", help=f"one round, cameras run {QUICK_SECONDS:g} s")
+    args = ap.parse_args()
+    if min(args.streams, args.fps, args.seconds, args.rounds) <= 0:
+        raise SystemExit("--streams, --fps, --seconds and --rounds must be positive")
+    args.backend = args.backend or ("torch" if args.device == "cuda" else "onnxruntime")
+    args.max_batch = args.max_batch or (args.streams if args.device == "cuda" else min(4, args.streams))
+    args.instances = args.instances or (1 if args.device == "cuda" else cores())
+    if args.quick:
+        args.seconds, args.rounds = QUICK_SECONDS, 1
+    logging.basicConfig(level=logging.WARNING)
+    rounds = []
+    for _ in range(args.rounds):
+        variants = {"naive": run_naive(args), "graphflow": run_graphflow(args, args.max_batch)}
+        if args.unbatched:
+            variants["graphflow_unbatched"] = run_graphflow(args, 1)
+        rounds.append(variants)
+    print(f"\n{args.streams} cameras × {args.fps:g} fps for {args.seconds:g} s, {MODEL} on {args.device} "
+          f"({args.backend}), {cores()} cores, graphflow: {args.instances} instance(s) × max_batch {args.max_batch}\n")
+    print_table(rounds)
+    speedups = [r["graphflow"].fps / r["naive"].fps if r["naive"].fps else 0.0 for r in rounds]
+    median = sorted(range(len(rounds)), key=lambda i: speedups[i])[(len(rounds) - 1) // 2]
+    result = {"device": args.device, "backend": args.backend, "streams": args.streams, "fps": args.fps,
+              "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+              "instances": args.instances,
+              "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
+                          "naive_per_session": args.threads or naive_threads(args.streams)},
+              "speedup": round(speedups[median], 3), "speedups": [round(x, 3) for x in speedups],
+              "variants": {name: o.row() for name, o in rounds[median].items()}}
+    print("RESULT " + json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

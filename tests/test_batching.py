@@ -1,0 +1,242 @@
+"""Cross-stream batching: the scheduler (fairness, drops, deadlines, records), the pipeline, and the infer engine
+built on them with the real model on real photos, up to `graphflow launch --stats`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from skimage import data
+
+from engines.infer import Infer
+from engines.preprocess import Preprocess
+from graphflow import Message
+from graphflow.testing import _start, run_engine
+from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Scheduler
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def scheduler(**policy) -> Scheduler:
+    return Scheduler(BatchPolicy(**policy))
+
+
+def fill(s: Scheduler, stream: str, n: int, start: int = 0) -> None:
+    for seq in range(start, start + n):
+        assert s.put(stream, seq)
+
+
+def taken(batch) -> list[tuple[str, int]]:
+    return [(q.stream, q.item) for q in batch]
+
+
+@pytest.fixture(scope="module")
+def tensors() -> list[Message]:
+    """Eight preprocessed frames of real photos over four streams (two frames each, seq 0 and 1)."""
+    frames = []
+    for seq in range(2):
+        for i, name in enumerate(PHOTOS):
+            bgr = np.ascontiguousarray(getattr(data, name)()[:, :, ::-1])
+            bgr.setflags(write=False)
+            frames.append(Message(stream=f"cam{i}", seq=seq, data={"width": bgr.shape[1], "height": bgr.shape[0]},
+                                  arrays={"image": bgr}))
+    return run_engine(Preprocess, {}, frames)["out"]
+
+
+def test_round_robin_fast_stream_cannot_starve_slow_one():
+    s = scheduler(max_batch=4, max_wait_s=1.0, queue=100, drop="drop_oldest")
+    fill(s, "fast", 40)
+    fill(s, "slow", 1)
+    first = taken(s.take())
+    assert ("slow", 0) in first and first.count(("slow", 0)) == 1
+    assert [seq for stream, seq in first if stream == "fast"] == [0, 1, 2]  # per-stream FIFO
+    s = scheduler(max_batch=2, max_wait_s=1.0, queue=100)
+    for name in "abc":
+        fill(s, name, 6)
+    served = [stream for _ in range(3) for stream, _ in taken(s.take())]
+    assert sorted(served) == ["a", "a", "b", "b", "c", "c"]  # rotation: each stream twice in three batches
+
+
+def test_latest_and_drop_oldest_count_drops_per_stream():
+    s = scheduler(max_batch=8, max_wait_s=0.0, queue=3, drop="latest")
+    fill(s, "a", 10)  # queue bound 3: 7 dropped on arrival
+    fill(s, "b", 2)
+    assert sorted(taken(s.take())) == [("a", 9), ("b", 1)]  # only the newest of each: a 7, 8 and b 0 are stale
+    m = s.metrics()
+    assert m["streams"]["a"]["dropped"] == 9 and m["streams"]["b"]["dropped"] == 1 and m["dropped"] == 10
+    s = scheduler(max_batch=8, max_wait_s=0.0, queue=3, drop="drop_oldest")
+    fill(s, "a", 10)
+    assert taken(s.take()) == [("a", 7), ("a", 8), ("a", 9)]
+    assert s.metrics()["streams"]["a"]["dropped"] == 7
+
+
+def test_block_policy_waits_for_room_and_gives_up_on_stop():
+    s = scheduler(max_batch=2, max_wait_s=0.0, queue=2, drop="block")
+    fill(s, "a", 2)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (s.put("a", 2), done.set()))
+    t.start()
+    assert not done.wait(0.2)  # full: the producer is held back
+    assert taken(s.take()) == [("a", 0), ("a", 1)]
+    assert done.wait(2)
+    t.join()
+    fill(s, "a", 1, start=3)
+    stop = threading.Event()
+    stop.set()
+    assert s.put("a", 4, stop=stop) is False and s.metrics()["streams"]["a"]["dropped"] == 1
+
+
+def test_max_wait_bounds_how_long_a_lone_frame_waits():
+    s = scheduler(max_batch=8, max_wait_s=0.05)
+    fill(s, "a", 1)
+    t0 = time.monotonic()
+    assert taken(s.take()) == [("a", 0)]
+    assert 0.04 <= time.monotonic() - t0 < 0.2
+
+
+def test_busy_timeline_fill_and_flatness():
+    now = [0.0]
+    stats = BatchStats(max_batch=4, slots=2, clock=lambda: now[0])
+
+    def busy(start: float, end: float, overlap: bool = False) -> None:
+        now[0] = start
+        with stats.running():
+            if overlap:  # a second instance runs the same span: both slots busy
+                with stats.running():
+                    now[0] = end
+            now[0] = end
+
+    busy(0.0, 0.1, overlap=True)  # window 0: both instances → 1.0
+    busy(0.1, 0.15)  # window 1: one instance for half the window → 0.25
+    busy(0.2, 0.3)  # window 2: one instance all the window → 0.5
+    busy(0.3, 0.35)  # window 3 holds the last busy moment: stays open
+    stats.batch(4, 6)
+    stats.batch(2, 2)
+    m = stats.snapshot({"a": 1})
+    assert m["timeline"] == {"window_s": 0.1, "busy": [1.0, 0.25, 0.5]}
+    assert m["busy_fraction"] == round(1.75 / 3, 3)
+    assert m["busy_cv"] == round(float(np.std([1.0, 0.25, 0.5]) / np.mean([1.0, 0.25, 0.5])), 3)
+    assert m["mean_batch"] == 3 and m["mean_batch_fill"] == 0.75 and m["max_queue_depth"] == 6
+    now[0] = 10.0  # idle after the end never counts
+    assert stats.snapshot({})["timeline"]["busy"] == [1.0, 0.25, 0.5]
+
+
+def test_pipeline_keeps_order_when_instances_finish_out_of_order():
+    s = scheduler(max_batch=2, max_wait_s=0.0, queue=100)
+    done, errors = [], []
+
+    def run(delay: float):
+        def infer(batch):
+            time.sleep(delay)
+            return [x * 10 for x in batch]
+        return infer
+
+    pipe = BatchPipeline(s, lambda batch: [q.item for q in batch], [run(0.05), run(0.0)],
+                         lambda q, out: done.append((q.stream, q.item, out)), lambda b, e: errors.append(e))
+    pipe.start()
+    for seq in range(10):
+        s.put("a", seq)
+        s.put("b", seq)
+        time.sleep(0.005)
+    assert pipe.drain()
+    assert not errors
+    for stream in "ab":
+        assert [(seq, out) for st, seq, out in done if st == stream] == [(i, i * 10) for i in range(10)]
+
+
+def test_adaptive_latency_target_cuts_wait_and_batch():
+    """Synthetic accelerator (sleep 2 ms + 3 ms per frame), two streams at 50 fps each, batches of up to 8 that
+    may wait 100 ms to fill: a 25 ms target must bring the later frames' p95 down to about it."""
+    def run(target_s: float) -> tuple[list[float], Scheduler]:
+        s = scheduler(max_batch=8, max_wait_s=0.1, queue=16, target_latency_s=target_s)
+        latencies = []
+        pipe = BatchPipeline(s, lambda b: b, [lambda b: time.sleep(0.002 + 0.003 * len(b)) or b],
+                             lambda q, out: latencies.append(time.time() - q.origin), lambda b, e: None)
+        pipe.start()
+        for seq in range(60):
+            s.put("a", seq)
+            s.put("b", seq)
+            time.sleep(0.02)
+        pipe.drain()
+        return latencies, s
+
+    off, s_off = run(0.0)
+    on, s_on = run(0.025)
+    assert s_off.metrics()["mean_batch"] > 6 and np.percentile(off, 95) > 0.06  # waits to fill batches of 8
+    settled = np.percentile(on[len(on) // 2:], 95)  # once adapted; 25 ms on an idle machine, slack for sleep jitter
+    assert settled < 0.04 and settled < np.percentile(off, 95) / 2
+    assert s_on.metrics()["mean_batch"] < 4 and "batch_cap" in s_on.metrics()
+
+
+def test_engine_order_partial_batch_and_two_instances(tensors):
+    msgs = tensors * 2  # 16 frames, 4 streams; seq made unique per stream below
+    msgs = [Message(m.stream, i // 4, m.pts, m.data, m.arrays, dict(m.times)) for i, m in enumerate(msgs)]
+    t0 = time.monotonic()
+    out = run_engine(Infer, {"max_batch": 3, "max_wait_ms": 10_000, "instances": 2}, msgs)["out"]
+    assert time.monotonic() - t0 < 10  # the last, partial batch went at end of stream, not after max_wait
+    assert len(out) == 16
+    for i in range(4):
+        assert [m.seq for m in out if m.stream == f"cam{i}"] == [0, 1, 2, 3]
+
+
+def test_results_do_not_depend_on_batch_size(tensors):
+    single = run_engine(Infer, {"max_batch": 1}, tensors)["out"]
+    batched = run_engine(Infer, {"max_batch": 8, "max_wait_ms": 1000}, tensors)["out"]
+    key = lambda m: (m.stream, m.seq)  # noqa: E731
+    single, batched = sorted(single, key=key), sorted(batched, key=key)
+    assert [key(m) for m in single] == [key(m) for m in batched] and len(single) == 8
+    assert {d["label"] for m in single for d in m.data["detections"][:1]} >= {"person", "cup", "cat"}
+    for a, b in zip(single, batched):
+        assert len(a.data["detections"]) == len(b.data["detections"])
+        for da, db in zip(a.data["detections"], b.data["detections"]):
+            assert da["class_id"] == db["class_id"]
+            np.testing.assert_allclose(da["box"], db["box"], atol=0.5)
+            assert abs(da["score"] - db["score"]) < 1e-3
+
+
+def test_engine_sends_lone_frame_after_max_wait_and_surfaces_worker_errors(tensors):
+    engine, out = _start(Infer, {"max_batch": 8, "max_wait_ms": 100})
+    try:
+        sent_at = []
+        send = engine._send
+        engine._send = lambda msg, port: (sent_at.append(time.monotonic()), send(msg, port))
+        t0 = time.monotonic()
+        engine.process(tensors[0])
+        deadline = time.monotonic() + 5
+        while not sent_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent_at and 0.09 <= sent_at[0] - t0 < 1.5  # held for max_wait, then ran alone
+        bad = Message("cam9", 7, None, {**tensors[1].data, "letterbox": {"scale": 1.0}}, tensors[1].arrays)
+        engine.process(bad)  # valid tensor, broken letterbox: fails in post-processing, on a worker thread
+        engine.process(tensors[2])
+        with pytest.raises(RuntimeError, match="cam9#7.*KeyError"):
+            engine.flush()
+        assert [m.stream for m in out["out"]] == ["cam0", "cam2"]
+        assert engine.metrics()["failed_frames"] == 1
+    finally:
+        engine.teardown()
+
+
+def test_launch_stats_file_has_batching_metrics(tmp_path, write_graph):
+    doc = {"engines": {
+        "src": {"type": "source", "params": {"streams": 2, "count": 6, "shape": [96, 128, 3]}},
+        "pre": {"type": "preprocess"},
+        "det": {"type": "infer", "params": {"max_batch": 4, "max_wait_ms": 20, "drop": "drop_oldest", "queue": 4}},
+        "out": {"type": "sink", "params": {"path": str(tmp_path / "out.jsonl")}}},
+        "connections": [["src.out", "pre.in"], ["pre.out", "det.in"], ["det.out", "out.in"]]}
+    stats = tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "graphflow", "launch", "-q", str(write_graph(doc)), "--stats", str(stats)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    m = json.loads(stats.read_text())["engines"]["det"]["metrics"]
+    for key in ("mean_batch_fill", "busy_fraction", "busy_cv", "queue_depth", "dropped", "p50_ms", "p95_ms"):
+        assert key in m
+    assert m["batches"] >= 3 and 0 < m["mean_batch_fill"] <= 1 and isinstance(m["timeline"]["busy"], list)
+    assert set(m["streams"]) == {"s0", "s1"}
+    assert sum(s["frames"] + s["dropped"] for s in m["streams"].values()) == 12
+    assert all(s["p95_ms"] > 0 for s in m["streams"].values())
+    assert "mean_batch_fill=" in res.stderr and "p95_ms=" in res.stderr
