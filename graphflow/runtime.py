@@ -602,11 +602,12 @@ class Launcher:
                     self.failed = True
                     self.stop_reason += " (forced)" if self.signals > 1 else f" (not drained in {timeout:g}s)"
                     break
-                for s in local.snapshot():
-                    self.stats[s["engine"]] = s
-                if self.on_progress and time.monotonic() >= next_progress:
+                if time.monotonic() >= next_progress:  # engines' metrics() are read at the stats interval only
                     next_progress = time.monotonic() + interval
-                    self.on_progress(self.stats)
+                    for s in local.snapshot():
+                        self.stats[s["engine"]] = s
+                    if self.on_progress:
+                        self.on_progress(self.stats)
         finally:
             for p in children.values():
                 p.join(0.5 if not self.failed else 0)

@@ -157,3 +157,29 @@ def test_tracker_throughput():
             out = tracker.update(b, np.full(10, 0.9), np.zeros(10))
         rate = len(frames) / (time.perf_counter() - t0)
         assert len(out) == 10 and rate > 300, (type(tracker).__name__, rate)
+
+
+def test_bytetrack_low_score_box_that_fits_beats_high_score_box_that_overlaps():
+    """A person half hidden behind a smaller one in front: the track keeps its own (low-score) box, not the
+    neighbour's high-score box that overlaps its prediction by IoU 0.375 (ByteTrack's first pass would take it)."""
+    tracker = ByteTracker(min_hits=1)
+    tid = step(tracker, [box(100, 100)])[0]
+    for _ in range(5):
+        step(tracker, [box(100, 100)])
+    got = step(tracker, [box(100, 100), box(100, 75, 40, 30)], [0.3, 0.9])
+    assert got.get(0) == tid and got.get(1) != tid
+
+
+@pytest.mark.parametrize("decay, keeps", [(ByteTracker.LOST_DECAY, True), (1.0, False)])
+def test_bytetrack_lost_track_does_not_steal_a_followed_persons_box(decay, keeps):
+    """B stands still then vanishes; A walks onto B's last place and its box lands 4 px ahead of A's
+    prediction, squarely on B's: the recently seen A keeps it (by plain IoU, the long-lost B would take it)."""
+    tracker = ByteTracker(min_hits=1)
+    tracker.LOST_DECAY = decay
+    ids = step(tracker, [box(100, 100), box(200, 100)])
+    for f in range(1, 5):
+        step(tracker, [box(100 + 4 * f, 100), box(200, 100)])
+    for f in range(5, 24):
+        assert step(tracker, [box(100 + 4 * f, 100)]) == {0: ids[0]}, f"frame {f}"
+    got = step(tracker, [box(200, 100)])
+    assert (got == {0: ids[0]}) is keeps
