@@ -65,8 +65,8 @@ class Consumer(Engine):
 
 
 def steady_interval(times: list[float]) -> float:
-    """Seconds per frame after the first tenth (start-up excluded)."""
-    skip = max(1, len(times) // 10)
+    """Seconds per frame after the first quarter (start-up excluded: pools fill, mappings are made)."""
+    skip = max(1, len(times) // 4)
     return (times[-1] - times[skip]) / (len(times) - 1 - skip)
 
 

@@ -76,7 +76,7 @@ class Actor:
         self._send_lock = threading.Lock()  # engines may send from their own worker threads
         self._engine_cpu = 0.0  # CPU of this actor's thread inside engine calls (sends included)
         self._send_cpu = 0.0    # CPU of sends not already counted outside engine calls
-        self._send_wall = 0.0   # wall time of sends made inside engine calls (taken off busy_s)
+        self._send_wall = 0.0   # wall time of sends and slot waits inside engine calls (taken off busy_s)
         self._in_engine = False
         self._thread_cpu = 0.0  # the actor thread's CPU when it ended
 
@@ -121,7 +121,10 @@ class Actor:
     def _alloc(self, shape: tuple, dtype: np.dtype, port: str) -> np.ndarray:
         entry = self.pools.get(port)
         if entry is not None and int(np.prod(shape)) * dtype.itemsize >= MIN_BYTES:
+            t0 = time.perf_counter()
             arr = entry[0].acquire(shape, dtype, self.closing, entry[1])
+            if self._in_engine and threading.current_thread() is self.thread:
+                self._send_wall += time.perf_counter() - t0  # waiting for a free slot is back-pressure, not work
             if arr is not None:
                 return arr
         return np.empty(shape, dtype)

@@ -22,7 +22,7 @@ import resource
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,24 +60,35 @@ def _open(pid: int, fd: int, writable: bool) -> mmap.mmap:
 
 @dataclass(frozen=True)
 class Control:
-    """A pool's counter table, as mapped in one process."""
+    """A pool's counter table, as mapped in one process: `cells` is the raw int64 table (hot-path reads and
+    increments through it are plain Python int operations), `given`/`released` NumPy views of it."""
 
+    cells: memoryview     # given: slots*hosts*hosts cells, then released: slots*hosts cells
     given: np.ndarray     # [slots, hosts, hosts] int64: leases handed by → to
     released: np.ndarray  # [slots, hosts] int64
+    hosts: int
 
     @classmethod
     def view(cls, mm: mmap.mmap, slots: int, hosts: int) -> Control:
         given = np.frombuffer(mm, np.int64, slots * hosts * hosts).reshape(slots, hosts, hosts)
         released = np.frombuffer(mm, np.int64, slots * hosts, offset=given.nbytes).reshape(slots, hosts)
-        return cls(given, released)
+        return cls(memoryview(mm).cast("q"), given, released, hosts)
 
     @staticmethod
     def nbytes(slots: int, hosts: int) -> int:
         return 8 * slots * hosts * (hosts + 1)
 
-    def bump(self, cell: tuple, table: str = "given") -> None:
-        """+1 on one cell in a single C call, so threads of the writing process never lose an update."""
-        np.add.at(self.given if table == "given" else self.released, cell, 1)
+    def given_cell(self, index: int, by: int, to: int) -> int:
+        return (index * self.hosts + by) * self.hosts + to
+
+    def released_cell(self, index: int, by: int) -> int:
+        return self.given.size + index * self.hosts + by
+
+    def outstanding(self, index: int) -> int:
+        h = self.hosts
+        g = index * h * h
+        r = self.given.size + index * h
+        return sum(self.cells[g:g + h * h]) - sum(self.cells[r:r + h])
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +125,13 @@ class SlotPool:
         self.ctl = Control.view(self._ctl_mm, capacity, hosts)
         shm.controls[(os.getpid(), self.ctl_fd)] = self.ctl
         self.forgiven = np.zeros((capacity, hosts), np.int64)  # balances of dead processes
+        self._forgiven_total = [0] * capacity
         self.slots: list[Slot] = []
         self.lock = threading.Lock()
         self.reclaimed = 0
         self.waits = 0
         self._checked = 0.0
-        self._known_free: set[int] = set()
+        self._order: deque[int] = deque()  # slots in the order they were handed out, oldest first
 
     def held(self) -> np.ndarray:
         """[slots, hosts] leases outstanding per slot and process."""
@@ -132,42 +144,43 @@ class SlotPool:
             if host != self.shm.host and not self.shm.host_alive(host):
                 self.reclaimed += int((held[:, h] > 0).sum())
                 self.forgiven[:, h] += held[:, h]
+                self._forgiven_total = [int(x) for x in self.forgiven.sum(axis=1)]
                 log.warning("pool %s: reclaimed slots held by dead process %s", self.name, host)
 
-    def _free(self) -> list[int]:
-        """Free slots. Counters only ever move towards free, so a slot seen free stays free until this
-        pool hands it out: the table is read again only when none is known."""
-        if not self._known_free:
-            self._known_free = {int(i) for i in np.flatnonzero((self.held()[:len(self.slots)] <= 0).all(axis=1))}
-        return list(self._known_free)
-
-    def _take(self, nbytes: int) -> Slot | None:
-        slot = self._pick(nbytes)
-        if slot is not None:
-            self._known_free.discard(slot.index)
-        return slot
+    def _is_free(self, i: int) -> bool:
+        return self.ctl.outstanding(i) - self._forgiven_total[i] <= 0
 
     def _pick(self, nbytes: int) -> Slot | None:
-        free = self._free()
-        if not free and len(self.slots) == self.capacity and time.monotonic() - self._checked > 0.5:
-            self._checked = time.monotonic()
-            self._reclaim_dead(self.held())
-            free = self._free()
-        fits = [i for i in free if self.slots[i].size >= nbytes]
-        if fits:
-            return self.slots[min(fits, key=lambda i: self.slots[i].size)]
+        """The free slot handed out longest ago that fits (it is the likeliest to be free: only the
+        oldest one or two are read in a steady stream); else a new slot; else a free slot grown."""
+        free = None
+        for i in self._order:
+            if self._is_free(i):
+                if self.slots[i].size >= nbytes:
+                    return self._hand(i)
+                free = i if free is None else free
         if len(self.slots) < self.capacity:
             fd, mm = _memfd(self.name, -(-nbytes // PAGE) * PAGE)
             self.slots.append(Slot(len(self.slots), fd, len(mm), mm))
-            return self.slots[-1]
-        if free:  # a frame bigger than every free slot: grow one (consumers remap the new generation)
-            slot = self.slots[free[0]]
+            return self._hand(len(self.slots) - 1)
+        if free is None and time.monotonic() - self._checked > 0.5:
+            self._checked = time.monotonic()
+            self._reclaim_dead(self.held())
+            return self._pick(nbytes) if any(self._is_free(i) for i in self._order) else None
+        if free is not None:  # a frame bigger than every free slot: grow one (consumers remap the new generation)
+            slot = self.slots[free]
             slot.size = -(-nbytes // PAGE) * PAGE
             os.ftruncate(slot.fd, slot.size)
             slot.mm = mmap.mmap(slot.fd, slot.size)
             slot.gen += 1
-            return slot
+            return self._hand(free)
         return None
+
+    def _hand(self, i: int) -> Slot:
+        if i in self._order:
+            self._order.remove(i)
+        self._order.append(i)
+        return self.slots[i]
 
     def acquire(self, shape: tuple[int, ...], dtype: np.dtype, stop: threading.Event | None = None,
                 wait: float | None = None) -> np.ndarray | None:
@@ -178,10 +191,10 @@ class SlotPool:
         waited = False
         while True:
             with self.lock:
-                slot = self._take(nbytes)
+                slot = self._pick(nbytes)
                 if slot is not None:
                     me = self.shm.index
-                    self.ctl.bump((slot.index, me, me))  # this process's own array is a lease too
+                    self.shm.bump(self.ctl.cells, self.ctl.given_cell(slot.index, me, me))  # own array: a lease too
                     break
             if not waited:
                 self.waits += 1
@@ -224,12 +237,15 @@ class ShmContext:
         self.host, self.rundir = host, rundir
         self.hosts = sorted(set(hosts) | {host})
         self.index = self.hosts.index(host)
+        self._host_index = {h: i for i, h in enumerate(self.hosts)}
         self.pools: dict[str, SlotPool] = {}
         self.controls: dict[tuple[int, int], Control] = {}
         self.leases: dict[int, tuple[Lease, Control]] = {}  # id(array) → its lease, while the array lives
         self._refs: dict[int, weakref.ref] = {}
         self.maps: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._counts: deque[tuple[memoryview, int]] = deque()
         Path(rundir, f"pid-{host}").write_text(str(os.getpid()))
         _raise_fd_limit()
 
@@ -243,13 +259,26 @@ class ShmContext:
         """Remember `arr` as leased; when it dies (in any thread, even inside GC) count the release."""
         key = id(arr)
         self.leases[key] = (lease, ctl)
-        cell = (lease.index, self.index)
+        cell = ctl.released_cell(lease.index, self.index)
 
-        def dead(_ref: weakref.ref, release: Callable[..., Any] = ctl.bump) -> None:
+        def dead(_ref: weakref.ref, cells: memoryview = ctl.cells) -> None:
             self.leases.pop(key, None)
             self._refs.pop(key, None)
-            release(cell, "released")
+            self.bump(cells, cell)
         self._refs[key] = weakref.ref(arr, dead)
+
+    def bump(self, cells: memoryview, cell: int) -> None:
+        """+1 on one of this process's counter cells, never losing an update to another thread. Safe in a
+        finalizer: whoever finds the lock taken (another thread, or this one deeper in the stack) leaves
+        the increment queued, and the holder applies it before letting go."""
+        self._counts.append((cells, cell))
+        while self._counts and self._count_lock.acquire(False):
+            try:
+                while self._counts:
+                    c, k = self._counts.popleft()
+                    c[k] += 1
+            finally:
+                self._count_lock.release()
 
     def host_alive(self, host: str) -> bool:
         try:
@@ -279,7 +308,7 @@ class ShmContext:
         if found is None:
             return None
         lease, ctl = found
-        ctl.bump((lease.index, self.index, self.hosts.index(host)))
+        self.bump(ctl.cells, ctl.given_cell(lease.index, self.index, self._host_index[host]))
         return lease.wire()
 
     # --- consumer side -----------------------------------------------------------------------
