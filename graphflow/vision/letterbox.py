@@ -55,20 +55,22 @@ def _resize_indices(src: int, dst: int) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
-    """Bilinear resize of an HxWxC array to new_h x new_w x C, vectorised (pixel-centre aligned; float32
-    coordinates, float64 weights, as the CUDA kernel below)."""
+    """Bilinear resize of an HxWxC array to new_h x new_w x C, vectorised (pixel-centre aligned), all in float32:
+    a + (b - a) * w along x, then along y — the same operations, in the same order, as the CUDA kernel below."""
     h, w = image.shape[:2]
     ys, xs = _resize_indices(h, new_h), _resize_indices(w, new_w)
-    y0 = np.floor(ys).astype(np.int64)
-    x0 = np.floor(xs).astype(np.int64)
+    y0 = np.floor(ys).astype(np.intp)
+    x0 = np.floor(xs).astype(np.intp)
     y1 = np.minimum(y0 + 1, h - 1)
     x1 = np.minimum(x0 + 1, w - 1)
-    wy = (ys - y0)[:, None, None]
-    wx = (xs - x0)[None, :, None]
+    wy = (ys - y0).astype(np.float32)[:, None, None]  # exact: a float32 minus its floor
+    wx = (xs - x0).astype(np.float32)[None, :, None]
     row0, row1 = image[y0], image[y1]
-    top = row0[:, x0].astype(np.float32) * (1 - wx) + row0[:, x1].astype(np.float32) * wx
-    bottom = row1[:, x0].astype(np.float32) * (1 - wx) + row1[:, x1].astype(np.float32) * wx
-    return top * (1 - wy) + bottom * wy
+    a, b = row0[:, x0].astype(np.float32), row0[:, x1].astype(np.float32)
+    top = a + (b - a) * wx
+    a, b = row1[:, x0].astype(np.float32), row1[:, x1].astype(np.float32)
+    bottom = a + (b - a) * wx
+    return top + (bottom - top) * wy
 
 
 def normalize_terms(mode: str) -> tuple[np.ndarray, np.ndarray, np.float32]:
@@ -130,8 +132,8 @@ def _info(scale: float, pad_x: int, pad_y: int, spec: LetterboxSpec) -> dict:
 
 
 # One thread per model-input pixel: bilinear sample of the uint8 HWC frame, round half to even, normalise, and
-# write all 3 CHW planes. The arithmetic follows resize_bilinear's NumPy promotion (float32 coordinates, float64
-# weights and blend) with FMA contraction off, so the result equals `letterbox`'s.
+# write all 3 CHW planes. The arithmetic is resize_bilinear's (float32 throughout, same operation order) with FMA
+# contraction off, so the result equals `letterbox`'s.
 _LETTERBOX_CUDA = r"""
 extern "C" __global__ void letterbox(
         const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
@@ -146,13 +148,16 @@ extern "C" __global__ void letterbox(
         float fx = fminf(fmaxf(((float)x + 0.5f) * sx - 0.5f, 0.0f), (float)(src_w - 1));
         int y0 = (int)floorf(fy), x0 = (int)floorf(fx);
         int y1 = min(y0 + 1, src_h - 1), x1 = min(x0 + 1, src_w - 1);
-        double wy = (double)fy - y0, wx = (double)fx - x0;
+        float wy = fy - (float)y0, wx = fx - (float)x0;
         const unsigned char* r0 = src + (size_t)y0 * src_w * 3;
         const unsigned char* r1 = src + (size_t)y1 * src_w * 3;
         for (int c = 0; c < 3; ++c) {
-            double top = (double)r0[x0 * 3 + c] * (1.0 - wx) + (double)r0[x1 * 3 + c] * wx;
-            double bottom = (double)r1[x0 * 3 + c] * (1.0 - wx) + (double)r1[x1 * 3 + c] * wx;
-            v[swap ? 2 - c : c] = (float)rint(top * (1.0 - wy) + bottom * wy);
+            float a = r0[x0 * 3 + c], b = r0[x1 * 3 + c];
+            float top = a + (b - a) * wx;
+            a = r1[x0 * 3 + c];
+            b = r1[x1 * 3 + c];
+            float bottom = a + (b - a) * wx;
+            v[swap ? 2 - c : c] = rintf(top + (bottom - top) * wy);
         }
     }
     const float sub[3] = {sub0, sub1, sub2}, div[3] = {div0, div1, div2};
