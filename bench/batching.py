@@ -1,6 +1,7 @@
 """Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
 
-Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--unbatched] [--quick]
+Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--pre-engines 1]
+       [--unbatched] [--quick]
 (a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
 (b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
     and decodes/NMS — the loop a user writes without a scheduler.
@@ -96,13 +97,16 @@ class Cameras(Engine):
     inputs = ()
     outputs = ("out",)
     streams = Param(int, 8, ge=1, doc="cameras")
+    first = Param(int, 0, ge=0, doc="index of the first camera (cameras split over several engines)")
+    total = Param(int, 0, ge=0, doc="cameras over all engines, which sets their phases (0: streams)")
     fps = Param(float, 10.0, ge=0.1, doc="frames per second per camera")
     seconds = Param(float, 10.0, ge=0.1, doc="how long the cameras run")
     width = Param(int, FRAME_SIZE[0], ge=16)
     height = Param(int, FRAME_SIZE[1], ge=16)
 
     def setup(self) -> None:
-        self.frames = [camera_frames(i, self.width, self.height) for i in range(self.streams)]
+        self.indices = range(self.first, self.first + self.streams)
+        self.frames = [camera_frames(i, self.width, self.height) for i in self.indices]
         self.skipped = 0
         self.start = 0.0
         self.cpu_start = 0.0
@@ -110,7 +114,7 @@ class Cameras(Engine):
     def generate(self) -> Iterator[Message | None]:
         self.start = time.time() + 0.05
         self.cpu_start = cpu_seconds()
-        cams = cameras(self.streams, self.fps, self.start, self.seconds)
+        cams = cameras(self.total or self.streams, self.fps, self.start, self.seconds)[self.first:][:self.streams]
         total = [c.frames for c in cams]
         due = [(cam.due(0), i, 0) for i, cam in enumerate(cams) if total[i]]
         heapq.heapify(due)  # (when the camera's next frame is due, camera, frame): cheap at thousands of frames/s
@@ -129,7 +133,7 @@ class Cameras(Engine):
                 heapq.heapreplace(due, (cam.due(k + 1), i, k + 1))
             else:
                 heapq.heappop(due)
-            yield Message(stream=f"cam{i}", seq=k, pts=k / self.fps, data={"width": self.width, "height": self.height},
+            yield Message(stream=f"cam{self.indices[i]}", seq=k, pts=k / self.fps, data={"width": self.width, "height": self.height},
                           arrays={"image": self.frames[i][k % len(self.frames[i])]}, times={"capture": cam.due(k)})
 
     def metrics(self) -> dict[str, Any]:
@@ -182,32 +186,41 @@ class Outcome:
 
 def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     """(a): the product — a graph of cameras → preprocess → infer → tally run by graphflow.runtime.run; CPU time
-    is counted from the cameras' start to the last frame, so model loading is left out as in (b)."""
-    doc = {
-        "name": "batching-bench",
-        "engines": {
-            "cams": {"type": f"{Cameras.__module__}:Cameras",
-                     "params": {"streams": args.streams, "fps": args.fps, "seconds": args.seconds}},
-            "pre": {"type": "preprocess", "params": {"size": list(resolve_model(MODEL).preprocess.size),
-                                                     **({"device": "cuda", "keep_on_gpu": True}
-                                                        if args.device == "cuda" else {})}},
-            "det": {"type": "infer", "params": {"model": MODEL, "backend": args.backend, "instances": args.instances,
-                                                "threads": args.threads or max(1, cores() // args.instances),
-                                                "max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
-                                                "queue": 2, "drop": "latest"}},
-            "tally": {"type": f"{Tally.__module__}:Tally"},
-        },
-        "connections": [{"from": "cams.out", "to": "pre.in", "policy": "latest", "capacity": args.streams},
-                        ["pre.out", "det.in"], ["det.out", "tally.in"]],
-    }
+    is counted from the cameras' start to the last frame, so model loading is left out as in (b). With
+    `--pre-engines G` the cameras are split over G camera → preprocess chains that all feed infer."""
+    groups = max(1, min(args.pre_engines, args.streams))
+    bounds = [args.streams * g // groups for g in range(groups + 1)]
+    pre = {"type": "preprocess", "params": {"size": list(resolve_model(MODEL).preprocess.size),
+                                            **({"device": "cuda", "keep_on_gpu": True} if args.device == "cuda" else {})}}
+    engines: dict[str, Any] = {}
+    connections: list[Any] = []
+    for g in range(groups):
+        suffix = str(g) if groups > 1 else ""
+        engines[f"cams{suffix}"] = {
+            "type": f"{Cameras.__module__}:Cameras",
+            "params": {"streams": bounds[g + 1] - bounds[g], "first": bounds[g], "total": args.streams,
+                       "fps": args.fps, "seconds": args.seconds}}
+        engines[f"pre{suffix}"] = pre
+        connections += [{"from": f"cams{suffix}.out", "to": f"pre{suffix}.in", "policy": "latest",
+                         "capacity": bounds[g + 1] - bounds[g]}, [f"pre{suffix}.out", "det.in"]]
+    engines["det"] = {"type": "infer", "params": {"model": MODEL, "backend": args.backend, "instances": args.instances,
+                                                  "threads": args.threads or max(1, cores() // args.instances),
+                                                  "max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
+                                                  "queue": 2, "drop": "latest"}}
+    engines["tally"] = {"type": f"{Tally.__module__}:Tally"}
+    connections.append(["det.out", "tally.in"])
+    doc = {"name": "batching-bench", "engines": engines, "connections": connections}
     summary = runtime.run(graph.build(doc, "batching-bench"), handle_signals=False)
     if summary.failed or summary.errors:
         raise SystemExit(f"graphflow variant failed: {'; '.join(summary.errors) or summary.stopped_by}")
-    cams, det, tally = (summary.stats[k]["metrics"] for k in ("cams", "det", "tally"))
-    drops = cams["skipped"] + det["dropped"] + sum(summary.stats[k]["dropped"] for k in ("pre", "det"))
+    cams = [summary.stats[k]["metrics"] for k in engines if k.startswith("cams")]
+    det, tally = (summary.stats[k]["metrics"] for k in ("det", "tally"))
+    drops = sum(c["skipped"] for c in cams) + det["dropped"] + sum(
+        summary.stats[k]["dropped"] for k in engines if k.startswith("pre") or k == "det")
     offered = sum(c.frames for c in cameras(args.streams, args.fps, 0.0, args.seconds))
-    return Outcome(f"(a) graphflow batch≤{max_batch}", tally["frames"], offered, tally["last"] - cams["start"],
-                   drops, tally["cpu_last"] - cams["cpu_start"], det)
+    start, cpu_start = min(c["start"] for c in cams), min(c["cpu_start"] for c in cams)
+    return Outcome(f"(a) graphflow batch≤{max_batch}", tally["frames"], offered, tally["last"] - start,
+                   drops, tally["cpu_last"] - cpu_start, det)
 
 
 def cpu_seconds() -> float:
@@ -308,13 +321,15 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, help="graphflow's max_batch (default: 4 on cpu, --streams on cuda)")
     ap.add_argument("--max-wait-ms", type=float, default=50.0, help="graphflow's max_wait_ms")
     ap.add_argument("--instances", type=int, help="graphflow's model instances (default: the cores on cpu, 1 on cuda)")
+    ap.add_argument("--pre-engines", type=int, default=1,
+                    help="graphflow: split the cameras over this many camera → preprocess chains")
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime threads per session (0: graphflow cores / instances, naive cores / streams)")
     ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
     ap.add_argument("--quick", action="store_true", help=f"one round, cameras run {QUICK_SECONDS:g} s")
     args = ap.parse_args()
-    if min(args.streams, args.fps, args.seconds, args.rounds) <= 0:
-        raise SystemExit("--streams, --fps, --seconds and --rounds must be positive")
+    if min(args.streams, args.fps, args.seconds, args.rounds, args.pre_engines) <= 0:
+        raise SystemExit("--streams, --fps, --seconds, --rounds and --pre-engines must be positive")
     args.backend = args.backend or ("torch" if args.device == "cuda" else "onnxruntime")
     args.max_batch = args.max_batch or (args.streams if args.device == "cuda" else min(4, args.streams))
     args.instances = args.instances or (1 if args.device == "cuda" else cores())
@@ -334,7 +349,7 @@ def main() -> None:
     median = sorted(range(len(rounds)), key=lambda i: speedups[i])[(len(rounds) - 1) // 2]
     result = {"device": args.device, "backend": args.backend, "streams": args.streams, "fps": args.fps,
               "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-              "instances": args.instances,
+              "instances": args.instances, "pre_engines": args.pre_engines,
               "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
                           "naive_per_session": args.threads or naive_threads(args.streams)},
               "speedup": round(speedups[median], 3), "speedups": [round(x, 3) for x in speedups],

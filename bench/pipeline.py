@@ -90,7 +90,7 @@ def demo_doc(streams: int, max_frames: int | None, infer_placement: str, sink: P
     doc = json.loads(DEMO.read_text())
     doc["engines"]["src"]["params"]["sources"] = source_specs(streams, max_frames)
     doc["engines"]["det"]["placement"] = infer_placement
-    doc["engines"]["out"]["params"]["path"] = str(sink)
+    doc["engines"]["out"]["params"]["sinks"] = [{"kind": "jsonl", "path": str(sink)}]  # the naive loop writes no video
     return doc
 
 

@@ -6,6 +6,7 @@ this engine validates frames, queues them, and turns each model output into the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 from graphflow import Engine, Message, Param, ParamError
 from graphflow.channel import Closed
 from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
-from graphflow.vision.detect import DetectParams, postprocess
+from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, resolve_model, stack_batch
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,15 @@ class Infer(Engine):
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
         self.failures: list[str] = []
         self.failures_lock = threading.Lock()
-        self.pipeline = BatchPipeline(self.scheduler, self._assemble, [r.infer for r in self.runners], self._finish,
-                                      self._failed, name=self.id)
+        # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
+        self.gpu_decode = all(hasattr(r, "candidates") for r in self.runners)
+        runs = [functools.partial(r.candidates, fmt=self.spec.output_format, p=self.detect) if self.gpu_decode
+                else r.infer for r in self.runners]
+        self.pipeline = BatchPipeline(self.scheduler, self._assemble, runs, self._finish, self._failed, name=self.id)
         self.pipeline.start()
-        self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d", self.spec.name, self.spec.output_format,
-                      self.runner.name, self.instances, list(self.runner.input.size), self.max_batch)
+        self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d%s", self.spec.name, self.spec.output_format,
+                      self.runner.name, self.instances, list(self.runner.input.size), self.max_batch,
+                      ", decoded on the GPU" if self.gpu_decode else "")
 
     def process(self, msg: Message) -> None:
         if "tensor" not in msg.arrays or "letterbox" not in msg.data:
@@ -141,10 +146,15 @@ class Infer(Engine):
         return prepare(stacked) if prepare is not None else stacked
 
     def _finish(self, entry: Queued, output: np.ndarray) -> None:
-        """One frame's raw output to detections in frame pixels; the tensor is dropped, the rest passes on."""
+        """One frame's raw output (or GPU-decoded candidates) to detections in frame pixels; the tensor is dropped,
+        the rest passes on."""
         msg = without_tensor(entry.item)
-        detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
-                                 self.spec.labels, self.detect)
+        if self.gpu_decode:
+            detections = finish_candidates(output, msg.data["letterbox"], frame_size(msg), self.spec.labels,
+                                           self.detect)
+        else:
+            detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
+                                     self.spec.labels, self.detect)
         msg.data = {**msg.data, "detections": detections}
         try:
             self.send(msg)

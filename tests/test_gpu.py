@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skimage import data as photo_data
 
 from engines.preprocess import Preprocess
 from graphflow import ParamError
 from graphflow.testing import run_engine
 from graphflow.vision import models
-from graphflow.vision.letterbox import LetterboxSpec, letterbox_cupy
+from graphflow.vision.detect import (DetectParams, decode_yolox, finish_candidates, nms, pack_candidates,
+                                     postprocess)
+from graphflow.vision.letterbox import LetterboxSpec, letterbox, letterbox_cupy, unletterbox_boxes
 from graphflow.vision.video import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +83,32 @@ def test_preprocess_engine_on_cuda(gpu_check):
     assert result == {"host_equal": True, "kept_type": "cupy", "kept_equal": True}
 
 
+@gpu
+@pytest.mark.parametrize("params", [DetectParams(), DetectParams(conf=0.05), DetectParams(classes=frozenset({0, 41}))])
+def test_gpu_decode_equals_cpu_decode(gpu_check, params):
+    """TorchBackend.candidates (decode, score, threshold and class filter on the GPU) gives the CPU decoder's
+    candidates and, through the shared NMS, the same detections as postprocess on the same raw outputs."""
+    spec = models.resolve_model("yolox-nano")
+    backend = models.make_backend("torch", max_batch=4)
+    backend.load(spec.path)
+    images = list(gpu_check.photos().values())[:4]
+    boxed = [letterbox(image, spec.preprocess) for image in images]
+    batch = np.stack([tensor for tensor, _ in boxed])
+    raw = backend.infer(batch)
+    found = backend.candidates(batch, "yolox", params)
+    assert len(found) == len(images) and sum(len(c) for c in found) > 0
+    for image, (_, info), out, cand in zip(images, boxed, raw, found):
+        expected = pack_candidates(*decode_yolox(out, spec.preprocess.size, params))
+        assert cand.shape == expected.shape and np.array_equal(cand[:, 5], expected[:, 5])
+        np.testing.assert_allclose(cand, expected, rtol=1e-5, atol=1e-3)
+        size = (image.shape[1], image.shape[0])
+        mine = finish_candidates(cand, info, size, spec.labels, params)
+        reference = postprocess(out, "yolox", info, size, spec.labels, params)
+        assert [d["class_id"] for d in mine] == [d["class_id"] for d in reference]
+        for a, b in zip(mine, reference):
+            assert np.allclose(a["box"], b["box"], atol=0.05) and abs(a["score"] - b["score"]) <= 1e-3
+
+
 @pytest.mark.skipif(not _nvdec_ready(), reason="needs NVDEC (h264_cuvid and an NVIDIA GPU)")
 def test_nvdec_decode_matches_software(gpu_check):
     result = gpu_check.compare_decode()
@@ -138,3 +167,26 @@ def test_host_batches_pass_through_unchanged():
     stacked = models.stack_batch(batch)
     assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 3, 2, 2) and stacked[2, 0, 0, 0] == 2
     assert models.to_host(stacked) is stacked
+
+
+def test_shared_nms_path_equals_postprocess_on_a_photo():
+    """finish_candidates over packed candidates gives exactly what decoding, NMS and unletterboxing give by hand on
+    a real photo's model output (the path GPU-decoded candidates take)."""
+    spec = models.resolve_model("yolox-nano")
+    backend = models.make_backend("onnxruntime", threads=1)
+    backend.load(spec.path)
+    image = np.ascontiguousarray(photo_data.astronaut())
+    tensor, info = letterbox(image, spec.preprocess, image_color="rgb")
+    out = backend.infer(tensor[None])[0]
+    size = (image.shape[1], image.shape[0])
+    for params in (DetectParams(), DetectParams(conf=0.05, iou=0.3), DetectParams(classes=frozenset({0}))):
+        boxes, scores, class_ids = decode_yolox(out, spec.preprocess.size, params)
+        keep = nms(boxes, scores, class_ids, params.iou, params.max_detections)
+        by_hand = unletterbox_boxes(boxes[keep], info, *size)
+        detections = finish_candidates(pack_candidates(boxes, scores, class_ids), info, size, spec.labels, params)
+        assert detections == postprocess(out, "yolox", info, size, spec.labels, params)
+        assert len(detections) == len(keep) > 0
+        assert [d["class_id"] for d in detections] == class_ids[keep].tolist()
+        np.testing.assert_allclose([d["box"] for d in detections], by_hand, atol=0.006)
+        np.testing.assert_allclose([d["score"] for d in detections], scores[keep], atol=6e-5)
+    assert any(d["label"] == "person" for d in postprocess(out, "yolox", info, size, spec.labels, DetectParams()))

@@ -122,6 +122,36 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
     return np.asarray(keep, dtype=np.int64)
 
 
+def pack_candidates(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Decoded detections as one [k, 6] float32 array (x1, y1, x2, y2, score, class_id), the form GPU decoders
+    return, so NMS and box mapping run on one layout for every backend."""
+    return np.concatenate([boxes.astype(np.float32).reshape(-1, 4), scores.astype(np.float32)[:, None],
+                           class_ids.astype(np.float32)[:, None]], axis=1)
+
+
+def finish_candidates(
+    candidates: np.ndarray,
+    letterbox_info: dict,
+    frame_size: tuple[int, int],
+    labels: list[str],
+    p: DetectParams,
+) -> list[dict]:
+    """One image's thresholded candidates [k, 6] (model-input pixels) to the contract's detections: class-aware NMS,
+    boxes mapped to original frame pixels, best first."""
+    boxes, scores, class_ids = candidates[:, :4], candidates[:, 4], candidates[:, 5].astype(np.int64)
+    keep = nms(boxes, scores, class_ids, p.iou, p.max_detections)
+    frame_boxes = unletterbox_boxes(boxes[keep], letterbox_info, *frame_size).tolist()
+    return [
+        {
+            "box": [round(v, 2) for v in box],
+            "score": round(score, 4),
+            "class_id": cid,
+            "label": labels[cid] if cid < len(labels) else str(cid),
+        }
+        for box, score, cid in zip(frame_boxes, scores[keep].tolist(), class_ids[keep].tolist())
+    ]
+
+
 def postprocess(
     output: np.ndarray,
     fmt: str,
@@ -131,16 +161,5 @@ def postprocess(
     p: DetectParams,
 ) -> list[dict]:
     """One image's raw output to the contract's detections: boxes in original frame pixels, best first."""
-    input_size = tuple(letterbox_info["input"])
-    boxes, scores, class_ids = DECODERS[fmt](output, input_size, p)
-    keep = nms(boxes, scores, class_ids, p.iou, p.max_detections)
-    frame_boxes = unletterbox_boxes(boxes[keep], letterbox_info, *frame_size)
-    return [
-        {
-            "box": [round(float(v), 2) for v in box],
-            "score": round(float(score), 4),
-            "class_id": int(cid),
-            "label": labels[cid] if cid < len(labels) else str(int(cid)),
-        }
-        for box, score, cid in zip(frame_boxes, scores[keep], class_ids[keep])
-    ]
+    decoded = DECODERS[fmt](output, tuple(letterbox_info["input"]), p)
+    return finish_candidates(pack_candidates(*decoded), letterbox_info, frame_size, labels, p)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from graphflow.vision.detect import YOLOX_STRIDES
+from graphflow.vision.detect import YOLOX_STRIDES, DetectParams, yolox_grid
 from graphflow.vision.letterbox import LetterboxSpec
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class TorchBackend:
     """Runs the ONNX model converted to PyTorch by onnx2torch on a CUDA GPU, in fp16 by default; takes NumPy, CuPy
     or torch batches (GPU ones without a copy) and returns a float32 NumPy output.
 
-    With `cuda_graphs` each batch is padded to the next power of two and replayed from a CUDA graph recorded once
+    Batches run on the backend's own CUDA stream. With `cuda_graphs` each batch is padded to the next power of two and replayed from a CUDA graph recorded once
     per size (those up to `max_batch` at load): the converted model is hundreds of small kernels, so launching them
     one by one bounds small batches."""
 
@@ -274,8 +274,10 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self.max_batch = max_batch
         self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self.grids: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         self.model = None
+        self.stream = None
         self.input: ModelInput | None = None
 
     def load(self, path: Path) -> None:
@@ -289,6 +291,7 @@ class TorchBackend:
         except Exception as exc:  # onnx2torch raises NotImplementedError and others on unsupported ops
             raise ValueError(f"model {path}: onnx2torch cannot convert it ({str(exc).splitlines()[0]})") from None
         self.model = module.eval().to("cuda", self.dtype)
+        self.stream = self.torch.cuda.Stream()
         keep_shape_constants_on_host(self.model)
         self.torch.backends.cudnn.benchmark = True
         width, height = self.input.size
@@ -339,13 +342,76 @@ class TorchBackend:
         graph.replay()
         return static_out[:count]
 
+    def _output(self, batch: Any) -> Any:
+        """The float32 output of a batch, computed on the model's own stream (call inside `torch.cuda.stream(
+        self.stream)`). That stream does not block the legacy default stream, so host-to-device copies that other
+        threads make there (CuPy uploads in preprocess) do not wait behind a running batch."""
+        torch = self.torch
+        x = self.prepare(batch)  # on the caller's stream
+        self.stream.wait_stream(torch.cuda.default_stream())
+        self.stream.wait_stream(torch.cuda.current_stream())  # x stays alive: callers copy the output to the host
+        with torch.cuda.stream(self.stream), self._lock:
+            return self.forward(x).float()  # a copy: the graph's output buffer is free for the next batch
+
     def infer(self, batch: Any) -> np.ndarray:
         """Run a [N, 3, H, W] batch (prepared or not) and return the first output as float32 NumPy. Callers in
         several threads take turns: the recorded graphs share their input and output buffers."""
         with self.torch.inference_mode():
-            x = self.prepare(batch)
-            with self._lock:
-                return self.forward(x).float().cpu().numpy()
+            output = self._output(batch)
+            with self.torch.cuda.stream(self.stream):
+                return output.cpu().numpy()
+
+    def candidates(self, batch: Any, fmt: str, p: DetectParams) -> list[np.ndarray]:
+        """Run a batch and decode it on the GPU: per image the [k, 6] candidates over `p.conf` and in `p.classes`
+        (x1, y1, x2, y2 in model-input pixels, score, class id), fetched in one small copy instead of the whole
+        raw output; NMS is left to detect.finish_candidates on the host."""
+        with self.torch.inference_mode():
+            output = self._output(batch)
+            with self.torch.cuda.stream(self.stream):
+                return gpu_candidates(output, fmt, self.input.size, p, self._grid)
+
+    def _grid(self, size: tuple[int, int]) -> tuple[Any, Any]:
+        """detect.yolox_grid's cells and strides as CUDA tensors, uploaded once per input size."""
+        if size not in self.grids:
+            self.grids[size] = tuple(self.torch.from_numpy(a.copy()).cuda() for a in yolox_grid(*size))
+        return self.grids[size]
+
+
+def gpu_candidates(output: Any, fmt: str, input_size: tuple[int, int], p: DetectParams,
+                   grid: Callable[[tuple[int, int]], tuple[Any, Any]]) -> list[np.ndarray]:
+    """A float32 CUDA output batch [N, A, K] (YOLOX, v5) or [N, K, A] (v8) to per-image [k, 6] NumPy candidates,
+    with the same arithmetic as detect.DECODERS: best class (first of ties), score = class × objectness,
+    threshold and class filter on the GPU, then the kept rows decoded and copied to the host at once."""
+    import torch
+
+    if fmt == "yolov8":
+        output = output.transpose(1, 2)
+    first_class = 4 if fmt == "yolov8" else 5
+    class_scores = output[..., first_class:]
+    class_ids = class_scores.argmax(dim=-1)
+    scores = class_scores.gather(-1, class_ids[..., None])[..., 0]
+    if fmt != "yolov8":
+        scores = scores * output[..., 4]
+    keep = scores >= p.conf
+    if p.classes is not None:
+        keep &= torch.isin(class_ids, torch.tensor(sorted(p.classes), device=output.device))
+    image, anchor = keep.nonzero(as_tuple=True)
+    raw = output[image, anchor, :4]
+    if fmt == "yolox":
+        cells, strides = grid(input_size)
+        if len(cells) != output.shape[1]:
+            raise ValueError(f"yolox output: {output.shape[1]} anchors, expected {len(cells)} for input "
+                             f"{list(input_size)}")
+        cells, strides = cells[anchor], strides[anchor]
+        xy = (raw[:, :2] + cells) * strides
+        wh = torch.exp(torch.clamp(raw[:, 2:4], max=20.0)) * strides
+    else:
+        xy, wh = raw[:, :2], raw[:, 2:4]
+    half = wh / 2
+    packed = torch.cat([image[:, None].float(), xy - half, xy + half, scores[image, anchor, None],
+                        class_ids[image, anchor, None].float()], dim=1).cpu().numpy()
+    counts = np.bincount(packed[:, 0].astype(np.int64), minlength=len(output))
+    return np.split(packed[:, 1:], np.cumsum(counts)[:-1])
 
 
 class TensorRTBackend:
