@@ -189,6 +189,7 @@ class SlotPool:
         nbytes = max(count * dtype.itemsize, 1)
         deadline = None if wait is None else time.monotonic() + wait
         waited = False
+        nap = 5e-5  # releases are plain memory writes, so look again soon, then back off (to 2 ms)
         while True:
             with self.lock:
                 slot = self._pick(nbytes)
@@ -201,7 +202,8 @@ class SlotPool:
                 waited = True
             if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
                 return None
-            time.sleep(0.001)
+            time.sleep(nap)
+            nap = min(nap * 2, 0.002)
         arr = np.frombuffer(slot.mm, dtype, count).reshape(shape)
         self.shm.register(arr, Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen), self.ctl)
         return arr
