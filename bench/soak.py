@@ -5,7 +5,7 @@ Usage: python bench/soak.py [--minutes 10] [--interval 10] [--streams 2]
 The demo video loops on every stream through decode → preprocess (process) → infer (process) → track →
 rule → publish, with a second branch from decode to a process-placed sink on a `drop_oldest` connection.
 Every `interval` seconds it samples the RSS of the launcher and each child process, the number of
-/dev/shm entries and the number of graphflow memfds open in the tree. After the first fifth (warm-up) it
+/dev/shm files they have open or mapped and the number of graphflow memfds open in the tree. After the first fifth (warm-up) it
 fits a line to total RSS and reports growth in % per hour. Stops the graph with SIGINT and checks it
 exits cleanly. Prints a table and a final `RESULT {json}` line."""
 from __future__ import annotations
@@ -43,6 +43,20 @@ def soak_graph(streams: int, out: Path) -> dict:
                         {"from": "src.out", "to": "tap.in", "policy": "drop_oldest", "capacity": 2}]}
 
 
+def dev_shm_of(pids: list[int]) -> set[str]:
+    """/dev/shm files the graph's processes have open or mapped (other programs' segments do not count)."""
+    found = set()
+    for pid in pids:
+        try:
+            found.update(p for fd in os.listdir(f"/proc/{pid}/fd")
+                         if (p := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("/dev/shm/"))
+            found.update(line.split(None, 5)[5].strip() for line in open(f"/proc/{pid}/maps")
+                         if "/dev/shm/" in line and len(line.split(None, 5)) == 6)
+        except OSError:
+            pass
+    return found
+
+
 def memfds(proc: psutil.Process) -> int:
     try:
         return sum("memfd:graphflow" in os.readlink(f"/proc/{proc.pid}/fd/{fd}")
@@ -61,7 +75,7 @@ def sample(launcher: psutil.Process, seen: set[int]) -> dict:
         except psutil.Error:
             pass
     return {"t": time.monotonic(), "rss": rss, "total_rss": sum(rss.values()),
-            "dev_shm": len(os.listdir("/dev/shm")), "memfds": sum(memfds(p) for p in procs)}
+            "dev_shm": len(dev_shm_of(list(rss))), "memfds": sum(memfds(p) for p in procs)}
 
 
 def growth_per_hour(samples: list[dict]) -> float:
@@ -85,7 +99,6 @@ def main() -> None:
         out = Path(tmp) / "events.jsonl"
         path = Path(tmp) / "soak.json"
         path.write_text(json.dumps(soak_graph(args.streams, out)))
-        shm_before = len(os.listdir("/dev/shm"))
         proc = subprocess.Popen([sys.executable, "-m", "graphflow", "launch", "-q", str(path),
                                  "--stats", str(Path(tmp) / "stats.json")], stderr=subprocess.PIPE, text=True)
         launcher = psutil.Process(proc.pid)
@@ -118,7 +131,7 @@ def main() -> None:
               "rss_start_mib": round(samples[0]["total_rss"] / 2**20, 1) if samples else None,
               "rss_end_mib": round(samples[-1]["total_rss"] / 2**20, 1) if samples else None,
               "rss_growth_pct_per_hour": round(growth_per_hour(samples), 2),
-              "dev_shm_added": max((s["dev_shm"] for s in samples), default=shm_before) - shm_before,
+              "dev_shm_segments": max((s["dev_shm"] for s in samples), default=0),
               "memfds": sorted({s["memfds"] for s in samples}),
               "leftover_processes": sum(psutil.pid_exists(pid) for pid in seen),
               "memfds_after_exit": sum(memfds(psutil.Process(pid)) for pid in seen if psutil.pid_exists(pid))}
