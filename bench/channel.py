@@ -4,7 +4,7 @@ raw ZeroMQ bytes, multiprocessing.Queue, and a plain in-process copy (the floor)
 Usage: python bench/channel.py [--quick]
 Each transport streams frames from a producer process to a consumer process as fast as the consumer
 takes them; the per-hop time is the consumer's steady-state interval between frames (1 / frames per
-second). Producers send frames that already exist (graphflow: a pool slot stamped with the frame
+second; median of ten chunks after warm-up). Producers send frames that already exist (graphflow: a pool slot stamped with the frame
 number; the others: one prepared buffer), so what is timed is the hop, not making the frame. The
 consumer checks every frame's stamp. Prints a table and a final `RESULT {json}` line; ratios are
 against raw ZeroMQ in the same run."""
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 import sys
 import tempfile
 import time
@@ -65,9 +66,13 @@ class Consumer(Engine):
 
 
 def steady_interval(times: list[float]) -> float:
-    """Seconds per frame after the first quarter (start-up excluded: pools fill, mappings are made)."""
-    skip = max(1, len(times) // 4)
-    return (times[-1] - times[skip]) / (len(times) - 1 - skip)
+    """Seconds per frame after the first quarter (start-up: pools fill, mappings are made): the median over
+    ten consecutive chunks of the mean interval, so one stall of this shared VM does not decide the figure."""
+    steady = times[max(1, len(times) // 4):]
+    size = max(2, len(steady) // 10)
+    chunks = [(c[-1] - c[0]) / (len(c) - 1) for c in (steady[i:i + size] for i in range(0, len(steady), size - 1))
+              if len(c) > 1]
+    return statistics.median(chunks)
 
 
 def run_graphflow(shape: tuple[int, ...] | None, count: int) -> float:

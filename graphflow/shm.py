@@ -19,6 +19,7 @@ import math
 import mmap
 import os
 import resource
+import select
 import threading
 import time
 import weakref
@@ -76,7 +77,12 @@ class Control:
 
     @staticmethod
     def nbytes(slots: int, hosts: int) -> int:
-        return 8 * slots * hosts * (hosts + 1)
+        return 8 * (slots * hosts * (hosts + 1) + 1)  # + the owner's "waiting for a release" flag
+
+    @property
+    def waiting(self) -> int:
+        """Index of the flag the owner sets while it waits for a free slot (then releases ring its bell)."""
+        return self.given.size + self.released.size
 
     def given_cell(self, index: int, by: int, to: int) -> int:
         return (index * self.hosts + by) * self.hosts + to
@@ -124,6 +130,10 @@ class SlotPool:
         self.ctl_fd, self._ctl_mm = _memfd(f"{name}:ctl", Control.nbytes(capacity, hosts))
         self.ctl = Control.view(self._ctl_mm, capacity, hosts)
         shm.controls[(os.getpid(), self.ctl_fd)] = self.ctl
+        self.bell = bell_path(shm.rundir, os.getpid(), self.ctl_fd)  # a FIFO: releases wake a waiting owner
+        os.mkfifo(self.bell)
+        self._bell_r = os.open(self.bell, os.O_RDONLY | os.O_NONBLOCK)
+        self._bell_w = os.open(self.bell, os.O_WRONLY | os.O_NONBLOCK)  # kept open: reads never see EOF
         self.forgiven = np.zeros((capacity, hosts), np.int64)  # balances of dead processes
         self._forgiven_total = [0] * capacity
         self.slots: list[Slot] = []
@@ -189,21 +199,31 @@ class SlotPool:
         nbytes = max(count * dtype.itemsize, 1)
         deadline = None if wait is None else time.monotonic() + wait
         waited = False
-        nap = 5e-5  # releases are plain memory writes, so look again soon, then back off (to 2 ms)
-        while True:
-            with self.lock:
-                slot = self._pick(nbytes)
-                if slot is not None:
-                    me = self.shm.index
-                    self.shm.bump(self.ctl.cells, self.ctl.given_cell(slot.index, me, me))  # own array: a lease too
-                    break
-            if not waited:
-                self.waits += 1
-                waited = True
-            if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
-                return None
-            time.sleep(nap)
-            nap = min(nap * 2, 0.002)
+        cells, flag = self.ctl.cells, self.ctl.waiting
+        try:
+            while True:
+                with self.lock:
+                    slot = self._pick(nbytes)
+                    if slot is not None:
+                        me = self.shm.index
+                        self.shm.bump(cells, self.ctl.given_cell(slot.index, me, me))  # own array: a lease too
+                        break
+                if not waited:
+                    self.waits += 1
+                    waited = True
+                    cells[flag] = 1  # from now on releases ring the bell; look once more before sleeping
+                    continue
+                if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
+                    return None
+                timeout = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+                if select.select([self._bell_r], [], [], timeout)[0]:
+                    try:
+                        os.read(self._bell_r, 4096)
+                    except BlockingIOError:
+                        pass
+        finally:
+            if waited:
+                cells[flag] = 0
         arr = np.frombuffer(slot.mm, dtype, count).reshape(shape)
         self.shm.register(arr, Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen), self.ctl)
         return arr
@@ -218,9 +238,17 @@ class SlotPool:
                 mm.close()
             except BufferError:  # an array still views it; the mapping goes with that array
                 pass
-        for fd in [s.fd for s in self.slots] + [self.ctl_fd]:
+        for fd in [s.fd for s in self.slots] + [self.ctl_fd, self._bell_r, self._bell_w]:
             os.close(fd)
         self.slots.clear()
+        try:
+            os.unlink(self.bell)
+        except OSError:
+            pass
+
+
+def bell_path(rundir: str, pid: int, ctl_fd: int) -> str:
+    return f"{rundir}/bell-{pid}-{ctl_fd}"
 
 
 def _raise_fd_limit(want: int = 65536) -> None:
@@ -248,6 +276,7 @@ class ShmContext:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._counts: deque[tuple[memoryview, int]] = deque()
+        self._bells: dict[tuple[int, int], int] = {}  # (owner pid, ctl fd) → write end of its FIFO
         Path(rundir, f"pid-{host}").write_text(str(os.getpid()))
         _raise_fd_limit()
 
@@ -267,7 +296,20 @@ class ShmContext:
             self.leases.pop(key, None)
             self._refs.pop(key, None)
             self.bump(cells, cell)
+            if cells[ctl.waiting]:
+                self._ring(lease.pid, lease.ctl_fd)
         self._refs[key] = weakref.ref(arr, dead)
+
+    def _ring(self, pid: int, ctl_fd: int) -> None:
+        """Wake the owner of a pool that waits for a free slot (a byte into its FIFO; never blocks)."""
+        fd = self._bells.get((pid, ctl_fd))
+        try:
+            if fd is None:
+                fd = self._bells[(pid, ctl_fd)] = os.open(bell_path(self.rundir, pid, ctl_fd),
+                                                            os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or the owner is gone
+            pass
 
     def bump(self, cells: memoryview, cell: int) -> None:
         """+1 on one of this process's counter cells, never losing an update to another thread. Safe in a
@@ -337,5 +379,8 @@ class ShmContext:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        for fd in self._bells.values():
+            os.close(fd)
+        self._bells.clear()
         self.maps.clear()
         self.controls.clear()
