@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -14,6 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import anyio
@@ -120,7 +122,7 @@ class Actor:
 
     def _alloc(self, shape: tuple, dtype: np.dtype, port: str) -> np.ndarray:
         entry = self.pools.get(port)
-        if entry is not None and int(np.prod(shape)) * dtype.itemsize >= MIN_BYTES:
+        if entry is not None and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
             t0 = time.perf_counter()
             arr = entry[0].acquire(shape, dtype, self.closing, entry[1])
             if self._in_engine and threading.current_thread() is self.thread:
@@ -536,6 +538,9 @@ class Launcher:
                               args=(self.graph, self.host_of, name, rundir, control_ep, list(sys.path),
                                     os.getpid(), interval))
             p.start()
+            # its pid file at once, not only once the child runs: a child that dies while starting still
+            # has its shared-memory leases forgiven (producers waiting for slots would hang otherwise)
+            Path(rundir, f"pid-{name}").write_text(str(p.pid))
             return p
         children = {name: start(name) for name in sorted(set(self.host_of.values()) - {MAIN})}
         restarts = {name: 0 for name in children}

@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -77,12 +77,17 @@ class Control:
 
     @staticmethod
     def nbytes(slots: int, hosts: int) -> int:
-        return 8 * (slots * hosts * (hosts + 1) + 1)  # + the owner's "waiting for a release" flag
+        return 8 * (slots * hosts * (hosts + 1) + 1)  # + the owner's "wake me at" cell
 
     @property
     def waiting(self) -> int:
-        """Index of the flag the owner sets while it waits for a free slot (then releases ring its bell)."""
+        """Index of the cell the owner sets while it waits for free slots: 0, or the total release count
+        at which a release should ring its bell (a few releases at once: one wake-up per frame would
+        make producer and consumer take turns instead of running side by side)."""
         return self.given.size + self.released.size
+
+    def released_total(self) -> int:
+        return sum(self.cells[self.given.size:self.waiting])
 
     def given_cell(self, index: int, by: int, to: int) -> int:
         return (index * self.hosts + by) * self.hosts + to
@@ -97,8 +102,7 @@ class Control:
         return sum(self.cells[g:g + h * h]) - sum(self.cells[r:r + h])
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """Where a leased array lives: owner pid, control table fd and size, slot fd, slot index, generation."""
 
     pid: int
@@ -109,7 +113,7 @@ class Lease:
     gen: int
 
     def wire(self) -> list[int]:
-        return [self.pid, self.ctl_fd, self.slots, self.fd, self.index, self.gen]
+        return list(self)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Slot:
     size: int
     mm: mmap.mmap
     gen: int = 0
+    lease: Lease | None = None
 
 
 class SlotPool:
@@ -198,8 +203,9 @@ class SlotPool:
         count = math.prod(shape)
         nbytes = max(count * dtype.itemsize, 1)
         deadline = None if wait is None else time.monotonic() + wait
-        waited = False
         cells, flag = self.ctl.cells, self.ctl.waiting
+        batch = max(1, min(4, len(self.slots) // 4))  # releases to wait for before waking: hysteresis
+        waited = False
         try:
             while True:
                 with self.lock:
@@ -211,21 +217,30 @@ class SlotPool:
                 if not waited:
                     self.waits += 1
                     waited = True
-                    cells[flag] = 1  # from now on releases ring the bell; look once more before sleeping
+                    cells[flag] = self.ctl.released_total() + batch  # releases ring from now on: look once more
                     continue
                 if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
                     return None
-                timeout = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+                # a few releases wake us (at most 5 ms later: a consumer may keep frames until it gets more);
+                # after that, every release does
+                timeout = 0.005 if batch > 1 else 0.05
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - time.monotonic()))
                 if select.select([self._bell_r], [], [], timeout)[0]:
                     try:
                         os.read(self._bell_r, 4096)
                     except BlockingIOError:
                         pass
+                elif batch > 1:
+                    batch = 1
+                    cells[flag] = self.ctl.released_total() + 1
         finally:
             if waited:
                 cells[flag] = 0
         arr = np.frombuffer(slot.mm, dtype, count).reshape(shape)
-        self.shm.register(arr, Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen), self.ctl)
+        if slot.lease is None or slot.lease.gen != slot.gen:
+            slot.lease = Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen)
+        self.shm.register(arr, slot.lease, self.ctl)
         return arr
 
     def in_use(self) -> int:
@@ -296,7 +311,8 @@ class ShmContext:
             self.leases.pop(key, None)
             self._refs.pop(key, None)
             self.bump(cells, cell)
-            if cells[ctl.waiting]:
+            wake_at = cells[ctl.waiting]
+            if wake_at and ctl.released_total() >= wake_at:
                 self._ring(lease.pid, lease.ctl_fd)
         self._refs[key] = weakref.ref(arr, dead)
 
@@ -315,7 +331,16 @@ class ShmContext:
         """+1 on one of this process's counter cells, never losing an update to another thread. Safe in a
         finalizer: whoever finds the lock taken (another thread, or this one deeper in the stack) leaves
         the increment queued, and the holder applies it before letting go."""
-        self._counts.append((cells, cell))
+        if self._count_lock.acquire(False):  # the common case: nobody else is counting
+            try:
+                cells[cell] += 1
+                while self._counts:
+                    c, k = self._counts.popleft()
+                    c[k] += 1
+            finally:
+                self._count_lock.release()
+        else:
+            self._counts.append((cells, cell))
         while self._counts and self._count_lock.acquire(False):
             try:
                 while self._counts:
@@ -373,7 +398,7 @@ class ShmContext:
                 self._mapped(pid, ctl_fd, -1, writable=True), slots, len(self.hosts))
         mm = self._mapped(pid, fd, gen, writable=False)
         arr = np.frombuffer(mm, np.dtype(dtype), math.prod(shape)).reshape(shape)
-        self.register(arr, Lease(pid, ctl_fd, slots, fd, index, gen), ctl)
+        self.register(arr, Lease(*handle), ctl)
         return arr
 
     def close(self) -> None:

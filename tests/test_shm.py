@@ -147,6 +147,22 @@ def test_exhausted_pool_blocks_until_a_release(hosts):
     assert pool.in_use() == 2
 
 
+def test_waiting_producer_wakes_for_a_few_releases_and_still_for_a_single_one(hosts):
+    """A waiting owner asks to be woken after a few releases (not one wake-up per frame), but a consumer
+    that gives back only one slot must still unblock it promptly."""
+    prod, _, _ = hosts
+    pool = prod.pool("cam.out", 16)
+    held = [pool.acquire((100, 1000), np.dtype(np.uint8)) for _ in range(16)]
+    for release in ([held.pop], [held.pop] * 4):
+        threading.Timer(0.1, lambda: [f() for f in release]).start()
+        t0 = time.monotonic()
+        got = pool.acquire((100, 1000), np.dtype(np.uint8), stop=threading.Event())
+        waited = time.monotonic() - t0
+        assert got is not None and 0.09 <= waited < 0.5, waited
+        held.append(got)
+    assert pool.ctl.cells[pool.ctl.waiting] == 0  # not waiting any more: releases stop ringing
+
+
 def _hold_and_wait(rundir, handles, ready):
     ctx = ShmContext("victim", rundir, HOSTS)  # writes its pid file
     held = [ctx.attach(h, "|u1", [100, 1000]) for h in handles.get(timeout=30)]

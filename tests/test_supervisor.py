@@ -1,6 +1,8 @@
 """Supervisor of process engines: crashes reported with engine id and cause, restart on-failure with
 back-off and a bound, the rest of the graph finishing when an engine is gone for good."""
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +98,23 @@ def test_setup_failure_is_retried_with_back_off_then_gives_up(tmp_path, user_mod
     assert summary.failed and marker.read_text() == "3"  # first try + 2 restarts
     assert time.monotonic() - t0 >= 1.5  # back-off 0.5 s then 1 s
     assert any("engine 'mid': setup retry 2/2 in 1s" in e for e in summary.errors)
+
+
+def test_a_process_that_dies_while_starting_does_not_hang_the_producer(tmp_path):
+    """A child that never gets to run (here: spawn cannot re-import the main script) holds shared-memory
+    slots it never read; its producer must get them back and the run must end, reporting the death."""
+    script = tmp_path / "run.py"
+    script.write_text(f'''
+import sys
+sys.modules["__main__"].__file__ = "/nonexistent/main.py"  # a spawned child fails before it runs
+from graphflow import graph, runtime
+doc = {{"engines": {{
+    "src": {{"type": "source", "params": {{"count": 60, "shape": [480, 640, 3]}}}},
+    "dst": {{"type": "sink", "placement": "process", "params": {{"path": {str(tmp_path / "out.jsonl")!r}}}}}}},
+    "connections": [["src.out", "dst.in"]]}}
+summary = runtime.run(graph.build(doc, "start-failure"), handle_signals=False)
+print("RESULT", summary.failed, summary.stats["src"]["sent"])
+''')
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert "RESULT True 60" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "engine 'dst'" in done.stderr and "died" in done.stderr
