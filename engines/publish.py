@@ -14,7 +14,6 @@ from typing import IO, Any
 
 import msgpack
 import numpy as np
-import redis
 import zmq
 from PIL import Image
 
@@ -229,9 +228,10 @@ class BufferedSink:
 class RedisSink(BufferedSink):
     """XADDs one entry per event (or per frame) to a Redis stream, reconnecting after failures."""
 
-    errors = (redis.RedisError,)
-
     def __init__(self, spec: dict[str, Any], owner: Publish) -> None:
+        import redis  # here, not at the top: a process that hosts no Redis sink does not pay its import
+
+        self.errors = (redis.RedisError,)
         super().__init__(owner, f"redis {spec['url']}", owner.buffer)
         self.stream, self.what, self.maxlen = spec["stream"], spec["what"], spec["maxlen"] or None
         self.client = redis.Redis.from_url(spec["url"], socket_connect_timeout=1.0, socket_timeout=2.0)

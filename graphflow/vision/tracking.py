@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of xyxy boxes a (N,4) and b (M,4) as an (N, M) float array."""
     return _iou(np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4))
+
+
+def linear_sum_assignment(weights: np.ndarray, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """SciPy's optimal assignment, imported on first use: scipy.optimize takes ~0.6 s to import, which every
+    engine process would pay when it loads the graph otherwise."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(weights, maximize=maximize)
 
 
 def _free(n: int, used: np.ndarray) -> np.ndarray:
