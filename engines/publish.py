@@ -87,7 +87,7 @@ def check_sink(field: str, spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ParamError(field, f"must be an object with a 'kind' (got {spec!r})")
     kind = spec.get("kind")
-    if kind not in SINK_KEYS:
+    if not isinstance(kind, str) or kind not in SINK_KEYS:
         raise ParamError(f"{field}.kind", f"must be one of {', '.join(SINK_KEYS)} (got {kind!r})")
     known = SINK_KEYS[kind]
     for key in spec:

@@ -97,7 +97,10 @@ class Rule:
         if unknown:
             raise ParamError(_field(index, unknown[0]), f"unknown key for a {self.kind} rule "
                              f"(known: id, kind, classes, anchor, {', '.join(self.keys)})")
-        self.id = str(spec.get("id", f"{self.kind}{index}"))
+        rid = spec.get("id", f"{self.kind}{index}")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise ParamError(_field(index, "id"), f"must be a string (got {rid!r})")
+        self.id = str(rid)
         self.anchor = spec.get("anchor", "bottom_center")
         if self.anchor not in ANCHORS:
             raise ParamError(_field(index, "anchor"), f"must be one of {', '.join(ANCHORS)} (got {self.anchor!r})")
@@ -387,7 +390,7 @@ def parse_rules(specs: list) -> list[Rule]:
         if not isinstance(spec, dict):
             raise ParamError(_field(i, ""), f"must be an object (got {spec!r})")
         kind = spec.get("kind")
-        if kind not in RULE_CLASSES:
+        if not isinstance(kind, str) or kind not in RULE_CLASSES:
             raise ParamError(_field(i, "kind"), f"must be one of {', '.join(KINDS)} (got {kind!r})")
         rule = RULE_CLASSES[kind](spec, i)
         if rule.id in seen:
