@@ -1,7 +1,7 @@
 """Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
 
 Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--pre-engines 1]
-       [--unbatched] [--quick]
+       [--unbatched] [--fused] [--quick]
 (a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
 (b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
     and decodes/NMS — the loop a user writes without a scheduler.
@@ -200,13 +200,17 @@ def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
             "type": f"{Cameras.__module__}:Cameras",
             "params": {"streams": bounds[g + 1] - bounds[g], "first": bounds[g], "total": args.streams,
                        "fps": args.fps, "seconds": args.seconds}}
+        if args.fused:  # infer letterboxes the frames itself, a whole batch at once
+            connections.append({"from": f"cams{suffix}.out", "to": "det.in", "policy": "latest",
+                                "capacity": bounds[g + 1] - bounds[g]})
+            continue
         engines[f"pre{suffix}"] = pre
         connections += [{"from": f"cams{suffix}.out", "to": f"pre{suffix}.in", "policy": "latest",
                          "capacity": bounds[g + 1] - bounds[g]}, [f"pre{suffix}.out", "det.in"]]
     engines["det"] = {"type": "infer", "params": {"model": MODEL, "backend": args.backend, "instances": args.instances,
                                                   "threads": args.threads or max(1, cores() // args.instances),
                                                   "max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
-                                                  "queue": 2, "drop": "latest"}}
+                                                  "queue": 2, "drop": "latest", "letterbox": args.fused}}
     engines["tally"] = {"type": f"{Tally.__module__}:Tally"}
     connections.append(["det.out", "tally.in"])
     doc = {"name": "batching-bench", "engines": engines, "connections": connections}
@@ -326,6 +330,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime threads per session (0: graphflow cores / instances, naive cores / streams)")
     ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
+    ap.add_argument("--fused", action="store_true",
+                    help="no preprocess engine: infer letterboxes each batch itself (one upload per batch on a GPU)")
     ap.add_argument("--quick", action="store_true", help=f"one round, cameras run {QUICK_SECONDS:g} s")
     args = ap.parse_args()
     if min(args.streams, args.fps, args.seconds, args.rounds, args.pre_engines) <= 0:
@@ -349,7 +355,7 @@ def main() -> None:
     median = sorted(range(len(rounds)), key=lambda i: speedups[i])[(len(rounds) - 1) // 2]
     result = {"device": args.device, "backend": args.backend, "streams": args.streams, "fps": args.fps,
               "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-              "instances": args.instances, "pre_engines": args.pre_engines,
+              "instances": args.instances, "pre_engines": args.pre_engines, "fused": args.fused,
               "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
                           "naive_per_session": args.threads or naive_threads(args.streams)},
               "speedup": round(speedups[median], 3), "speedups": [round(x, 3) for x in speedups],

@@ -17,6 +17,7 @@ from graphflow import Engine, Message, Param, ParamError
 from graphflow.channel import Closed
 from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
+from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
 from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, resolve_model, stack_batch
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class Infer(Engine):
     threads = Param(int, 0, ge=0, doc="CPU threads for each model instance (0: up to 4)")
     instances = Param(int, 1, ge=1, doc="model copies running batches at once (CPU: e.g. one per core with "
                                         "threads 1; GPU: 1)")
+    letterbox = Param(bool, False, doc="take frames (arrays['image']) and letterbox them here with the model's own "
+                                       "preprocessing, as DeepStream's nvinfer does, instead of a preprocess engine "
+                                       "before infer: on a GPU backend a batch goes up in one copy")
 
     def check(self) -> None:
         try:
@@ -111,6 +115,17 @@ class Infer(Engine):
                       ", decoded on the GPU" if self.gpu_decode else "")
 
     def process(self, msg: Message) -> None:
+        if self.letterbox:
+            image = msg.arrays.get("image")
+            if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                got = "none" if image is None else f"{image.dtype} {list(image.shape)}"
+                raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} needs arrays['image'], an HxWx3 uint8 "
+                                 f"frame, to letterbox (got {got})")
+            info = letterbox_info(image.shape[1], image.shape[0], self.spec.preprocess)
+            msg = dataclasses.replace(msg, data={**msg.data, "letterbox": info})
+            self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
+            self._raise_failures()
+            return
         if "tensor" not in msg.arrays or "letterbox" not in msg.data:
             raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no arrays['tensor'] / data['letterbox'] "
                              "(put a preprocess engine before infer)")
@@ -137,6 +152,8 @@ class Infer(Engine):
     def _assemble(self, batch: list[Queued]) -> Any:
         """Stack the batch's tensors where they live (one frame: a view, no copy); a backend with `prepare(batch)`
         (e.g. an upload on its own CUDA stream) runs it here, off the model's thread."""
+        if self.letterbox:
+            return self._letterboxed(batch)
         tensors = [q.item.arrays["tensor"] for q in batch]
         stacked = tensors[0][None] if len(tensors) == 1 else stack_batch(tensors)
         if len(batch) > 1:  # copied: let go of the frames' tensors now (shared-memory slots come free sooner)
@@ -144,6 +161,17 @@ class Infer(Engine):
                 q.item = without_tensor(q.item)
         prepare = getattr(self.runner, "prepare", None)
         return prepare(stacked) if prepare is not None else stacked
+
+    def _letterboxed(self, batch: list[Queued]) -> Any:
+        """The batch's frames letterboxed into one model input: with CuPy on a GPU backend (one upload), else NumPy."""
+        frames = [q.item.arrays["image"] for q in batch]
+        colors = [q.item.data.get("color", "bgr") for q in batch]
+        prepare = getattr(self.runner, "prepare", None)
+        if prepare is None:
+            return letterbox_batch(frames, self.spec.preprocess, colors)
+        if getattr(self, "_staging", None) is None:
+            self._staging = PinnedStaging()
+        return prepare(letterbox_batch_cupy(frames, self.spec.preprocess, colors, self._staging))
 
     def _finish(self, entry: Queued, output: np.ndarray) -> None:
         """One frame's raw output (or GPU-decoded candidates) to detections in frame pixels; the tensor is dropped,

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from skimage import data as photo_data
 
+from engines.infer import Infer
 from engines.preprocess import Preprocess
 from graphflow import ParamError
 from graphflow.testing import run_engine
 from graphflow.vision import models
 from graphflow.vision.detect import (DetectParams, decode_yolox, finish_candidates, nms, pack_candidates,
                                      postprocess)
-from graphflow.vision.letterbox import LetterboxSpec, letterbox, letterbox_cupy, unletterbox_boxes
+from graphflow.vision.letterbox import (LetterboxSpec, PinnedStaging, letterbox, letterbox_batch, letterbox_batch_cupy,
+                                       letterbox_cupy, unletterbox_boxes)
 from graphflow.vision.video import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +83,32 @@ def test_torch_fp16_matches_onnxruntime(gpu_check):
 def test_preprocess_engine_on_cuda(gpu_check):
     result, _, _ = gpu_check.preprocess_on_gpu(gpu_check.frame_messages(gpu_check.photos()))
     assert result == {"host_equal": True, "kept_type": "cupy", "kept_equal": True}
+
+
+@gpu
+def test_batch_letterbox_on_gpu_and_infer_letterboxing_itself(gpu_check):
+    """letterbox_batch_cupy equals the NumPy batch, for frames of mixed sizes (one upload and launch each) and of
+    one size (one pinned upload, the staging buffer reused; one kernel launch for the batch); infer with `letterbox: true` on torch gives the detections of
+    preprocess → infer on torch."""
+    images = gpu_check.photos()
+    spec = LetterboxSpec()
+    mixed = list(images.values())
+    got = letterbox_batch_cupy(mixed, spec, ["bgr"] * len(mixed)).get()
+    assert np.abs(got - letterbox_batch(mixed, spec, ["bgr"] * len(mixed))).max() <= 1e-3
+    same = [f for f in mixed if f.shape == mixed[-1].shape]
+    staging = PinnedStaging()
+    assert len(same) >= 2
+    mixed_colors = ["bgr", "rgb"] * len(same)
+    for colors in (["bgr"] * len(same), ["rgb"] * len(same), mixed_colors[:len(same)]):  # one launch; per frame
+        got = letterbox_batch_cupy(same, spec, colors, staging).get()
+        assert np.abs(got - letterbox_batch(same, spec, colors)).max() <= 1e-3
+    msgs = gpu_check.frame_messages(images)
+    chain = run_engine(Infer, {"backend": "torch", "max_batch": 8}, run_engine(Preprocess, {}, msgs)["out"])["out"]
+    fused = run_engine(Infer, {"backend": "torch", "max_batch": 8, "letterbox": True}, msgs)["out"]
+    for a, b in zip(chain, fused):
+        assert [d["label"] for d in a.data["detections"]] == [d["label"] for d in b.data["detections"]]
+        for da, db in zip(a.data["detections"], b.data["detections"]):
+            np.testing.assert_allclose(da["box"], db["box"], atol=0.5)
 
 
 @gpu

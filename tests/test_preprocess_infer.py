@@ -92,3 +92,19 @@ def test_infer_rejects_wrong_input():
     wrong = preprocessed({"size": [320, 320]})
     with pytest.raises(ValueError, match="does not fit model yolox-nano"):
         run_engine(Infer, {}, wrong)
+
+
+def test_infer_letterboxing_frames_itself_equals_a_preprocess_engine_before_it():
+    """`letterbox: true` (frames straight from decode, of different sizes in one batch) gives the detections the
+    preprocess → infer chain gives, and the frames pass on untouched."""
+    chain = run_engine(Infer, {"max_batch": 3, "backend": "onnxruntime"}, preprocessed())["out"]
+    fused = run_engine(Infer, {"max_batch": 3, "backend": "onnxruntime", "letterbox": True}, frames())["out"]
+    assert [m.seq for m in fused] == [0, 1, 2]
+    for a, b in zip(chain, fused):
+        assert a.data["letterbox"] == b.data["letterbox"]
+        assert [d["label"] for d in a.data["detections"]] == [d["label"] for d in b.data["detections"]]
+        np.testing.assert_allclose([d["box"] for d in a.data["detections"]], [d["box"] for d in b.data["detections"]],
+                                   atol=1e-3)
+        assert b.arrays["image"] is not None and "tensor" not in b.arrays
+    with pytest.raises(ValueError, match="needs arrays\\['image'\\], an HxWx3 uint8 frame"):
+        run_engine(Infer, {"letterbox": True}, [Message(arrays={"image": np.zeros((8, 8), np.uint8)})])

@@ -2,12 +2,16 @@
 
 The letterbox info dict `{"scale", "pad", "input"}` lets detections be mapped back: x = (x' - pad_x) / scale.
 `letterbox` runs in NumPy; `letterbox_cupy` does the same in one CUDA kernel with CuPy, with equal results.
+`letterbox_batch` / `letterbox_batch_cupy` fill a whole [N, 3, H, W] batch (the infer engine's own preprocessing);
+on the GPU, frames of one size go up in a single copy through pinned memory.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -110,6 +114,21 @@ def letterbox(image: np.ndarray, spec: LetterboxSpec, image_color: str = "bgr",
     return _normalize(chw, spec.normalize), _info(scale, pad_x, pad_y, spec)
 
 
+def letterbox_info(width: int, height: int, spec: LetterboxSpec) -> dict:
+    """The info dict `letterbox` returns for a width x height frame, without touching any pixels."""
+    scale, _, _, pad_x, pad_y = letterbox_geometry(width, height, spec)
+    return _info(scale, pad_x, pad_y, spec)
+
+
+def letterbox_batch(frames: Sequence[np.ndarray], spec: LetterboxSpec, colors: Sequence[str]) -> np.ndarray:
+    """`letterbox` of each frame (HxWx3 uint8, any sizes) into one new [N, 3, H, W] float32 batch."""
+    in_w, in_h = spec.size
+    batch = np.empty((len(frames), 3, in_h, in_w), np.float32)
+    for i, (frame, color) in enumerate(zip(frames, colors)):
+        letterbox(frame, spec, color, out=batch[i])
+    return batch
+
+
 def _check_image(image: Any) -> tuple[int, int]:
     """(height, width) of an HxWx3 image; ValueError for any other shape."""
     if image.ndim != 3 or image.shape[2] != 3:
@@ -135,12 +154,10 @@ def _info(scale: float, pad_x: int, pad_y: int, spec: LetterboxSpec) -> dict:
 # write all 3 CHW planes. The arithmetic is resize_bilinear's (float32 throughout, same operation order) with FMA
 # contraction off, so the result equals `letterbox`'s.
 _LETTERBOX_CUDA = r"""
-extern "C" __global__ void letterbox(
-        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
+__device__ void letterbox_pixel(
+        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w, int i,
         int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
         float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
-    int i = blockDim.x * blockIdx.x + threadIdx.x;
-    if (i >= dst_h * dst_w) return;
     int x = i % dst_w - pad_x, y = i / dst_w - pad_y;
     float v[3] = {pad, pad, pad};
     if (x >= 0 && x < new_w && y >= 0 && y < new_h) {
@@ -163,6 +180,28 @@ extern "C" __global__ void letterbox(
     const float sub[3] = {sub0, sub1, sub2}, div[3] = {div0, div1, div2};
     for (int c = 0; c < 3; ++c)
         dst[(size_t)c * dst_h * dst_w + i] = (v[c] - sub[c]) / div[c] * mul;
+}
+
+extern "C" __global__ void letterbox(
+        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
+        int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
+        float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
+    int i = blockDim.x * blockIdx.x + threadIdx.x;
+    if (i >= dst_h * dst_w) return;
+    letterbox_pixel(src, src_h, src_w, dst, dst_h, dst_w, i, pad_x, pad_y, new_w, new_h, sy, sx, swap, pad,
+                    sub0, sub1, sub2, div0, div1, div2, mul);
+}
+
+// A batch of frames of one size: frame n (blockIdx.y) of src [N, H, W, 3] into dst [N, 3, dst_h, dst_w].
+extern "C" __global__ void letterbox_batch(
+        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
+        int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
+        float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
+    int i = blockDim.x * blockIdx.x + threadIdx.x;
+    if (i >= dst_h * dst_w) return;
+    size_t n = blockIdx.y;
+    letterbox_pixel(src + n * src_h * src_w * 3, src_h, src_w, dst + n * 3 * dst_h * dst_w, dst_h, dst_w, i,
+                    pad_x, pad_y, new_w, new_h, sy, sx, swap, pad, sub0, sub1, sub2, div0, div1, div2, mul);
 }
 """
 _THREADS = 256
@@ -189,11 +228,21 @@ def require_cupy() -> Any:
 
 
 @functools.cache
-def _cuda_kernel() -> Any:
-    """The letterbox kernel, compiled by NVRTC once per process."""
+def _cuda_kernel(name: str = "letterbox") -> Any:
+    """A letterbox kernel (`letterbox` or `letterbox_batch`), compiled by NVRTC once per process."""
     import cupy
 
-    return cupy.RawKernel(_LETTERBOX_CUDA, "letterbox", options=("--fmad=false",))
+    return cupy.RawKernel(_LETTERBOX_CUDA, name, options=("--fmad=false",))
+
+
+def _kernel_args(src: Any, height: int, width: int, chw: Any, spec: LetterboxSpec, swap: bool) -> tuple[tuple, dict]:
+    scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, spec)
+    in_w, in_h = spec.size
+    sub, div, mul = normalize_terms(spec.normalize)
+    i32, f32 = np.int32, np.float32
+    args = (src, i32(height), i32(width), chw, i32(in_h), i32(in_w), i32(pad_x), i32(pad_y), i32(new_w), i32(new_h),
+            f32(height / new_h), f32(width / new_w), i32(swap), f32(spec.pad_value), *sub, *div, mul)
+    return args, _info(scale, pad_x, pad_y, spec)
 
 
 def letterbox_cupy(image: Any, spec: LetterboxSpec, image_color: str = "bgr", out: Any = None) -> tuple[Any, dict]:
@@ -202,15 +251,65 @@ def letterbox_cupy(image: Any, spec: LetterboxSpec, image_color: str = "bgr", ou
     cupy = _import_cupy()
     height, width = _check_image(image)
     src = cupy.ascontiguousarray(cupy.asarray(image, dtype=cupy.uint8))
-    scale, new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, spec)
     chw = _target(out, spec, cupy)
+    args, info = _kernel_args(src, height, width, chw, spec, image_color != spec.color)
     in_w, in_h = spec.size
-    sub, div, mul = normalize_terms(spec.normalize)
-    i32, f32 = np.int32, np.float32
-    args = (src, i32(height), i32(width), chw, i32(in_h), i32(in_w), i32(pad_x), i32(pad_y), i32(new_w), i32(new_h),
-            f32(height / new_h), f32(width / new_w), i32(image_color != spec.color), f32(spec.pad_value), *sub, *div, mul)
     _cuda_kernel()(((in_w * in_h + _THREADS - 1) // _THREADS,), (_THREADS,), args)
-    return chw, _info(scale, pad_x, pad_y, spec)
+    return chw, info
+
+
+class PinnedStaging:
+    """A reusable page-locked host buffer through which a batch of frames goes to the GPU in one asynchronous copy
+    (pageable memory would be copied twice, and synchronously)."""
+
+    def __init__(self) -> None:
+        self.memory: Any = None
+        self.nbytes = 0
+        self.done: Any = None  # CUDA event of the last copy out of the buffer
+
+    def upload(self, frames: Sequence[np.ndarray]) -> Any:
+        """The frames (one shape, uint8) stacked into a CuPy [N, H, W, 3] array, on CuPy's current stream. Each
+        frame is copied into the buffer by memmove through ctypes, which lets go of the GIL while it copies."""
+        cupy = _import_cupy()
+        shape = (len(frames), *frames[0].shape)
+        size = frames[0].nbytes
+        nbytes = size * len(frames)
+        if self.done is not None:
+            self.done.synchronize()  # the previous batch has left the buffer (waits without the GIL)
+        if nbytes > self.nbytes:
+            self.memory, self.nbytes = cupy.cuda.alloc_pinned_memory(nbytes), nbytes
+        base = self.memory.ptr
+        for i, frame in enumerate(frames):
+            frame = np.ascontiguousarray(frame)
+            ctypes.memmove(base + i * size, frame.ctypes.data, size)
+        host = np.frombuffer(self.memory, np.uint8, nbytes).reshape(shape)
+        device = cupy.empty(shape, cupy.uint8)
+        device.set(host)
+        self.done = cupy.cuda.Event()
+        self.done.record()
+        return device
+
+
+def letterbox_batch_cupy(frames: Sequence[Any], spec: LetterboxSpec, colors: Sequence[str],
+                         staging: PinnedStaging | None = None) -> Any:
+    """`letterbox_batch` on the GPU: a CuPy [N, 3, H, W] float32 batch equal to the NumPy one. Host frames of one
+    shape are uploaded together (through `staging` if given) and, in one colour order, letterboxed by one kernel
+    launch; otherwise one launch per frame."""
+    cupy = _import_cupy()
+    in_w, in_h = spec.size
+    batch = cupy.empty((len(frames), 3, in_h, in_w), cupy.float32)
+    on_host = all(not hasattr(f, "__cuda_array_interface__") for f in frames)
+    if on_host and len({(f.shape, f.dtype) for f in frames}) == 1 and frames[0].dtype == np.uint8:
+        height, width = _check_image(frames[0])
+        uploaded = (staging or PinnedStaging()).upload(frames)
+        if len(set(colors)) == 1:
+            args, _ = _kernel_args(uploaded, height, width, batch, spec, colors[0] != spec.color)
+            _cuda_kernel("letterbox_batch")(((in_w * in_h + _THREADS - 1) // _THREADS, len(frames)), (_THREADS,), args)
+            return batch
+        frames = uploaded
+    for i, (frame, color) in enumerate(zip(frames, colors)):
+        letterbox_cupy(frame, spec, color, out=batch[i])
+    return batch
 
 
 def unletterbox_boxes(boxes: np.ndarray, info: dict, width: int, height: int) -> np.ndarray:
