@@ -179,3 +179,28 @@ def test_output_format_from_shape():
     assert guess_output_format("m", [1, 84, 8400], (640, 640)) == "yolov8"
     with pytest.raises(ValueError, match="model m: unrecognised output shape"):
         guess_output_format("m", [1, "anchors", 85], (640, 640))
+
+
+def test_dense_nms_keeps_exactly_what_the_greedy_loop_keeps(monkeypatch):
+    """Up to DENSE_NMS candidates NMS uses one IoU matrix; it must keep the same boxes in the same order as the
+    one-box-at-a-time loop, ties and duplicates included."""
+    from graphflow.vision import detect
+
+    rng = np.random.default_rng(7)
+    for t in range(400):
+        n = int(rng.integers(0, 120))
+        xy = rng.uniform(0, 400, (n, 2)).astype(np.float32)
+        wh = rng.uniform(1, 120, (n, 2)).astype(np.float32)
+        if t % 3 == 0:  # a coarse grid: equal boxes and equal IoUs
+            xy, wh = np.round(xy / 20) * 20, np.round(wh / 20) * 20 + 1
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        scores = rng.uniform(0, 1, n).astype(np.float32)
+        if t % 4 == 0:
+            scores = np.round(scores, 1)  # equal scores: the stable order decides
+        class_ids = rng.integers(0, 3, n)
+        iou, max_keep = float(rng.choice([0.3, 0.45, 0.7])), int(rng.choice([300, 4]))
+        dense = detect.nms(boxes, scores, class_ids, iou, max_keep)
+        monkeypatch.setattr(detect, "DENSE_NMS", -1)
+        loop = detect.nms(boxes, scores, class_ids, iou, max_keep)
+        monkeypatch.undo()
+        assert np.array_equal(dense, loop), (t, dense, loop)

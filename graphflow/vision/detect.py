@@ -106,6 +106,28 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-9)
 
 
+DENSE_NMS = 256  # up to this many candidates, NMS computes all pairwise IoUs at once
+
+
+def _nms_dense(ordered: np.ndarray, order: np.ndarray, iou: float, max_keep: int) -> np.ndarray:
+    """Greedy NMS over boxes sorted best first, from one IoU matrix (the same arithmetic as `box_iou`, so the same
+    boxes survive): a few NumPy calls in all instead of several per kept box."""
+    lt = np.maximum(ordered[:, None, :2], ordered[None, :, :2])
+    rb = np.minimum(ordered[:, None, 2:], ordered[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    areas = np.prod(ordered[:, 2:] - ordered[:, :2], axis=1)
+    over = (inter / np.maximum(areas[:, None] + areas[None, :] - inter, 1e-9)) > iou
+    alive = np.ones(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if alive[i]:
+            keep.append(i)
+            if len(keep) >= max_keep:
+                break
+            alive &= ~over[i]
+    return order[keep].astype(np.int64)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float, max_keep: int = 300) -> np.ndarray:
     """Class-aware greedy NMS; returns kept indices, best first. Classes are separated by offsetting boxes."""
     if len(boxes) == 0:
@@ -113,6 +135,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
     offset = class_ids[:, None].astype(np.float32) * (float(boxes.max()) + 1.0)
     shifted = boxes + offset
     order = np.argsort(-scores, kind="stable")
+    if len(order) <= DENSE_NMS:
+        return _nms_dense(shifted[order], order, iou, max_keep)
     keep = []
     while order.size and len(keep) < max_keep:
         best = order[0]
