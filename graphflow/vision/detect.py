@@ -114,8 +114,10 @@ def _nms_dense(ordered: np.ndarray, order: np.ndarray, iou: float, max_keep: int
     boxes survive): a few NumPy calls in all instead of several per kept box."""
     lt = np.maximum(ordered[:, None, :2], ordered[None, :, :2])
     rb = np.minimum(ordered[:, None, 2:], ordered[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    areas = np.prod(ordered[:, 2:] - ordered[:, :2], axis=1)
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]  # (a product of two, as np.prod computes it, without its overhead)
+    size = ordered[:, 2:] - ordered[:, :2]
+    areas = size[:, 0] * size[:, 1]
     over = (inter / np.maximum(areas[:, None] + areas[None, :] - inter, 1e-9)) > iou
     alive = np.ones(len(order), bool)
     keep = []

@@ -7,9 +7,9 @@ on the GPU, frames of one size go up in a single copy through pinned memory.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
@@ -258,6 +258,17 @@ def letterbox_cupy(image: Any, spec: LetterboxSpec, image_color: str = "bgr", ou
     return chw, info
 
 
+@functools.cache
+def _torch() -> Any:
+    """PyTorch if installed (quietly wrapping read-only frames: it only reads them), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    return torch
+
+
 class PinnedStaging:
     """A reusable page-locked host buffer through which a batch of frames goes to the GPU in one asynchronous copy
     (pageable memory would be copied twice, and synchronously)."""
@@ -268,8 +279,9 @@ class PinnedStaging:
         self.done: Any = None  # CUDA event of the last copy out of the buffer
 
     def upload(self, frames: Sequence[np.ndarray]) -> Any:
-        """The frames (one shape, uint8) stacked into a CuPy [N, H, W, 3] array, on CuPy's current stream. Each
-        frame is copied into the buffer by memmove through ctypes, which lets go of the GIL while it copies."""
+        """The frames (one shape, uint8) stacked into a CuPy [N, H, W, 3] array, on CuPy's current stream. With
+        PyTorch installed the frames are stacked into the buffer by one torch call, which lets go of the GIL while it
+        copies (NumPy holds it: other engine threads would wait for a whole batch's copy)."""
         cupy = _import_cupy()
         shape = (len(frames), *frames[0].shape)
         size = frames[0].nbytes
@@ -278,11 +290,12 @@ class PinnedStaging:
             self.done.synchronize()  # the previous batch has left the buffer (waits without the GIL)
         if nbytes > self.nbytes:
             self.memory, self.nbytes = cupy.cuda.alloc_pinned_memory(nbytes), nbytes
-        base = self.memory.ptr
-        for i, frame in enumerate(frames):
-            frame = np.ascontiguousarray(frame)
-            ctypes.memmove(base + i * size, frame.ctypes.data, size)
         host = np.frombuffer(self.memory, np.uint8, nbytes).reshape(shape)
+        torch = _torch()
+        if torch is not None:  # one call that copies every frame with the GIL let go (and on several threads)
+            torch.stack([torch.from_numpy(np.ascontiguousarray(f)) for f in frames], out=torch.from_numpy(host))
+        else:
+            np.stack(frames, out=host)
         device = cupy.empty(shape, cupy.uint8)
         device.set(host)
         self.done = cupy.cuda.Event()
