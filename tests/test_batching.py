@@ -98,6 +98,22 @@ def test_max_wait_bounds_how_long_a_lone_frame_waits():
     assert 0.04 <= time.monotonic() - t0 < 0.2
 
 
+def test_a_partial_batch_leaves_early_by_its_assembly_time():
+    """max_wait counts until the batch is ready to run: with assembly measured at 80 ms a lone frame's batch is
+    formed ~80 ms before the 200 ms wait is over (never more than half the wait early)."""
+    s = scheduler(max_batch=8, max_wait_s=0.2)
+    s.lead_s = 0.08
+    fill(s, "a", 1)
+    t0 = time.monotonic()
+    assert taken(s.take()) == [("a", 0)]
+    assert 0.1 <= time.monotonic() - t0 < 0.18
+    s.lead_s = 1.0  # a wild estimate cannot make batches skip waiting altogether
+    fill(s, "a", 1)
+    t0 = time.monotonic()
+    s.take()
+    assert time.monotonic() - t0 >= 0.09
+
+
 def test_busy_timeline_fill_and_flatness():
     now = [0.0]
     stats = BatchStats(max_batch=4, slots=2, clock=lambda: now[0])

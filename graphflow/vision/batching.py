@@ -284,6 +284,7 @@ class Scheduler:
         self.aborted = False  # stop now: what is queued is abandoned
         self._next = 0  # rotation position: the stream served first in the next batch
         self.controller = LatencyController(policy) if policy.target_latency_s > 0 else None
+        self.lead_s = 0.0  # time to assemble a batch (set by the pipeline): a partial batch leaves that much early
 
     @property
     def cap(self) -> int:
@@ -369,7 +370,8 @@ class Scheduler:
         ready = len(heads) if self.policy.drop == "latest" else sum(len(q) for q in self.queues.values())
         if ready >= self.cap or self.closed:
             return 0.0
-        delay = min(heads) + self.wait_s - self.clock()
+        # the oldest frame waits at most wait_s until its batch is *ready to run*: assembling it counts too
+        delay = min(heads) + self.wait_s - min(self.lead_s, self.wait_s / 2) - self.clock()
         return delay if delay > 0 else 0.0
 
     def _form(self) -> list[Queued]:
@@ -511,6 +513,7 @@ class BatchPipeline:
                 continue
             with self.cond:
                 self._assemble_s.add(self.clock() - t0)
+                self.scheduler.lead_s = self._assemble_s.value  # (one float: assigning it is atomic)
                 while self._slot is not None and not self._abort.is_set():
                     self.cond.wait(POLL_S)
                 if self._abort.is_set():
