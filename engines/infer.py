@@ -128,7 +128,7 @@ class Infer(Engine):
             return
         if "tensor" not in msg.arrays or "letterbox" not in msg.data:
             raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no arrays['tensor'] / data['letterbox'] "
-                             "(put a preprocess engine before infer)")
+                             "(put a preprocess engine before infer, or set infer's letterbox: true to take frames)")
         tensor = msg.arrays["tensor"]
         expected = (3, self.runner.input.size[1], self.runner.input.size[0])
         if tensor.shape != expected:

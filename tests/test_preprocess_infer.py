@@ -108,3 +108,37 @@ def test_infer_letterboxing_frames_itself_equals_a_preprocess_engine_before_it()
         assert b.arrays["image"] is not None and "tensor" not in b.arrays
     with pytest.raises(ValueError, match="needs arrays\\['image'\\], an HxWx3 uint8 frame"):
         run_engine(Infer, {"letterbox": True}, [Message(arrays={"image": np.zeros((8, 8), np.uint8)})])
+
+
+def test_infer_in_a_process_letterboxes_shared_memory_frames_like_the_preprocess_chain(tmp_path):
+    """decode → infer(letterbox, process) — frames cross as shared-memory handles — gives the detections of
+    decode → preprocess → infer in threads."""
+    import json
+    from pathlib import Path
+
+    from graphflow import graph, runtime
+
+    video = str(Path(__file__).resolve().parents[1] / "graphs" / "data" / "demo.mp4")
+
+    def run(fused: bool) -> list[dict]:
+        out = tmp_path / f"{fused}.jsonl"
+        engines = {"src": {"type": "decode", "params": {"sources": [{"id": "cam", "uri": video, "max_frames": 6}]}},
+                   "det": {"type": "infer", "params": {"max_batch": 3, "backend": "onnxruntime", "letterbox": fused},
+                           **({"placement": "process"} if fused else {})},
+                   "out": {"type": "sink", "params": {"path": str(out)}}}
+        connections = [["src.out", "det.in"], ["det.out", "out.in"]]
+        if not fused:
+            engines["pre"] = {"type": "preprocess"}
+            connections = [["src.out", "pre.in"], ["pre.out", "det.in"], ["det.out", "out.in"]]
+        summary = runtime.run(graph.build({"engines": engines, "connections": connections}, "fused"),
+                              handle_signals=False)
+        assert not summary.failed, summary.errors
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    chain, fused = run(False), run(True)
+    assert len(fused) == len(chain) == 6
+    assert any(r["detections"] for r in fused)
+    for a, b in zip(chain, fused):
+        assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
+        np.testing.assert_allclose([d["box"] for d in a["detections"]],
+                                   [d["box"] for d in b["detections"]], atol=0.01)
