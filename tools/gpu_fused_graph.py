@@ -1,6 +1,9 @@
-"""GPU check: decode (NVDEC) → infer (process placement, torch, letterbox: true) → sink over 4 copies of the demo video; run on a GPU machine from the repository root, prints one RESULT line."""
-import json, sys, tempfile
+"""GPU check: decode (NVDEC) → infer (process placement, torch, letterbox: true) → sink, over 4 copies of the
+demo video. Run on a GPU machine from the repository root; prints one RESULT line."""
+import json
+import tempfile
 from pathlib import Path
+
 from graphflow import graph, runtime
 
 if __name__ == "__main__":
