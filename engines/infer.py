@@ -115,17 +115,22 @@ class Infer(Engine):
                       ", decoded on the GPU" if self.gpu_decode else "")
 
     def process(self, msg: Message) -> None:
-        if self.letterbox:
-            image = msg.arrays.get("image")
-            if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                got = "none" if image is None else f"{image.dtype} {list(image.shape)}"
-                raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} needs arrays['image'], an HxWx3 uint8 "
-                                 f"frame, to letterbox (got {got})")
-            info = letterbox_info(image.shape[1], image.shape[0], self.spec.preprocess)
-            msg = dataclasses.replace(msg, data={**msg.data, "letterbox": info})
-            self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
-            self._raise_failures()
-            return
+        msg = self._framed(msg) if self.letterbox else self._checked(msg)
+        self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
+        self._raise_failures()
+
+    def _framed(self, msg: Message) -> Message:
+        """`letterbox: true`: the message with data["letterbox"] for its frame (letterboxed later, with its batch)."""
+        image = msg.arrays.get("image")
+        if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            got = "none" if image is None else f"{image.dtype} {list(image.shape)}"
+            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} needs arrays['image'], an HxWx3 uint8 "
+                             f"frame, to letterbox (got {got})")
+        info = letterbox_info(image.shape[1], image.shape[0], self.spec.preprocess)
+        return dataclasses.replace(msg, data={**msg.data, "letterbox": info})
+
+    def _checked(self, msg: Message) -> Message:
+        """The message, once its preprocessed tensor is known to fit the model."""
         if "tensor" not in msg.arrays or "letterbox" not in msg.data:
             raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no arrays['tensor'] / data['letterbox'] "
                              "(put a preprocess engine before infer, or set infer's letterbox: true to take frames)")
@@ -134,8 +139,7 @@ class Infer(Engine):
         if tensor.shape != expected:
             raise ValueError(f"{self.id}: tensor shape {list(tensor.shape)} does not fit model {self.spec.name} "
                              f"input {list(expected)} (set preprocess size to {list(self.runner.input.size)})")
-        self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
-        self._raise_failures()
+        return msg
 
     def flush(self) -> None:
         self.pipeline.drain(self.stopping)

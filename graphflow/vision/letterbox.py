@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -182,18 +182,8 @@ __device__ void letterbox_pixel(
         dst[(size_t)c * dst_h * dst_w + i] = (v[c] - sub[c]) / div[c] * mul;
 }
 
+// Frame n = blockIdx.y of src [N, H, W, 3] into dst [N, 3, dst_h, dst_w] (one frame: a grid of one row).
 extern "C" __global__ void letterbox(
-        const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
-        int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
-        float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
-    int i = blockDim.x * blockIdx.x + threadIdx.x;
-    if (i >= dst_h * dst_w) return;
-    letterbox_pixel(src, src_h, src_w, dst, dst_h, dst_w, i, pad_x, pad_y, new_w, new_h, sy, sx, swap, pad,
-                    sub0, sub1, sub2, div0, div1, div2, mul);
-}
-
-// A batch of frames of one size: frame n (blockIdx.y) of src [N, H, W, 3] into dst [N, 3, dst_h, dst_w].
-extern "C" __global__ void letterbox_batch(
         const unsigned char* src, int src_h, int src_w, float* dst, int dst_h, int dst_w,
         int pad_x, int pad_y, int new_w, int new_h, float sy, float sx, int swap, float pad,
         float sub0, float sub1, float sub2, float div0, float div1, float div2, float mul) {
@@ -228,11 +218,11 @@ def require_cupy() -> Any:
 
 
 @functools.cache
-def _cuda_kernel(name: str = "letterbox") -> Any:
-    """A letterbox kernel (`letterbox` or `letterbox_batch`), compiled by NVRTC once per process."""
+def _cuda_kernel() -> Any:
+    """The letterbox kernel, compiled by NVRTC once per process."""
     import cupy
 
-    return cupy.RawKernel(_LETTERBOX_CUDA, name, options=("--fmad=false",))
+    return cupy.RawKernel(_LETTERBOX_CUDA, "letterbox", options=("--fmad=false",))
 
 
 def _kernel_args(src: Any, height: int, width: int, chw: Any, spec: LetterboxSpec, swap: bool) -> tuple[tuple, dict]:
@@ -317,7 +307,7 @@ def letterbox_batch_cupy(frames: Sequence[Any], spec: LetterboxSpec, colors: Seq
         uploaded = (staging or PinnedStaging()).upload(frames)
         if len(set(colors)) == 1:
             args, _ = _kernel_args(uploaded, height, width, batch, spec, colors[0] != spec.color)
-            _cuda_kernel("letterbox_batch")(((in_w * in_h + _THREADS - 1) // _THREADS, len(frames)), (_THREADS,), args)
+            _cuda_kernel()(((in_w * in_h + _THREADS - 1) // _THREADS, len(frames)), (_THREADS,), args)
             return batch
         frames = uploaded
     for i, (frame, color) in enumerate(zip(frames, colors)):
