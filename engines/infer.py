@@ -35,7 +35,10 @@ def frame_size(msg: Message) -> tuple[int, int]:
 
 
 def without_tensor(msg: Message) -> Message:
-    """The message less arrays["tensor"] (a shallow copy: the received message is left as it is)."""
+    """The message less arrays["tensor"] (a shallow copy: the received message is left as it is). One without a
+    tensor is returned as it is: it is already infer's own copy (made when queued or when its batch was stacked)."""
+    if "tensor" not in msg.arrays:
+        return msg
     return dataclasses.replace(msg, arrays={k: v for k, v in msg.arrays.items() if k != "tensor"})
 
 
@@ -104,6 +107,7 @@ class Infer(Engine):
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
         self.failures: list[str] = []
         self.failures_lock = threading.Lock()
+        self._staging = PinnedStaging()  # letterbox on a GPU backend: the batch's page-locked upload buffer
         # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
         self.gpu_decode = all(hasattr(r, "candidates") for r in self.runners)
         runs = [functools.partial(r.candidates, fmt=self.spec.output_format, p=self.detect) if self.gpu_decode
@@ -173,8 +177,6 @@ class Infer(Engine):
         prepare = getattr(self.runner, "prepare", None)
         if prepare is None:
             return letterbox_batch(frames, self.spec.preprocess, colors)
-        if getattr(self, "_staging", None) is None:
-            self._staging = PinnedStaging()
         return prepare(letterbox_batch_cupy(frames, self.spec.preprocess, colors, self._staging))
 
     def _finish(self, entry: Queued, output: np.ndarray) -> None:

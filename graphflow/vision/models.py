@@ -257,9 +257,9 @@ class TorchBackend:
     """Runs the ONNX model converted to PyTorch by onnx2torch on a CUDA GPU, in fp16 by default; takes NumPy, CuPy
     or torch batches (GPU ones without a copy) and returns a float32 NumPy output.
 
-    Batches run on the backend's own CUDA stream. With `cuda_graphs` each batch is padded to the next power of two and replayed from a CUDA graph recorded once
-    per size (those up to `max_batch` at load): the converted model is hundreds of small kernels, so launching them
-    one by one bounds small batches."""
+    Batches run on the backend's own CUDA stream. With `cuda_graphs` each batch is padded to the next power of two
+    and replayed from a CUDA graph recorded once per size (those up to `max_batch` at load): the converted model is
+    hundreds of small kernels, so launching them one by one bounds small batches."""
 
     name = "torch"
 
