@@ -7,11 +7,13 @@ read-only through /proc/<pid>/fd/<fd> and caches the mapping.
 
 Who holds a slot is counted without any message: each pool has a control table in shared memory with
 single-writer cumulative counters — `given[slot, by, to]` (leases of the slot that process `by` handed
-to process `to`: the owner's sends, a consumer's forwards, and every local array) and
-`released[slot, by]`. A process bumps its own `given` cell *before* it sends a handle and its own
-`released` cell when its array dies, so a slot is free exactly when, for every process, what it was
-given equals what it released. Processes are numbered by the graph's sorted host names. A process that
-dies holding slots is forgiven its balance (checked through its pid file when the pool runs dry)."""
+to process `to`: the owner's sends and a consumer's forwards) and `released[slot, by]`. A process bumps
+its own `given` cell *before* it sends a handle and its own `released` cell when its array dies, so the
+other processes are done with a slot exactly when, for every process, what it was given equals what it
+released. The owner's own array on a slot is not counted: only the owner asks whether a slot is free,
+and a weak reference to that array tells it. Processes are numbered by the graph's sorted host names. A
+process that dies holding slots is forgiven its balance (checked through its pid file when the pool
+runs dry)."""
 from __future__ import annotations
 
 import logging
@@ -24,10 +26,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,23 +69,20 @@ class Control:
     given: np.ndarray     # [slots, hosts, hosts] int64: leases handed by → to
     released: np.ndarray  # [slots, hosts] int64
     hosts: int
+    # index of the cell the owner sets while it waits for free slots: 0, or the total release count at
+    # which a release should ring its bell (a few releases at once: one wake-up per frame would make
+    # producer and consumer take turns instead of running side by side)
+    waiting: int
 
     @classmethod
     def view(cls, mm: mmap.mmap, slots: int, hosts: int) -> Control:
         given = np.frombuffer(mm, np.int64, slots * hosts * hosts).reshape(slots, hosts, hosts)
         released = np.frombuffer(mm, np.int64, slots * hosts, offset=given.nbytes).reshape(slots, hosts)
-        return cls(memoryview(mm).cast("q"), given, released, hosts)
+        return cls(memoryview(mm).cast("q"), given, released, hosts, given.size + released.size)
 
     @staticmethod
     def nbytes(slots: int, hosts: int) -> int:
         return 8 * (slots * hosts * (hosts + 1) + 1)  # + the owner's "wake me at" cell
-
-    @property
-    def waiting(self) -> int:
-        """Index of the cell the owner sets while it waits for free slots: 0, or the total release count
-        at which a release should ring its bell (a few releases at once: one wake-up per frame would
-        make producer and consumer take turns instead of running side by side)."""
-        return self.given.size + self.released.size
 
     def released_total(self) -> int:
         return sum(self.cells[self.given.size:self.waiting])
@@ -95,25 +93,24 @@ class Control:
     def released_cell(self, index: int, by: int) -> int:
         return self.given.size + index * self.hosts + by
 
-    def outstanding(self, index: int) -> int:
+    def counters(self, index: int) -> tuple[memoryview, memoryview]:
+        """Slot `index`'s given cells and released cells: its leases outstanding are sum(given) - sum(released)."""
         h = self.hosts
         g = index * h * h
         r = self.given.size + index * h
-        return sum(self.cells[g:g + h * h]) - sum(self.cells[r:r + h])
+        return self.cells[g:g + h * h], self.cells[r:r + h]
 
 
-class Lease(NamedTuple):
-    """Where a leased array lives: owner pid, control table fd and size, slot fd, slot index, generation."""
+# A lease (where a leased array lives) is a plain sequence, sent as is: owner pid, control table fd,
+# its slot count, slot fd, slot index, generation. A consumer keeps the list it received.
+Lease = Sequence[int]
+PID, CTL_FD, INDEX = 0, 1, 4
 
-    pid: int
-    ctl_fd: int
-    slots: int
-    fd: int
-    index: int
-    gen: int
 
-    def wire(self) -> list[int]:
-        return list(self)
+class _Held(weakref.ref):
+    """The weak reference to a leased array, carrying what to count when the array dies."""
+
+    __slots__ = ("key", "lease", "ctl", "cell")
 
 
 @dataclass
@@ -123,7 +120,10 @@ class Slot:
     size: int
     mm: mmap.mmap
     gen: int = 0
-    lease: Lease | None = None
+    lease: tuple[int, ...] = ()  # set with each generation
+    mine: _Held | None = None  # the owner's own array on the slot (one at most), weakly
+    given: memoryview | None = None  # the slot's counters in the control table (Control.counters)
+    released: memoryview | None = None
 
 
 class SlotPool:
@@ -163,62 +163,92 @@ class SlotPool:
                 log.warning("pool %s: reclaimed slots held by dead process %s", self.name, host)
 
     def _is_free(self, i: int) -> bool:
-        return self.ctl.outstanding(i) - self._forgiven_total[i] <= 0
+        slot = self.slots[i]
+        return ((slot.mine is None or slot.mine() is None)
+                and sum(slot.given) - sum(slot.released) <= self._forgiven_total[i])
+
+    def _free(self) -> list[bool]:
+        """Which slots are free, all at once (a scan slot by slot costs a microsecond each)."""
+        n = len(self.slots)
+        given, released = self.ctl.given[:n], self.ctl.released[:n]
+        balanced = (given.sum(axis=(1, 2)) - released.sum(axis=1) - self.forgiven[:n].sum(axis=1) <= 0).tolist()
+        return [b and (s.mine is None or s.mine() is None) for b, s in zip(balanced, self.slots)]
 
     def _pick(self, nbytes: int) -> Slot | None:
-        """The free slot handed out longest ago that fits (it is the likeliest to be free: only the
-        oldest one or two are read in a steady stream); else a new slot; else a free slot grown."""
+        """The free slot handed out longest ago that fits (in a steady stream that is the oldest one: it
+        is checked first, alone); else a new slot; else a free slot grown."""
+        order = self._order
+        if order and self.slots[order[0]].size >= nbytes and self._is_free(order[0]):
+            order.rotate(-1)
+            return self.slots[order[-1]]
+        is_free = self._free() if order else []
         free = None
-        for i in self._order:
-            if self._is_free(i):
+        for i in order:
+            if is_free[i]:
                 if self.slots[i].size >= nbytes:
                     return self._hand(i)
                 free = i if free is None else free
         if len(self.slots) < self.capacity:
             fd, mm = _memfd(self.name, -(-nbytes // PAGE) * PAGE)
-            self.slots.append(Slot(len(self.slots), fd, len(mm), mm))
-            return self._hand(len(self.slots) - 1)
+            slot = Slot(len(self.slots), fd, len(mm), mm)
+            slot.given, slot.released = self.ctl.counters(slot.index)
+            self._stamp(slot)
+            self.slots.append(slot)
+            order.append(slot.index)
+            return slot
         if free is None and time.monotonic() - self._checked > 0.5:
             self._checked = time.monotonic()
             self._reclaim_dead(self.held())
-            return self._pick(nbytes) if any(self._is_free(i) for i in self._order) else None
+            return self._pick(nbytes) if any(self._free()) else None
         if free is not None:  # a frame bigger than every free slot: grow one (consumers remap the new generation)
             slot = self.slots[free]
             slot.size = -(-nbytes // PAGE) * PAGE
             os.ftruncate(slot.fd, slot.size)
             slot.mm = mmap.mmap(slot.fd, slot.size)
             slot.gen += 1
+            self._stamp(slot)
             return self._hand(free)
         return None
 
+    def _stamp(self, slot: Slot) -> None:
+        slot.lease = (os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen)
+
     def _hand(self, i: int) -> Slot:
-        if i in self._order:
-            self._order.remove(i)
+        self._order.remove(i)
         self._order.append(i)
         return self.slots[i]
 
     def acquire(self, shape: tuple[int, ...], dtype: np.dtype, stop: threading.Event | None = None,
                 wait: float | None = None) -> np.ndarray | None:
         """A writable array on a free slot; waits for releases up to `wait` seconds (None: until `stop`)."""
-        count = math.prod(shape)
-        nbytes = max(count * dtype.itemsize, 1)
+        nbytes = max(math.prod(shape) * dtype.itemsize, 1)
+        with self.lock:
+            slot = self._pick(nbytes)
+            if slot is not None:
+                return self._own(slot, shape, dtype)
+        return self._wait(nbytes, shape, dtype, stop, wait)
+
+    def _own(self, slot: Slot, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The owner's array on `slot` (called under the lock). The owner's own hold is not counted in
+        shared memory: only the owner asks whether a slot is free, so a weak reference says enough."""
+        arr = np.ndarray(shape, dtype, slot.mm)
+        slot.mine = self.shm.register(arr, slot.lease, self.ctl, own=True)
+        return arr
+
+    def _wait(self, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, stop: threading.Event | None,
+              wait: float | None) -> np.ndarray | None:
+        """The pool ran dry: wait for releases (their bell) up to `wait` seconds (None: until `stop`)."""
+        self.waits += 1
         deadline = None if wait is None else time.monotonic() + wait
         cells, flag = self.ctl.cells, self.ctl.waiting
         batch = max(1, min(4, len(self.slots) // 4))  # releases to wait for before waking: hysteresis
-        waited = False
+        cells[flag] = self.ctl.released_total() + batch  # releases ring from now on: look once more
         try:
             while True:
                 with self.lock:
                     slot = self._pick(nbytes)
                     if slot is not None:
-                        me = self.shm.index
-                        self.shm.bump(cells, self.ctl.given_cell(slot.index, me, me))  # own array: a lease too
-                        break
-                if not waited:
-                    self.waits += 1
-                    waited = True
-                    cells[flag] = self.ctl.released_total() + batch  # releases ring from now on: look once more
-                    continue
+                        return self._own(slot, shape, dtype)
                 if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline):
                     return None
                 # a few releases wake us (at most 5 ms later: a consumer may keep frames until it gets more);
@@ -235,17 +265,11 @@ class SlotPool:
                     batch = 1
                     cells[flag] = self.ctl.released_total() + 1
         finally:
-            if waited:
-                cells[flag] = 0
-        arr = np.frombuffer(slot.mm, dtype, count).reshape(shape)
-        if slot.lease is None or slot.lease.gen != slot.gen:
-            slot.lease = Lease(os.getpid(), self.ctl_fd, self.capacity, slot.fd, slot.index, slot.gen)
-        self.shm.register(arr, slot.lease, self.ctl)
-        return arr
+            cells[flag] = 0
 
     def in_use(self) -> int:
         with self.lock:
-            return int((self.held()[:len(self.slots)] > 0).any(axis=1).sum())
+            return sum(not free for free in self._free())
 
     def close(self) -> None:
         for mm in [s.mm for s in self.slots] + [self._ctl_mm]:
@@ -285,8 +309,7 @@ class ShmContext:
         self._host_index = {h: i for i, h in enumerate(self.hosts)}
         self.pools: dict[str, SlotPool] = {}
         self.controls: dict[tuple[int, int], Control] = {}
-        self.leases: dict[int, tuple[Lease, Control]] = {}  # id(array) → its lease, while the array lives
-        self._refs: dict[int, weakref.ref] = {}
+        self.leases: dict[int, _Held] = {}  # id(array) → its lease, while the array lives
         self.maps: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -301,20 +324,31 @@ class ShmContext:
                 self.pools[name] = SlotPool(self, name, slots)
             return self.pools[name]
 
-    def register(self, arr: np.ndarray, lease: Lease, ctl: Control) -> None:
-        """Remember `arr` as leased; when it dies (in any thread, even inside GC) count the release."""
-        key = id(arr)
-        self.leases[key] = (lease, ctl)
-        cell = ctl.released_cell(lease.index, self.index)
+    def register(self, arr: np.ndarray, lease: Lease, ctl: Control, own: bool = False) -> _Held:
+        """Remember `arr` as leased; when it dies (in any thread, even inside GC) count the release
+        (the owner's own array: only forget it, and wake the owner if it waits)."""
+        held = _Held(arr, self._dead_own if own else self._dead)
+        held.key, held.lease, held.ctl = id(arr), lease, ctl
+        held.cell = -1 if own else ctl.released_cell(lease[INDEX], self.index)
+        self.leases[held.key] = held
+        return held
 
-        def dead(_ref: weakref.ref, cells: memoryview = ctl.cells) -> None:
-            self.leases.pop(key, None)
-            self._refs.pop(key, None)
-            self.bump(cells, cell)
-            wake_at = cells[ctl.waiting]
-            if wake_at and ctl.released_total() >= wake_at:
-                self._ring(lease.pid, lease.ctl_fd)
-        self._refs[key] = weakref.ref(arr, dead)
+    def _forget(self, held: _Held) -> None:
+        if self.leases.get(held.key) is held:
+            del self.leases[held.key]
+
+    def _dead(self, held: _Held) -> None:
+        self._forget(held)
+        ctl = held.ctl
+        self.bump(ctl.cells, held.cell)
+        wake_at = ctl.cells[ctl.waiting]
+        if wake_at and ctl.released_total() >= wake_at:
+            self._ring(held.lease[PID], held.lease[CTL_FD])
+
+    def _dead_own(self, held: _Held) -> None:
+        self._forget(held)
+        if held.ctl.cells[held.ctl.waiting]:
+            self._ring(held.lease[PID], held.lease[CTL_FD])
 
     def _ring(self, pid: int, ctl_fd: int) -> None:
         """Wake the owner of a pool that waits for a free slot (a byte into its FIFO; never blocks)."""
@@ -373,12 +407,12 @@ class ShmContext:
     def handle(self, arr: np.ndarray, host: str) -> list[int] | None:
         """The wire handle of a leased array, counted as handed to `host` before it travels; None if the
         array is not leased (it then travels inline)."""
-        found = self.leases.get(id(arr))
-        if found is None:
+        held = self.leases.get(id(arr))
+        if held is None:
             return None
-        lease, ctl = found
-        self.bump(ctl.cells, ctl.given_cell(lease.index, self.index, self._host_index[host]))
-        return lease.wire()
+        ctl = held.ctl
+        self.bump(ctl.cells, ctl.given_cell(held.lease[INDEX], self.index, self._host_index[host]))
+        return held.lease
 
     # --- consumer side -----------------------------------------------------------------------
     def _mapped(self, pid: int, fd: int, gen: int, writable: bool) -> mmap.mmap:
@@ -389,16 +423,15 @@ class ShmContext:
                 self.maps.popitem(last=False)
         return cached[1]
 
-    def attach(self, handle: list[int], dtype: str, shape: list[int]) -> np.ndarray:
+    def attach(self, handle: Lease, dtype: str, shape: list[int]) -> np.ndarray:
         """A read-only array on another process's slot; its release is counted when the array dies."""
-        pid, ctl_fd, slots, fd, index, gen = handle
+        pid, ctl_fd, slots, fd, _, gen = handle
         ctl = self.controls.get((pid, ctl_fd))
         if ctl is None:
             ctl = self.controls[(pid, ctl_fd)] = Control.view(
                 self._mapped(pid, ctl_fd, -1, writable=True), slots, len(self.hosts))
-        mm = self._mapped(pid, fd, gen, writable=False)
-        arr = np.frombuffer(mm, np.dtype(dtype), math.prod(shape)).reshape(shape)
-        self.register(arr, Lease(*handle), ctl)
+        arr = np.ndarray(shape, dtype, self._mapped(pid, fd, gen, writable=False))
+        self.register(arr, handle, ctl)
         return arr
 
     def close(self) -> None:

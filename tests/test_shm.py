@@ -64,6 +64,25 @@ def test_frame_crosses_as_a_handle_and_maps_the_same_memory(hosts):
     assert wait_until(lambda: pool.in_use() == 0)
 
 
+def test_a_view_holds_the_slot_after_its_array_is_gone(hosts):
+    """Engines slice frames (crops, channels): a view alone must keep the slot, on both sides."""
+    prod, a, _ = hosts
+    pool = prod.pool("cam.out", 4)
+    frame = pool.acquire((100, 1000), np.dtype(np.uint8))
+    frame[...] = 3
+    crop = frame[10:20, 5:50]
+    got = send(Message("s", 1, arrays={"image": frame}), prod, "a", a).arrays["image"]
+    remote_crop = got.reshape(1000, 100)[:5]
+    del frame, got
+    gc.collect()
+    assert pool.in_use() == 1 and int(crop.max()) == 3 and int(remote_crop.max()) == 3
+    del crop
+    gc.collect()
+    assert pool.in_use() == 1  # the consumer's view still reads it
+    del remote_crop
+    assert wait_until(lambda: pool.in_use() == 0)
+
+
 def test_small_arrays_travel_inline(hosts):
     prod, a, _ = hosts
     small = np.arange(10, dtype=np.float32)
