@@ -166,10 +166,13 @@ class ZmqLink:
     """Cross-process edge, producer side: a PUSH socket connected to the consumer's ipc:// endpoint."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, shm: ShmContext | None = None, dst_host: str = "",
-                 policy: str = "block") -> None:
+                 policy: str = "block", linger_s: float = 10.0) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 4)
-        self.sock.setsockopt(zmq.LINGER, 2000)
+        # what is still queued when this process finishes (end-of-stream included) is delivered while the
+        # process terminates its context, for up to this long: a slow consumer may still be working on
+        # a full queue then
+        self.sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
         self.sock.connect(endpoint)
         self.shm, self.dst_host, self.policy = shm, dst_host, policy
 

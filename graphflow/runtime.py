@@ -88,7 +88,12 @@ class Actor:
             raise ValueError(f"engine {self.node.id!r} has no output port {port!r} "
                              f"(outputs: {', '.join(self.node.cls.outputs) or 'none'})")
         msg.times[self.node.id] = time.time()
-        t0, c0 = time.perf_counter(), time.thread_time()
+        # a send from inside engine code or from another thread is runtime work not counted elsewhere
+        # (a source's sends, between its engine calls, already are): only then is it timed
+        mine = threading.current_thread() is self.thread
+        timed = self._in_engine or not mine
+        if timed:
+            t0, c0 = time.perf_counter(), time.thread_time()
         with self._send_lock:
             try:
                 remote = self._to_shared_memory(msg, port)
@@ -99,11 +104,10 @@ class Actor:
                     link.send(msg, self.engine.stopping)
                 self.stats.sent += 1
             finally:
-                mine = threading.current_thread() is self.thread
-                if self._in_engine or not mine:
+                if timed:
                     self._send_cpu += time.thread_time() - c0
-                if self._in_engine and mine:
-                    self._send_wall += time.perf_counter() - t0
+                    if mine:
+                        self._send_wall += time.perf_counter() - t0
 
     def _to_shared_memory(self, msg: Message, port: str) -> bool:
         """Put the message's large arrays into the port's pool (once for every consumer process);
@@ -334,7 +338,8 @@ class Host:
                     index = [j for j, x in enumerate(graph.edges) if x.dst == e.dst].index(i)
                     outlets[e.src_port].append(LocalLink(inboxes[e.dst], index, isolate=fanout > 1))
                 else:
-                    outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy))
+                    outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy,
+                                                       graph.settings.get("shutdown_timeout", 10.0)))
             self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go,
                                      self._pools(graph, host_of, node), self.closing))
 
@@ -422,6 +427,7 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         report("error", f"process {name!r} failed to start:\n{traceback.format_exc()}")
         report("stop", f"process {name!r} failed to start")
         out.close()
+        _terminate(ctx)
         return
     signal.signal(signal.SIGTERM, lambda *_: host.request_stop())
     signal.signal(signal.SIGUSR1, lambda *_: host.go.set())
@@ -440,6 +446,14 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
     host.close()
     report("stats", host.snapshot())
     out.close()
+    _terminate(ctx)
+
+
+def _terminate(ctx: zmq.Context) -> None:
+    """Deliver what this process's sockets still queue before it exits. A process that exits without
+    terminating its ZeroMQ context loses it, end-of-stream included, and its consumer then waits for it
+    forever. Sockets an engine left open are closed with a short linger."""
+    ctx.destroy(linger=2000)
 
 
 @dataclass
