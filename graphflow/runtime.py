@@ -567,8 +567,14 @@ class Launcher:
         next_progress = time.monotonic()
         try:
             while local.alive() or any(p.is_alive() for p in children.values()) or due:
-                while control.poll(50):
-                    name, kind, payload = control.recv_pyobj()
+                # what has arrived, then on to the checks below: `while poll(50)` never left the loop
+                # while children reported more often than every 50 ms (stats_interval 0.01 held every
+                # source back for seconds)
+                for _ in range(1000 if control.poll(50) else 0):
+                    try:
+                        name, kind, payload = control.recv_pyobj(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
                     if kind == "stats":
                         for s in payload:
                             self.stats[s["engine"]] = s

@@ -148,24 +148,30 @@ def test_drop_oldest_bounds_queue_and_counts_drops(tmp_path, write_graph, user_m
 
 
 def test_a_process_that_finished_still_delivers_what_it_queued_to_a_slow_consumer(tmp_path, write_graph):
-    """A producer process finishes long before its consumer: what it still queues (end-of-stream included;
-    frames of 60 kB travel inline, so the socket buffers fill) must arrive after it is done. A process that
-    exits without terminating its ZeroMQ context loses it, and the consumer then waits forever."""
+    """Producer processes finish long before their slow consumers: what they still queue (end-of-stream
+    included; frames of 60 kB travel inline, so the socket buffers fill) must arrive after they are done.
+    A process that exited without terminating its ZeroMQ context lost it and its consumer waited forever;
+    with frequent stats (the producer exits within 10 ms of its last send) that hung about half of these
+    runs of three pairs."""
     (tmp_path / "slowsink.py").write_text(
         "import json, time\nfrom graphflow import Engine, Param\n"
         "class Slow(Engine):\n    outputs = ()\n    path = Param(str)\n"
         "    def setup(self):\n        self.f = open(self.path, 'w')\n"
         "    def process(self, m):\n        time.sleep(0.04)\n        self.f.write(json.dumps(m.data['value']) + '\\n')\n"
         "    def teardown(self):\n        self.f.close()\n")
-    out = tmp_path / "slow.jsonl"
-    doc = {"engines": {"src": {"type": "source", "placement": "process", "params": {"count": 40, "shape": [100, 200, 3]}},
-                       "slow": {"type": "slowsink:Slow", "placement": "process", "params": {"path": str(out)}}},
-           "connections": [["src", "slow"]]}
+    doc = {"settings": {"stats_interval": 0.01}, "engines": {}, "connections": []}
+    for k in range(3):
+        doc["engines"][f"src{k}"] = {"type": "source", "placement": "process",
+                                     "params": {"count": 40, "shape": [100, 200, 3]}}
+        doc["engines"][f"slow{k}"] = {"type": "slowsink:Slow", "placement": "process",
+                                      "params": {"path": str(tmp_path / f"slow{k}.jsonl")}}
+        doc["connections"].append([f"src{k}", f"slow{k}"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", "graphflow", "launch", "-q", str(write_graph(doc))],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
-    assert [json.loads(line) for line in out.read_text().splitlines()] == list(range(40))
+    for k in range(3):
+        assert [json.loads(line) for line in (tmp_path / f"slow{k}.jsonl").read_text().splitlines()] == list(range(40))
 
 
 def launch(graph_path, *args):
