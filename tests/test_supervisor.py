@@ -77,7 +77,10 @@ def test_engine_gone_for_good_ends_its_branch_not_the_run(tmp_path, user_module)
     took = time.monotonic() - t0
     assert summary.failed and took < 5  # not the 5 s shutdown timeout: the sink got end-of-stream
     assert any("engine 'mid'" in e and "killed by SIGKILL" in e and "end-of-stream" in e for e in summary.errors)
-    assert len(lines(out)) == 10  # what it sent before dying was kept
+    # what had left it before it died was kept, in order; what was still queued inside it (its link holds at
+    # most 4) died with it: on a loaded 2-core machine the sink can fall that far behind (1 run in 6 did)
+    values = [r["value"] for r in lines(out)]
+    assert 10 - 4 - 1 <= len(values) <= 10 and values == list(range(len(values)))
     assert summary.stats["src"]["sent"] == 100  # the source was never blocked by the dead consumer
     assert summary.stats["mid"]["state"] == "died"
 
