@@ -446,7 +446,8 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
     host.close()
     report("stats", host.snapshot())
     out.close()
-    _terminate(ctx)
+    if not host.alive():  # an engine thread still stuck in its code may still use a socket: leave them be
+        _terminate(ctx)
 
 
 def _terminate(ctx: zmq.Context) -> None:
