@@ -166,7 +166,7 @@ class ZmqLink:
     """Cross-process edge, producer side: a PUSH socket connected to the consumer's ipc:// endpoint."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, shm: ShmContext | None = None, dst_host: str = "",
-                 policy: str = "block", linger_s: float = 10.0) -> None:
+                 policy: str = "block", linger_s: float = 5.0) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 4)
         # what is still queued when this process finishes (end-of-stream included) is delivered while the

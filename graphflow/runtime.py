@@ -339,7 +339,7 @@ class Host:
                     outlets[e.src_port].append(LocalLink(inboxes[e.dst], index, isolate=fanout > 1))
                 else:
                     outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy,
-                                                       graph.settings.get("shutdown_timeout", 10.0)))
+                                                       graph.settings.get("shutdown_timeout", 10.0) / 2))
             self.actors.append(Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go,
                                      self._pools(graph, host_of, node), self.closing))
 
@@ -427,7 +427,7 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
         report("error", f"process {name!r} failed to start:\n{traceback.format_exc()}")
         report("stop", f"process {name!r} failed to start")
         out.close()
-        _terminate(ctx)
+        _terminate(ctx, 5.0)
         return
     signal.signal(signal.SIGTERM, lambda *_: host.request_stop())
     signal.signal(signal.SIGUSR1, lambda *_: host.go.set())
@@ -446,15 +446,17 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
     host.close()
     report("stats", host.snapshot())
     out.close()
-    if not host.alive():  # an engine thread still stuck in its code may still use a socket: leave them be
-        _terminate(ctx)
+    _terminate(ctx, graph.settings.get("shutdown_timeout", 10.0) / 2)
 
 
-def _terminate(ctx: zmq.Context) -> None:
-    """Deliver what this process's sockets still queue before it exits. A process that exits without
-    terminating its ZeroMQ context loses it, end-of-stream included, and its consumer then waits for it
-    forever. Sockets an engine left open are closed with a short linger."""
-    ctx.destroy(linger=2000)
+def _terminate(ctx: zmq.Context, wait_s: float) -> None:
+    """Deliver what this process's closed sockets still queue before it exits, for up to `wait_s`. A
+    process that exits without terminating its ZeroMQ context loses it, end-of-stream included, and its
+    consumer then waits for it forever. The wait is bounded (a socket an engine left open, or one a
+    stray engine thread still uses, would hold `term` forever), and no socket is closed from here."""
+    t = threading.Thread(target=ctx.term, name="zmq-term", daemon=True)
+    t.start()
+    t.join(wait_s)
 
 
 @dataclass

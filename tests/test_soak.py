@@ -13,7 +13,7 @@ def test_short_soak_keeps_shared_memory_constant_and_exits_clean():
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.splitlines()[-1].removeprefix("RESULT "))
-    assert result["exit_code"] == 0 and result["frames"] > 20
+    assert result["exit_code"] == 0 and result["frames"] > 20, out.stderr[-2000:]
     assert result["dev_shm_segments"] == 0 and result["memfds_after_exit"] == 0 and result["leftover_processes"] == 0
     rows = [line.split() for line in out.stdout.splitlines()[1:] if line.split() and line.split()[0].isdigit()]
     fds = [int(r[4]) for r in rows]
