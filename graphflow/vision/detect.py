@@ -96,29 +96,31 @@ DECODERS: dict[str, Callable[[np.ndarray, tuple[int, int], DetectParams], Decode
 }
 
 
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes a (N,4) and b (M,4), in their float dtype, without input checks (NMS's and the
+    trackers' hot path)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    wh = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh -= lt
+    np.maximum(wh, 0, out=wh)
+    inter = wh[..., 0] * wh[..., 1]
+    size_a, size_b = a[:, 2:] - a[:, :2], b[:, 2:] - b[:, :2]
+    union = (size_a[:, 0] * size_a[:, 1])[:, None] + size_b[:, 0] * size_b[:, 1] - inter
+    return inter / np.maximum(union, 1e-12)
+
+
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one xyxy box against Nx4 xyxy boxes."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / np.maximum(area + areas - inter, 1e-9)
+    return pairwise_iou(box[None], boxes)[0]
 
 
 DENSE_NMS = 256  # up to this many candidates, NMS computes all pairwise IoUs at once
 
 
 def _nms_dense(ordered: np.ndarray, order: np.ndarray, iou: float, max_keep: int) -> np.ndarray:
-    """Greedy NMS over boxes sorted best first, from one IoU matrix (the same arithmetic as `box_iou`, so the same
-    boxes survive): a few NumPy calls in all instead of several per kept box."""
-    lt = np.maximum(ordered[:, None, :2], ordered[None, :, :2])
-    rb = np.minimum(ordered[:, None, 2:], ordered[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]  # (a product of two, as np.prod computes it, without its overhead)
-    size = ordered[:, 2:] - ordered[:, :2]
-    areas = size[:, 0] * size[:, 1]
-    over = (inter / np.maximum(areas[:, None] + areas[None, :] - inter, 1e-9)) > iou
+    """Greedy NMS over boxes sorted best first, from one IoU matrix (the IoU `box_iou` computes, so the same boxes
+    survive): a few NumPy calls in all instead of several per kept box."""
+    over = pairwise_iou(ordered, ordered) > iou
     alive = np.ones(len(order), bool)
     keep = []
     for i in range(len(order)):

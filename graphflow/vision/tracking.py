@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from graphflow.vision.detect import pairwise_iou as _iou
+
 log = logging.getLogger(__name__)
 
 
@@ -47,18 +49,6 @@ class Tracks:
 
     def __add__(self, other: Tracks) -> Tracks:
         return Tracks(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of float64 xyxy boxes a (N,4) and b (M,4), without input checks (the trackers' hot path)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    wh = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh -= lt
-    np.maximum(wh, 0.0, out=wh)
-    inter = wh[..., 0] * wh[..., 1]
-    size_a, size_b = a[:, 2:] - a[:, :2], b[:, 2:] - b[:, :2]
-    union = (size_a[:, 0] * size_a[:, 1])[:, None] + size_b[:, 0] * size_b[:, 1] - inter
-    return inter / np.maximum(union, 1e-12)
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
