@@ -169,9 +169,7 @@ class SlotPool:
 
     def _free(self) -> list[bool]:
         """Which slots are free, all at once (a scan slot by slot costs a microsecond each)."""
-        n = len(self.slots)
-        given, released = self.ctl.given[:n], self.ctl.released[:n]
-        balanced = (given.sum(axis=(1, 2)) - released.sum(axis=1) - self.forgiven[:n].sum(axis=1) <= 0).tolist()
+        balanced = (self.held()[:len(self.slots)].sum(axis=1) <= 0).tolist()
         return [b and (s.mine is None or s.mine() is None) for b, s in zip(balanced, self.slots)]
 
     def _pick(self, nbytes: int) -> Slot | None:
