@@ -1,13 +1,15 @@
 """Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
 
 Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--pre-engines 1]
-       [--unbatched] [--fused] [--quick]
+       [--unbatched] [--fused] [--naive-threads N] [--quick]
 (a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
 (b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
     and decodes/NMS — the loop a user writes without a scheduler.
 Both see the same frames at the same offered rate; a frame not taken before its camera's next one is skipped, as a
 live camera overwrites it (counted as a drop). Frames are 416 px wide, so letterbox pads without resizing and the
-comparison is about inference scheduling. Prints a table and a final `RESULT {json}` line.
+comparison is about inference scheduling. First it times the model alone at batch sizes 1…max_batch in the same
+backend as (a): the per-image gain of a batch there bounds what batching can add on this device. Prints tables and a
+final `RESULT {json}` line.
 """
 from __future__ import annotations
 
@@ -242,12 +244,54 @@ def naive_threads(streams: int) -> int:
     return max(1, cores() // streams)
 
 
+def model_cost(args: argparse.Namespace, rounds: int = 3) -> dict[int, float]:
+    """Milliseconds per image of the model alone at batch sizes 1, 2, 4… up to max_batch, in graphflow's backend
+    setup (threads per instance as in (a)), on letterboxed camera frames: the input is already where the backend
+    runs it (on a GPU: uploaded beforehand, and the output decoded there, as infer does); sizes run interleaved,
+    median of `rounds`."""
+    spec = resolve_model(MODEL)
+    try:
+        runner = make_backend(args.backend, args.threads or max(1, cores() // args.instances), args.max_batch)
+        runner.load(spec.path)
+    except ValueError as exc:
+        raise SystemExit(f"model cost: {exc}") from None
+    sizes = sorted({1 << i for i in range(args.max_batch.bit_length()) if 1 << i <= args.max_batch} | {args.max_batch})
+    frames = [camera_frames(i % args.streams, *FRAME_SIZE)[0] for i in range(max(sizes))]
+    batch = np.stack([letterbox(f, spec.preprocess)[0] for f in frames])
+    if hasattr(runner, "candidates"):  # a GPU backend, run as infer runs it
+        params = DetectParams()
+        inputs = {b: runner.prepare(batch[:b]) for b in sizes}
+
+        def run(x: Any) -> Any:
+            return runner.candidates(x, spec.output_format, params)
+    else:
+        inputs = {b: batch[:b] for b in sizes}
+        run = runner.infer
+    images = max(sizes) * (2 if args.device == "cpu" else 8)  # per size and round: a few hundred ms
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    for b in sizes:
+        run(inputs[b])  # warm-up (first-run allocations, a GPU backend's per-shape setup)
+    for _ in range(rounds):
+        for b in sizes:
+            t0 = time.perf_counter()
+            for _ in range(images // b):
+                run(inputs[b])
+            times[b].append((time.perf_counter() - t0) / (images // b * b) * 1e3)
+    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+
+
+def print_cost(cost: dict[int, float]) -> None:
+    print(f"{'model alone: batch':<20} " + " ".join(f"{b:>7}" for b in cost))
+    print(f"{'ms per image':<20} " + " ".join(f"{t:>7.2f}" for t in cost.values()))
+    print(f"{'vs batch 1':<20} " + " ".join(f"{cost[1] / t:>6.2f}x" for t in cost.values()))
+
+
 def run_naive(args: argparse.Namespace) -> Outcome:
     """(b): one thread per camera, batch size 1; on the CPU each thread has its own session (cores shared out), on a
     GPU they share one model."""
     spec = resolve_model(MODEL)
     detect = DetectParams()
-    threads = args.threads or naive_threads(args.streams)
+    threads = args.naive_threads if args.naive_threads is not None else args.threads or naive_threads(args.streams)
     shared = args.device == "cuda"
     runners = []
     for _ in range(1 if shared else args.streams):
@@ -329,6 +373,8 @@ def main() -> None:
                     help="graphflow: split the cameras over this many camera → preprocess chains")
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime threads per session (0: graphflow cores / instances, naive cores / streams)")
+    ap.add_argument("--naive-threads", type=int, default=None,
+                    help="onnxruntime threads of each naive session, overriding --threads (0: the backend's default)")
     ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
     ap.add_argument("--fused", action="store_true",
                     help="no preprocess engine: infer letterboxes each batch itself (one upload per batch on a GPU)")
@@ -341,7 +387,10 @@ def main() -> None:
     args.instances = args.instances or (1 if args.device == "cuda" else cores())
     if args.quick:
         args.seconds, args.rounds = QUICK_SECONDS, 1
+    if args.naive_threads is not None and args.naive_threads < 0:
+        raise SystemExit("--naive-threads must be 0 or more")
     logging.basicConfig(level=logging.WARNING)
+    cost = model_cost(args, rounds=1 if args.quick else 3)
     rounds = []
     for _ in range(args.rounds):
         variants = {"naive": run_naive(args), "graphflow": run_graphflow(args, args.max_batch)}
@@ -350,6 +399,8 @@ def main() -> None:
         rounds.append(variants)
     print(f"\n{args.streams} cameras × {args.fps:g} fps for {args.seconds:g} s, {MODEL} on {args.device} "
           f"({args.backend}), {cores()} cores, graphflow: {args.instances} instance(s) × max_batch {args.max_batch}\n")
+    print_cost(cost)
+    print()
     print_table(rounds)
     speedups = [r["graphflow"].fps / r["naive"].fps if r["naive"].fps else 0.0 for r in rounds]
     median = sorted(range(len(rounds)), key=lambda i: speedups[i])[(len(rounds) - 1) // 2]
@@ -357,7 +408,10 @@ def main() -> None:
               "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
               "instances": args.instances, "pre_engines": args.pre_engines, "fused": args.fused,
               "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
-                          "naive_per_session": args.threads or naive_threads(args.streams)},
+                          "naive_per_session": args.naive_threads if args.naive_threads is not None
+                          else args.threads or naive_threads(args.streams)},
+              "model_ms_per_image": {str(b): round(t, 3) for b, t in cost.items()},
+              "batch_gain_ceiling": round(cost[1] / min(cost.values()), 3),
               "speedup": round(speedups[median], 3), "speedups": [round(x, 3) for x in speedups],
               "variants": {name: o.row() for name, o in rounds[median].items()}}
     print("RESULT " + json.dumps(result))
