@@ -1,7 +1,7 @@
 """Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
 
 Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--pre-engines 1]
-       [--unbatched] [--fused] [--naive-threads N] [--quick]
+       [--unbatched] [--fused] [--cams-process] [--naive-threads N] [--quick]
 (a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
 (b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
     and decodes/NMS — the loop a user writes without a scheduler.
@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -111,7 +113,7 @@ class Cameras(Engine):
         self.frames = [camera_frames(i, self.width, self.height) for i in self.indices]
         self.skipped = 0
         self.start = 0.0
-        self.cpu_start = 0.0
+        self.cpu_start = self.cpu_end = 0.0
 
     def generate(self) -> Iterator[Message | None]:
         self.start = time.time() + 0.05
@@ -137,9 +139,10 @@ class Cameras(Engine):
                 heapq.heappop(due)
             yield Message(stream=f"cam{self.indices[i]}", seq=k, pts=k / self.fps, data={"width": self.width, "height": self.height},
                           arrays={"image": self.frames[i][k % len(self.frames[i])]}, times={"capture": cam.due(k)})
+        self.cpu_end = cpu_seconds()
 
     def metrics(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "start": self.start, "cpu_start": self.cpu_start}
+        return {"skipped": self.skipped, "start": self.start, "cpu_start": self.cpu_start, "cpu_end": self.cpu_end}
 
 
 class Tally(Engine):
@@ -150,15 +153,44 @@ class Tally(Engine):
     def setup(self) -> None:
         self.frames = 0
         self.last = 0.0
-        self.cpu_last = 0.0
+        self.cpu_first = self.cpu_last = 0.0
 
     def process(self, msg: Message) -> None:
+        if not self.frames:
+            self.cpu_first = cpu_seconds()
         self.frames += 1
         self.last = time.time()
         self.cpu_last = cpu_seconds()
 
     def metrics(self) -> dict[str, Any]:
-        return {"frames": self.frames, "last": self.last, "cpu_last": self.cpu_last}
+        return {"frames": self.frames, "last": self.last, "cpu_first": self.cpu_first, "cpu_last": self.cpu_last}
+
+
+class SmiUtil:
+    """nvidia-smi's utilization.gpu (share of time a kernel ran, sampled by the driver) every 100 ms while the block
+    runs: a check of the busy column from outside the process. `median` covers the samples over 5 % (the run, not
+    the set-up around it); None without nvidia-smi."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.samples: list[int] = []
+
+    def __enter__(self) -> SmiUtil:
+        if self.enabled:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.proc.terminate()
+            out = self.proc.communicate()[0]
+            self.samples = [int(x) for x in out.split() if x.isdigit()]
+
+    @property
+    def median(self) -> float | None:
+        busy = sorted(u for u in self.samples if u > 5)
+        return float(busy[len(busy) // 2]) if busy else None
 
 
 @dataclass
@@ -172,6 +204,7 @@ class Outcome:
     drops: int
     cpu_s: float
     metrics: dict[str, Any]
+    smi_util: float | None = None  # nvidia-smi's median utilization.gpu over the run, %
 
     @property
     def fps(self) -> float:
@@ -183,7 +216,8 @@ class Outcome:
                 "cpu_ms_per_frame": round(self.cpu_s / self.frames * 1e3, 1) if self.frames else None,
                 "mean_batch": m["mean_batch"], "mean_batch_fill": m["mean_batch_fill"],
                 "busy_fraction": m["busy_fraction"], "busy_cv": m["busy_cv"],
-                "p50_ms": m["p50_ms"], "p95_ms": m["p95_ms"]}
+                "p50_ms": m["p50_ms"], "p95_ms": m["p95_ms"], "run_ms": m.get("mean_run_ms"),
+                "smi_util_pct": self.smi_util}
 
 
 def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
@@ -199,7 +233,7 @@ def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     for g in range(groups):
         suffix = str(g) if groups > 1 else ""
         engines[f"cams{suffix}"] = {
-            "type": f"{Cameras.__module__}:Cameras",
+            "type": f"{Cameras.__module__}:Cameras", "placement": "process" if args.cams_process else "thread",
             "params": {"streams": bounds[g + 1] - bounds[g], "first": bounds[g], "total": args.streams,
                        "fps": args.fps, "seconds": args.seconds}}
         if args.fused:  # infer letterboxes the frames itself, a whole batch at once
@@ -224,9 +258,14 @@ def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     drops = sum(c["skipped"] for c in cams) + det["dropped"] + sum(
         summary.stats[k]["dropped"] for k in engines if k.startswith("pre") or k == "det")
     offered = sum(c.frames for c in cameras(args.streams, args.fps, 0.0, args.seconds))
-    start, cpu_start = min(c["start"] for c in cams), min(c["cpu_start"] for c in cams)
-    return Outcome(f"(a) graphflow batch≤{max_batch}", tally["frames"], offered, tally["last"] - start,
-                   drops, tally["cpu_last"] - cpu_start, det)
+    start = min(c["start"] for c in cams)
+    if args.cams_process:  # CPU of the camera processes, plus this one's from the first frame done to the last
+        cpu_s = sum(c["cpu_end"] - c["cpu_start"] for c in cams) + tally["cpu_last"] - tally["cpu_first"]
+    else:
+        cpu_s = tally["cpu_last"] - min(c["cpu_start"] for c in cams)
+    where = ", cams in processes" if args.cams_process else ""
+    return Outcome(f"(a) graphflow batch≤{max_batch}{where}", tally["frames"], offered, tally["last"] - start,
+                   drops, cpu_s, det)
 
 
 def cpu_seconds() -> float:
@@ -322,8 +361,15 @@ def run_naive(args: argparse.Namespace) -> Outcome:
             k = newest
             tensor, info = boxer(frames[i][k % len(frames[i])], spec.preprocess)
             stats.batch(1, 0)
-            with stats.running():
+            span = getattr(runner, "device_span", None)
+            t0 = time.monotonic()
+            if span is None:
+                with stats.running():
+                    output = runner.infer(tensor[None])[0]
+            else:  # a GPU backend: busy is the GPU-side span of the run, as graphflow's infer counts it
                 output = runner.infer(tensor[None])[0]
+                stats.busy_span(*(span() or (t0, time.monotonic())))
+            stats.ran(time.monotonic() - t0)
             postprocess(output, spec.output_format, info, FRAME_SIZE, spec.labels, detect)
             last[i] = time.time()
             stats.done(f"cam{i}", last[i] - cam.due(k))
@@ -342,20 +388,49 @@ def run_naive(args: argparse.Namespace) -> Outcome:
                    stats.snapshot({}))
 
 
+def latency_bound(args: argparse.Namespace, cost: dict[int, float], outcome: Outcome) -> dict[str, Any]:
+    """The issue's latency target for an offered load under capacity (no drops): p95 within max_wait_ms + 2 batch
+    times, with a batch time taken two ways — the model alone at the mean batch size's power of two (strict), and
+    the run stage's mean time per batch in (a) itself (host wall time, launch and copy back included)."""
+    r = outcome.row()
+    size = min((b for b in cost if b >= (r["mean_batch"] or 1)), default=max(cost))
+    model_ms = cost[size] * size
+    bounds = {"strict": args.max_wait_ms + 2 * model_ms}
+    if r["run_ms"] is not None:
+        bounds["in_graph"] = args.max_wait_ms + 2 * r["run_ms"]
+    return {"under_capacity": r["drops"] == 0, "p95_ms": r["p95_ms"], "model_batch_ms": round(model_ms, 3),
+            "run_ms": r["run_ms"], **{f"{k}_ms": round(v, 2) for k, v in bounds.items()},
+            **{f"within_{k}": r["p95_ms"] is not None and r["p95_ms"] <= v for k, v in bounds.items()}}
+
+
+def smi_run(args: argparse.Namespace, variant: Any, *more: Any) -> Outcome:
+    """Run a variant; on a GPU, with nvidia-smi sampling its utilisation."""
+    with SmiUtil(args.device == "cuda") as smi:
+        outcome = variant(args, *more)
+    outcome.smi_util = smi.median
+    return outcome
+
+
 def print_table(rounds: list[dict[str, Outcome]]) -> None:
-    print(f"{'variant':<26} {'frames':>6} {'offered':>7} {'fps':>7} {'vs (b)':>7} {'cpu ms/f':>8} {'batch':>6} "
-          f"{'fill':>5} {'busy':>5} {'busy CV':>7} {'p50 ms':>7} {'p95 ms':>7} {'drops':>6}")
+    width = max(len(o.name) for v in rounds for o in v.values()) + (3 if len(rounds) > 1 else 0)
+    print(f"{'variant':<{width}} {'frames':>6} {'offered':>7} {'fps':>7} {'vs (b)':>7} {'cpu ms/f':>8} {'batch':>6} "
+          f"{'fill':>5} {'busy':>5} {'busy CV':>7} {'p50 ms':>7} {'p95 ms':>7} {'drops':>6}"
+          + (f" {'smi %':>5}" if any(o.smi_util is not None for v in rounds for o in v.values()) else ""))
     for n, variants in enumerate(rounds, 1):
         for o in variants.values():
             r = o.row()
-            print(f"{o.name + (f' #{n}' if len(rounds) > 1 else ''):<26} {r['frames']:>6} {r['offered']:>7} "
+            print(f"{o.name + (f' #{n}' if len(rounds) > 1 else ''):<{width}} {r['frames']:>6} {r['offered']:>7} "
                   f"{r['fps']:>7.2f} {o.fps / variants['naive'].fps:>6.2f}x {r['cpu_ms_per_frame']:>8.1f} "
                   f"{r['mean_batch']:>6.2f} {r['mean_batch_fill']:>5.2f} {r['busy_fraction']:>5.2f} "
-                  f"{r['busy_cv']:>7.3f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['drops']:>6}")
-    print("  fps: frames done / (last done − cameras' start); cpu ms/f: CPU time of this process per frame done;\n"
+                  f"{r['busy_cv']:>7.3f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['drops']:>6}"
+                  + (f" {o.smi_util:>5.0f}" if o.smi_util is not None else ""))
+    print("  fps: frames done / (last done − cameras' start); cpu ms/f: CPU time per frame done (this process, and\n"
+          "  the camera processes with --cams-process);\n"
           "  batch/fill: mean batch size, and over max_batch; busy: share of the accelerator in use per 100 ms window\n"
-          "  (CPU: of its cores, one per model instance or session), mean over the run; busy CV: std/mean of the\n"
-          "  windows; p50/p95: capture → detections decoded, the worst camera's; drops: frames skipped or dropped")
+          "  (CPU: of its cores, one per model instance or session; GPU: time between each run's first and last\n"
+          "  kernel, from CUDA events), mean over the run; busy CV: std/mean of the windows; p50/p95: capture →\n"
+          "  detections decoded, the worst camera's; drops: frames skipped or dropped; smi %: nvidia-smi's median\n"
+          "  utilization.gpu over the run (share of time some kernel ran)")
 
 
 def main() -> None:
@@ -375,6 +450,9 @@ def main() -> None:
                     help="onnxruntime threads per session (0: graphflow cores / instances, naive cores / streams)")
     ap.add_argument("--naive-threads", type=int, default=None,
                     help="onnxruntime threads of each naive session, overriding --threads (0: the backend's default)")
+    ap.add_argument("--cams-process", action="store_true",
+                    help="graphflow: run each camera engine in its own process (as decode engines would be), so the "
+                         "frames cross to infer through shared memory and infer's process has the GIL to itself")
     ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
     ap.add_argument("--fused", action="store_true",
                     help="no preprocess engine: infer letterboxes each batch itself (one upload per batch on a GPU)")
@@ -393,9 +471,9 @@ def main() -> None:
     cost = model_cost(args, rounds=1 if args.quick else 3)
     rounds = []
     for _ in range(args.rounds):
-        variants = {"naive": run_naive(args), "graphflow": run_graphflow(args, args.max_batch)}
+        variants = {"naive": smi_run(args, run_naive), "graphflow": smi_run(args, run_graphflow, args.max_batch)}
         if args.unbatched:
-            variants["graphflow_unbatched"] = run_graphflow(args, 1)
+            variants["graphflow_unbatched"] = smi_run(args, run_graphflow, 1)
         rounds.append(variants)
     print(f"\n{args.streams} cameras × {args.fps:g} fps for {args.seconds:g} s, {MODEL} on {args.device} "
           f"({args.backend}), {cores()} cores, graphflow: {args.instances} instance(s) × max_batch {args.max_batch}\n")
@@ -404,15 +482,21 @@ def main() -> None:
     print_table(rounds)
     speedups = [r["graphflow"].fps / r["naive"].fps if r["naive"].fps else 0.0 for r in rounds]
     median = sorted(range(len(rounds)), key=lambda i: speedups[i])[(len(rounds) - 1) // 2]
+    bound = latency_bound(args, cost, rounds[median]["graphflow"])
+    print(f"latency (a): p95 {bound['p95_ms']} ms; max_wait_ms + 2 batch times = {bound['strict_ms']} ms with the "
+          f"model alone's batch time, {bound.get('in_graph_ms')} ms with the run stage's"
+          + ("" if bound["under_capacity"] else " (offered load over capacity: the bound does not apply)"))
     result = {"device": args.device, "backend": args.backend, "streams": args.streams, "fps": args.fps,
               "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
               "instances": args.instances, "pre_engines": args.pre_engines, "fused": args.fused,
+              "cams_process": args.cams_process,
               "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
                           "naive_per_session": args.naive_threads if args.naive_threads is not None
                           else args.threads or naive_threads(args.streams)},
               "model_ms_per_image": {str(b): round(t, 3) for b, t in cost.items()},
               "batch_gain_ceiling": round(cost[1] / min(cost.values()), 3),
               "speedup": round(speedups[median], 3), "speedups": [round(x, 3) for x in speedups],
+              "latency_bound": bound,
               "variants": {name: o.row() for name, o in rounds[median].items()}}
     print("RESULT " + json.dumps(result))
     sys.stdout.flush()

@@ -65,9 +65,9 @@ def memfds(proc: psutil.Process) -> int:
         return 0
 
 
-def sample(launcher: psutil.Process, seen: set[int]) -> dict:
+def sample(launcher: psutil.Process, seen: dict[int, psutil.Process]) -> dict:
     procs = [launcher] + launcher.children(recursive=True)
-    seen.update(p.pid for p in procs)
+    seen.update((p.pid, p) for p in procs)
     rss = {}
     for p in procs:
         try:
@@ -76,6 +76,15 @@ def sample(launcher: psutil.Process, seen: set[int]) -> dict:
             pass
     return {"t": time.monotonic(), "rss": rss, "total_rss": sum(rss.values()),
             "dev_shm": len(dev_shm_of(list(rss))), "memfds": sum(memfds(p) for p in procs)}
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Whether the graph's process still runs: the same process (its pid and start time; a pid reused by another
+    program does not count), not a zombie waiting to be reaped."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def growth_per_hour(samples: list[dict]) -> float:
@@ -103,7 +112,7 @@ def main() -> None:
                                  "--stats", str(Path(tmp) / "stats.json")], stderr=subprocess.PIPE, text=True)
         launcher = psutil.Process(proc.pid)
         samples: list[dict] = []
-        seen: set[int] = set()  # every pid of the graph, to look for leftovers after it exits
+        seen: dict[int, psutil.Process] = {}  # every process of the graph, to look for leftovers after it exits
         end = time.monotonic() + args.minutes * 60
         print(f"{'t s':>6} {'procs':>5} {'RSS MiB':>8} {'/dev/shm':>8} {'memfds':>6}")
         try:
@@ -123,7 +132,7 @@ def main() -> None:
                 proc.kill()
                 _, err = proc.communicate()
         deadline = time.monotonic() + 5  # children and the resource tracker go with the launcher
-        while any(psutil.pid_exists(pid) for pid in seen) and time.monotonic() < deadline:
+        while any(alive(p) for p in seen.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
         stats = json.loads((Path(tmp) / "stats.json").read_text()) if (Path(tmp) / "stats.json").exists() else {}
         frames = stats.get("engines", {}).get("out", {}).get("received", 0)
@@ -133,8 +142,8 @@ def main() -> None:
               "rss_growth_pct_per_hour": round(growth_per_hour(samples), 2),
               "dev_shm_segments": max((s["dev_shm"] for s in samples), default=0),
               "memfds": sorted({s["memfds"] for s in samples}),
-              "leftover_processes": sum(psutil.pid_exists(pid) for pid in seen),
-              "memfds_after_exit": sum(memfds(psutil.Process(pid)) for pid in seen if psutil.pid_exists(pid))}
+              "leftover_processes": sum(alive(p) for p in seen.values()),
+              "memfds_after_exit": sum(memfds(p) for p in seen.values() if alive(p))}
     print(f"frames through the graph: {frames}; exit code {proc.returncode}")
     if proc.returncode != 0:
         print(err[-2000:], file=sys.stderr)

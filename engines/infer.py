@@ -5,7 +5,6 @@ this engine validates frames, queues them, and turns each model output into the 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
@@ -18,7 +17,7 @@ from graphflow.channel import Closed
 from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
-from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, resolve_model, stack_batch
+from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, powers_of_two, resolve_model, stack_batch
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,8 @@ def without_tensor(msg: Message) -> Message:
     tensor is returned as it is: it is already infer's own copy (made when queued or when its batch was stacked)."""
     if "tensor" not in msg.arrays:
         return msg
-    return dataclasses.replace(msg, arrays={k: v for k, v in msg.arrays.items() if k != "tensor"})
+    return Message(msg.stream, msg.seq, msg.pts, msg.data, {k: v for k, v in msg.arrays.items() if k != "tensor"},
+                   msg.times, msg.port)
 
 
 def frame_names(batch: list[Queued], limit: int = 8) -> str:
@@ -107,12 +107,21 @@ class Infer(Engine):
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
         self.failures: list[str] = []
         self.failures_lock = threading.Lock()
+        self._infos: dict[tuple[int, int], dict] = {}  # letterbox info by frame size (`letterbox: true`)
         self._staging = PinnedStaging()  # letterbox on a GPU backend: the batch's page-locked upload buffer
         # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
         self.gpu_decode = all(hasattr(r, "candidates") for r in self.runners)
         runs = [functools.partial(r.candidates, fmt=self.spec.output_format, p=self.detect) if self.gpu_decode
                 else r.infer for r in self.runners]
-        self.pipeline = BatchPipeline(self.scheduler, self._assemble, runs, self._finish, self._failed, name=self.id)
+        if self.gpu_decode:  # record each batch size's decode now, not while the first frames wait
+            width, height = self.runner.input.size
+            for run in runs:
+                for size in powers_of_two(self.max_batch):
+                    run(np.zeros((size, 3, height, width), np.float32))
+        # a GPU backend times its runs on the GPU: busy time is then kernel time, not the host's wait
+        spans = [getattr(r, "device_span", None) for r in self.runners]
+        self.pipeline = BatchPipeline(self.scheduler, self._assemble, runs, self._finish, self._failed, name=self.id,
+                                      spans=spans)
         self.pipeline.start()
         self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d%s", self.spec.name, self.spec.output_format,
                       self.runner.name, self.instances, list(self.runner.input.size), self.max_batch,
@@ -130,8 +139,14 @@ class Infer(Engine):
             got = "none" if image is None else f"{image.dtype} {list(image.shape)}"
             raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} needs arrays['image'], an HxWx3 uint8 "
                              f"frame, to letterbox (got {got})")
-        info = letterbox_info(image.shape[1], image.shape[0], self.spec.preprocess)
-        return dataclasses.replace(msg, data={**msg.data, "letterbox": info})
+        size = image.shape[1], image.shape[0]
+        info = self._infos.get(size)
+        if info is None:  # one geometry per frame size, worked out once
+            info = self._infos[size] = letterbox_info(*size, self.spec.preprocess)
+        # a new message (the one received may be shared), built directly: `dataclasses.replace` is several times
+        # slower, and this runs once per frame; the info's lists are copied so no two frames share them
+        own = {k: list(v) if isinstance(v, list) else v for k, v in info.items()}
+        return Message(msg.stream, msg.seq, msg.pts, {**msg.data, "letterbox": own}, msg.arrays, msg.times, msg.port)
 
     def _checked(self, msg: Message) -> Message:
         """The message, once its preprocessed tensor is known to fit the model."""

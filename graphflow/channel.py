@@ -58,7 +58,8 @@ class Inbox:
             if self.closed:
                 raise Closed
             q.append(item)
-            self.cond.notify_all()
+            if len(q) == 1:  # the consumer waits only while every queue is empty: wake it for the first item only
+                self.cond.notify_all()
 
     def get(self, timeout: float | None = None) -> tuple[int, Message | EndOfStream] | None:
         """Next (connection, item) in round-robin order, or None after `timeout` seconds."""
@@ -68,11 +69,12 @@ class Inbox:
                 n = len(self.queues)
                 for k in range(n):
                     i = (self._next + k) % n
-                    if self.queues[i]:
+                    q = self.queues[i]
+                    if q:
                         self._next = (i + 1) % n
-                        item = self.queues[i].popleft()
-                        self.cond.notify_all()
-                        return i, item
+                        if self.policies[i] == "block" and len(q) >= self.capacity[i]:
+                            self.cond.notify_all()  # a producer may be waiting for room (others never wait)
+                        return i, q.popleft()
                 if self.closed:
                     raise Closed
                 left = None if deadline is None else deadline - time.monotonic()

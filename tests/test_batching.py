@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from engines.preprocess import Preprocess
 from graphflow import Message
 from graphflow.testing import _start, run_engine
 from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Scheduler
+from graphflow.vision import models
+from graphflow.vision.models import resolve_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -141,6 +144,70 @@ def test_busy_timeline_fill_and_flatness():
     assert stats.snapshot({})["timeline"]["busy"] == [1.0, 0.25, 0.5]
 
 
+def test_device_spans_count_once_and_never_before_the_first():
+    stats = BatchStats(max_batch=4, slots=2)
+    stats.busy_span(1.00, 1.05)  # window 0: half busy
+    stats.busy_span(1.03, 1.10)  # overlaps the first (another instance on the same device): 1.05-1.10 counts
+    stats.busy_span(1.10, 1.12)  # window 1
+    stats.busy_span(1.09, 1.11)  # within what was credited: nothing
+    stats.busy_span(1.30, 1.40)  # window 3 (window 2 idle); the window holding the last moment stays open
+    stats.busy_span(1.45, 1.46)
+    m = stats.snapshot({})
+    assert m["timeline"]["busy"] == [1.0, 0.2, 0.0, 1.0]
+    assert m["busy_fraction"] == round(2.2 / 4, 3)
+
+
+def test_pipeline_credits_device_spans_instead_of_host_time():
+    """An instance with a span reader is busy for what it reports (here a fifth of each run), not the whole run;
+    a reader with nothing to report leaves the host's interval."""
+    def measure(report: bool) -> dict:
+        spans: list = []
+
+        def run(batch):
+            t0 = time.monotonic()
+            time.sleep(0.02)
+            spans.append((t0 + 0.01, t0 + 0.014) if report else None)
+            return batch
+
+        s = scheduler(max_batch=1, max_wait_s=0.0, queue=100)
+        pipe = BatchPipeline(s, lambda batch: [q.item for q in batch], [run], lambda q, out: None,
+                             lambda b, e: None, spans=[lambda: spans[-1]])
+        pipe.start()
+        for seq in range(30):
+            s.put("a", seq)
+        assert pipe.drain()
+        return s.stats.snapshot({})
+
+    m = measure(report=True)
+    assert 0.05 <= m["busy_fraction"] <= 0.3  # 4 ms of each ~20 ms run
+    assert m["mean_run_ms"] >= 19  # while the host's time per run is still recorded as such
+    assert measure(report=False)["busy_fraction"] >= 0.6  # the host's ~20 ms of each run
+    with pytest.raises(ValueError, match="2 span readers for 1 instances"):
+        BatchPipeline(scheduler(), list, [list], print, print, spans=[None, None])
+
+
+def test_infer_message_copies_keep_every_field():
+    """infer builds its per-frame copies field by field (for speed): a field added to Message must be carried."""
+    import dataclasses
+
+    from engines.infer import without_tensor
+
+    image = np.zeros((4, 6, 3), np.uint8)
+    msg = Message(stream="s", seq=7, pts=1.5, data={"a": 1}, arrays={"image": image, "tensor": image},
+                  times={"capture": 2.0}, port="out")
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(Message)}
+    engine = Infer()
+    engine.id, engine.letterbox, engine._infos = "det", True, {}
+    engine.spec = SimpleNamespace(preprocess=resolve_model("yolox-nano").preprocess)
+    for copy, changed in ((without_tensor(msg), "arrays"), (engine._framed(msg), "data")):
+        assert copy is not msg
+        for name, value in values.items():
+            if name != changed:
+                assert getattr(copy, name) == value, name
+    assert "tensor" not in without_tensor(msg).arrays and "letterbox" in engine._framed(msg).data
+    assert msg.data == {"a": 1} and "tensor" in msg.arrays  # the received message is left as it was
+
+
 def test_pipeline_keeps_order_when_instances_finish_out_of_order():
     s = scheduler(max_batch=2, max_wait_s=0.0, queue=100)
     done, errors = [], []
@@ -206,12 +273,15 @@ def test_results_do_not_depend_on_batch_size(tensors):
     single, batched = sorted(single, key=key), sorted(batched, key=key)
     assert [key(m) for m in single] == [key(m) for m in batched] and len(single) == 8
     assert {d["label"] for m in single for d in m.data["detections"][:1]} >= {"person", "cup", "cat"}
+    # backend auto takes torch in fp16 on a GPU, where batch sizes run different kernels: scores then differ by a few
+    # fp16 steps (one is 5e-4 near 0.7; 1.3e-3 was seen on an H100); onnxruntime's fp32 stays within 1e-3
+    score_tol = 5e-3 if models._torch_ready() else 1e-3
     for a, b in zip(single, batched):
         assert len(a.data["detections"]) == len(b.data["detections"])
         for da, db in zip(a.data["detections"], b.data["detections"]):
             assert da["class_id"] == db["class_id"]
             np.testing.assert_allclose(da["box"], db["box"], atol=0.5)
-            assert abs(da["score"] - db["score"]) < 1e-3
+            assert abs(da["score"] - db["score"]) < score_tol
 
 
 def test_engine_sends_lone_frame_after_max_wait_and_surfaces_worker_errors(tensors):

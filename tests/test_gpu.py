@@ -137,6 +137,44 @@ def test_gpu_decode_equals_cpu_decode(gpu_check, params):
             assert np.allclose(a["box"], b["box"], atol=0.05) and abs(a["score"] - b["score"]) <= 1e-3
 
 
+@gpu
+def test_recorded_decode_equals_cpu_decode_and_times_runs_on_the_gpu(gpu_check):
+    """The decode replayed from a CUDA graph (top_k rows per image) gives the CPU decoder's candidates of the same
+    raw output at every batch size, padded or not; an image that fills all top_k rows reruns on the exact path
+    (gpu_candidates); device_span brackets the run within the host's."""
+    import time
+
+    spec = models.resolve_model("yolox-nano")
+    backend = models.make_backend("torch", max_batch=4)
+    backend.load(spec.path)
+    images = list(gpu_check.photos().values())[:4]
+    batch = np.stack([letterbox(image, spec.preprocess)[0] for image in images])
+
+    def check(found: list[np.ndarray], raw: np.ndarray, params: DetectParams) -> None:
+        assert len(found) == len(raw)
+        for cand, out in zip(found, raw):
+            expected = pack_candidates(*decode_yolox(out, spec.preprocess.size, params))
+            assert cand.shape == expected.shape and np.array_equal(cand[:, 5], expected[:, 5])
+            np.testing.assert_allclose(cand, expected, rtol=1e-5, atol=1e-3)
+
+    for params in (DetectParams(), DetectParams(conf=0.05)):
+        for n in (1, 3, 4):
+            t0 = time.monotonic()
+            found = backend.candidates(batch[:n], "yolox", params)
+            t1 = time.monotonic()
+            start, end = backend.device_span()
+            assert t0 - 0.01 <= start < end <= t1 + 0.01, (t0, start, end, t1)
+            assert backend.device_span() is None  # read once
+            check(found, backend.infer(batch[:n]), params)  # the same recorded forward pass, so the same output
+    assert sorted(k[:3] for k in backend.decoders) == sorted((size, "yolox", conf) for size in (1, 4)
+                                                             for conf in (DetectParams().conf, 0.05))
+    backend.top_k = 4  # conf 0.05 keeps more than four rows of an image: the exact path counts them all
+    backend.decoders.clear()
+    many = backend.candidates(batch, "yolox", DetectParams(conf=0.05))
+    assert max(len(c) for c in many) > 4
+    check(many, backend.infer(batch), DetectParams(conf=0.05))
+
+
 @pytest.mark.skipif(not _nvdec_ready(), reason="needs NVDEC (h264_cuvid and an NVIDIA GPU)")
 def test_nvdec_decode_matches_software(gpu_check):
     result = gpu_check.compare_decode()
@@ -188,6 +226,22 @@ def test_cuda_preprocess_without_cupy_is_a_param_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(ValueError, match="^device cuda: CuPy is not installed"):
         letterbox_cupy(np.zeros((4, 4, 3), np.uint8), LetterboxSpec())
+
+
+def test_top_rows_split_back_per_image_in_anchor_order():
+    """A recorded decode's [N, K, 7] rows (best first, -1 scores not kept) become gpu_candidates' per-image [k, 6]
+    rows in anchor order; an image with all K rows kept may have had more, so the caller must count exactly."""
+    def row(anchor: int, score: float) -> list[float]:
+        return [anchor, anchor + 1, anchor + 2, anchor + 3, score, anchor % 7, anchor]
+    top = np.array([[row(9, 0.9), row(2, 0.5), row(5, -1.0)],
+                    [row(4, -1.0), row(1, -1.0), row(0, -1.0)],
+                    [row(3, 0.3), row(8, 0.2), row(6, -1.0)]], np.float32)
+    found = models.split_top_candidates(top)
+    assert [len(c) for c in found] == [2, 0, 2]
+    assert found[0].shape == (2, 6) and found[0][:, 0].tolist() == [2, 9] and np.allclose(found[0][:, 4], [0.5, 0.9])
+    assert found[2][:, 0].tolist() == [3, 8] and found[1].shape == (0, 6)
+    top[1, 2, 4] = 0.1  # image 1 kept all three rows
+    assert models.split_top_candidates(top) is None
 
 
 def test_host_batches_pass_through_unchanged():

@@ -92,7 +92,8 @@ class StreamRecord:
 class BatchStats:
     """Thread-safe records of a batching stage: accelerator busy timeline, batch sizes, queue depth at dispatch,
     per-stream latency and drops. `running()` brackets work on the accelerator; busy time is the share of its
-    `slots` (model instances running at once) in use, so one instance busy of two is half busy."""
+    `slots` (model instances running at once) in use, so one instance busy of two is half busy. A device that
+    times its own work (GPU events) reports it through `busy_span()` instead."""
 
     def __init__(self, max_batch: int, slots: int = 1, window_s: float = WINDOW_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -107,6 +108,7 @@ class BatchStats:
         self.depth_sum = 0
         self.max_depth = 0
         self.failed_frames = 0
+        self.run_s = 0.0  # host wall time of the model runs (call to return), all batches
         self._t0: float | None = None  # start of window 0: the first busy moment
         self._open: dict[int, float] = {}  # busy seconds of windows not yet closed
         self._timeline: deque[float] = deque(maxlen=TIMELINE_KEEP)
@@ -115,6 +117,7 @@ class BatchStats:
         self._sumsq = 0.0
         self._active = 0  # brackets open now
         self._since = 0.0  # last change of `_active`
+        self._span_end = float("-inf")  # end of the latest device span credited
 
     def _stream(self, name: str) -> StreamRecord:
         rec = self.streams.get(name)
@@ -138,6 +141,11 @@ class BatchStats:
         with self.lock:
             self._stream(stream).add(latency_s)
 
+    def ran(self, seconds: float) -> None:
+        """A batch's run took `seconds` on the host (from the call to the model to its results)."""
+        with self.lock:
+            self.run_s += seconds
+
     def failed(self, n: int) -> None:
         with self.lock:
             self.failed_frames += n
@@ -157,6 +165,18 @@ class BatchStats:
             with self.lock:
                 self._account(self.clock())
                 self._active -= 1
+
+    def busy_span(self, t0: float, t1: float) -> None:
+        """Credit the accelerator busy over [t0, t1] (clock seconds), as measured on the device itself (GPU-side
+        events): the device is one, so overlapping spans of several instances count once — a span is clipped to
+        start after the latest one credited. Use either this or `running()` for one stage, not both."""
+        with self.lock:
+            if self._t0 is None:
+                self._t0 = t0
+            t0 = max(t0, self._t0, self._span_end)
+            if t1 > t0:
+                self._add_busy(t0, t1, 1.0)
+                self._span_end = t1
 
     def _account(self, now: float) -> None:
         """Credit the time since the last change at the level of busy slots it had."""
@@ -203,6 +223,7 @@ class BatchStats:
                 "batches": self.batches,
                 "mean_batch": round(mean_batch, 3) if mean_batch is not None else None,
                 "mean_batch_fill": round(mean_batch / self.max_batch, 3) if mean_batch is not None else None,
+                "mean_run_ms": round(self.run_s / self.batches * 1e3, 3) if self.batches else None,
                 "busy_fraction": round(mean, 3) if mean is not None else None,
                 "busy_cv": round(cv, 3) if cv is not None else None,
                 "queue_depth": sum(depths.values()),
@@ -306,12 +327,25 @@ class Scheduler:
             if self.aborted or (self.policy.drop == "block" and len(q) >= self.policy.queue):
                 self.stats.dropped(stream)  # stopped while waiting for room
                 return False
+            grew = not q or self.policy.drop != "latest"  # whether this frame adds to what _due counts as ready
             if len(q) >= self.policy.queue:
                 q.popleft()
                 self.stats.dropped(stream)
+                grew = False
             q.append(Queued(stream, item, self.clock(), time.time() if origin is None else origin))
-            self.cond.notify_all()
+            if grew:
+                # wake the taker only when its decision changes: the first frame starts a deadline, the frame that
+                # fills the batch makes it due now (a wake-up per frame costs the GIL-bound threads dearly)
+                ready = self._ready()
+                if ready == 1 or ready == self.cap:
+                    self.cond.notify_all()
             return True
+
+    def _ready(self) -> int:
+        """Frames a batch could take now: one per stream under `latest`, else all queued."""
+        if self.policy.drop == "latest":
+            return sum(1 for q in self.queues.values() if q)
+        return sum(len(q) for q in self.queues.values())
 
     def take(self, ready_at: Callable[[], float | None] | None = None) -> list[Queued] | None:
         """Wait until a batch is due (cap reached, oldest frame's wait over, or closed) and, with `ready_at`,
@@ -367,7 +401,7 @@ class Scheduler:
         heads = [q[0].arrived for q in self.queues.values() if q]
         if not heads:
             return None
-        ready = len(heads) if self.policy.drop == "latest" else sum(len(q) for q in self.queues.values())
+        ready = self._ready()
         if ready >= self.cap or self.closed:
             return 0.0
         # the oldest frame waits at most wait_s until its batch is *ready to run*: assembling it counts too
@@ -431,13 +465,19 @@ class BatchPipeline:
 
     def __init__(self, scheduler: Scheduler, assemble: Callable[[list[Queued]], Any],
                  runs: Sequence[Callable[[Any], Sequence[Any]]], finish: Callable[[Queued, Any], None],
-                 on_error: ErrorHandler, name: str = "batch") -> None:
+                 on_error: ErrorHandler, name: str = "batch",
+                 spans: Sequence[Callable[[], tuple[float, float] | None] | None] | None = None) -> None:
         if not runs:
             raise ValueError("batch pipeline: needs at least one model instance to run batches")
         self.scheduler = scheduler
         self.cond = scheduler.cond  # one lock for the queues, the hand-off slot and the run estimates
         self.clock = scheduler.clock
         self.assemble, self.runs, self.finish, self.on_error = assemble, list(runs), finish, on_error
+        # per instance, optional: after a run on this thread, the device-side (start, end) of its work; busy time
+        # is then what the device did, not how long the host waited (None from it: the host's interval counts)
+        self.spans = list(spans) if spans is not None else [None] * len(self.runs)
+        if len(self.spans) != len(self.runs):
+            raise ValueError(f"batch pipeline: {len(self.spans)} span readers for {len(self.runs)} instances")
         self._slot: tuple[int, list[Queued], Any] | None = None  # assembled, waiting for an instance
         self._formed = 0  # batches formed (their sequence numbers)
         self._assembled_all = False
@@ -525,7 +565,7 @@ class BatchPipeline:
             self.cond.notify_all()
 
     def _running(self, instance: int) -> None:
-        run = self.runs[instance]
+        run, span = self.runs[instance], self.spans[instance]
         while True:
             with self.cond:
                 while self._slot is None and not self._assembled_all and not self._abort.is_set():
@@ -539,15 +579,23 @@ class BatchPipeline:
                 self.cond.notify_all()
             outputs = None
             try:
-                with self.scheduler.stats.running():
-                    outputs = run(prepared)
+                if span is None:
+                    with self.scheduler.stats.running():
+                        outputs = run(prepared)
+                else:
+                    try:
+                        outputs = run(prepared)
+                    finally:
+                        self.scheduler.stats.busy_span(*(span() or (t0, self.clock())))
                 if len(outputs) != len(batch):
                     raise ValueError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
             except Exception as exc:
                 self._fail(batch, exc)
                 outputs = None
+            took = self.clock() - t0
+            self.scheduler.stats.ran(took)
             with self.cond:
-                self._run_s.setdefault(len(batch), Ewma()).add(self.clock() - t0)
+                self._run_s.setdefault(len(batch), Ewma()).add(took)
                 del self._busy[instance]
                 self.cond.notify_all()
             if not self._pass((seq, batch, outputs)):

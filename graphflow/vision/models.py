@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,7 @@ def _to_torch(batch: Any, torch: Any) -> Any:
 HOST_READ_OPS = ("OnnxSlice", "OnnxResize", "OnnxReshape")  # onnx2torch ops that read their non-data inputs on the CPU
 
 
-def _powers_of_two(top: int) -> list[int]:
+def powers_of_two(top: int) -> list[int]:
     """1, 2, 4, … up to the first power of two ≥ top."""
     return [1 << i for i in range((top - 1).bit_length() + 1)]
 
@@ -259,9 +260,15 @@ class TorchBackend:
 
     Batches run on the backend's own CUDA stream. With `cuda_graphs` each batch is padded to the next power of two
     and replayed from a CUDA graph recorded once per size (those up to `max_batch` at load): the converted model is
-    hundreds of small kernels, so launching them one by one bounds small batches."""
+    hundreds of small kernels, so launching them one by one bounds small batches. `candidates` also replays the
+    decode from a recorded graph (one per size and detection settings), so a batch costs the host two launches and
+    one copy back, not a launch per operation: each launch takes the GIL, which the engine's other threads hold.
+
+    Every run is bracketed by CUDA events; `device_span()` gives the calling thread's last run as GPU-side start and
+    end times on the host's monotonic clock, so busy time is what the GPU did, not how long the host waited."""
 
     name = "torch"
+    top_k = 512  # candidates per image a recorded decode fetches; an image with more takes the exact path
 
     def __init__(self, half: bool = True, cuda_graphs: bool = True, max_batch: int = 1) -> None:
         self.torch = _require_torch_cuda(self.name)
@@ -274,8 +281,11 @@ class TorchBackend:
         self.cuda_graphs = cuda_graphs
         self.max_batch = max_batch
         self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self.decoders: dict[tuple, tuple[Any, Any] | None] = {}  # (size, format, conf, classes) → (top rows, graph)
         self.grids: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per calling thread: the CUDA events of its last run
+        self._epoch: tuple[Any, float] | None = None  # an event and the host's monotonic time when it happened
         self.model = None
         self.stream = None
         self.input: ModelInput | None = None
@@ -295,8 +305,12 @@ class TorchBackend:
         keep_shape_constants_on_host(self.model)
         self.torch.backends.cudnn.benchmark = True
         width, height = self.input.size
-        for size in _powers_of_two(self.max_batch):
+        for size in powers_of_two(self.max_batch):
             self.infer(np.zeros((size, 3, height, width), np.float32))
+        epoch = self.torch.cuda.Event(enable_timing=True)
+        epoch.record(self.stream)
+        epoch.synchronize()
+        self._epoch = (epoch, time.monotonic())
         log.info("loaded %s with torch %s on %s (%s%s)", path, self.torch.__version__, self.torch.cuda.get_device_name(),
                  str(self.dtype).removeprefix("torch."), ", CUDA graphs" if self.cuda_graphs else "")
 
@@ -329,7 +343,7 @@ class TorchBackend:
         if not self.cuda_graphs:
             return self._eager(x)
         count = len(x)
-        size = _powers_of_two(count)[-1]
+        size = powers_of_two(count)[-1]
         if size not in self.graphs:
             try:
                 self.graphs[size] = self._capture(size)
@@ -351,7 +365,27 @@ class TorchBackend:
         self.stream.wait_stream(torch.cuda.default_stream())
         self.stream.wait_stream(torch.cuda.current_stream())  # x stays alive: callers copy the output to the host
         with torch.cuda.stream(self.stream), self._lock:
-            return self.forward(x).float()  # a copy: the graph's output buffer is free for the next batch
+            start = self._event()
+            output = self.forward(x).float()  # a copy: the graph's output buffer is free for the next batch
+            self._local.span = (start, self._event())
+            return output
+
+    def _event(self) -> Any:
+        """A timing event recorded now on the current stream."""
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def device_span(self) -> tuple[float, float] | None:
+        """GPU-side (start, end) of this thread's last model run, in `time.monotonic()` seconds (None before one):
+        its kernels ran within it (the copy back of a whole raw output is not in it)."""
+        span, self._local.span = getattr(self._local, "span", None), None
+        if span is None or self._epoch is None:
+            return None
+        start, end = span
+        end.synchronize()
+        epoch, at = self._epoch
+        return at + epoch.elapsed_time(start) / 1e3, at + epoch.elapsed_time(end) / 1e3
 
     def infer(self, batch: Any) -> np.ndarray:
         """Run a [N, 3, H, W] batch (prepared or not) and return the first output as float32 NumPy. Callers in
@@ -363,12 +397,74 @@ class TorchBackend:
 
     def candidates(self, batch: Any, fmt: str, p: DetectParams) -> list[np.ndarray]:
         """Run a batch and decode it on the GPU: per image the [k, 6] candidates over `p.conf` and in `p.classes`
-        (x1, y1, x2, y2 in model-input pixels, score, class id), fetched in one small copy instead of the whole
-        raw output; NMS is left to detect.finish_candidates on the host."""
-        with self.torch.inference_mode():
-            output = self._output(batch)
-            with self.torch.cuda.stream(self.stream):
+        (x1, y1, x2, y2 in model-input pixels, score, class id, in anchor order), fetched in one small copy instead
+        of the whole raw output; NMS is left to detect.finish_candidates on the host."""
+        torch = self.torch
+        with torch.inference_mode():
+            if not self.cuda_graphs:
+                output = self._output(batch)
+                with torch.cuda.stream(self.stream):
+                    return gpu_candidates(output, fmt, self.input.size, p, self._grid)
+            x = self.prepare(batch)
+            self.stream.wait_stream(torch.cuda.default_stream())
+            if torch.cuda.current_stream() != torch.cuda.default_stream():
+                self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                with self._lock:
+                    start = self._event()
+                    raw = self.forward(x)  # the forward graph's output buffer: valid while the lock is held
+                    decoder = self._decoder(powers_of_two(len(x))[-1], fmt, p)
+                    if decoder is None:
+                        output = raw.float()  # a copy: the buffer is free for the next batch
+                        self._local.span = (start, self._event())
+                    else:
+                        top, graph = decoder
+                        graph.replay()
+                        top = top[:len(x)].clone()  # likewise
+                        self._local.span = (start, self._event())
+                if decoder is None:
+                    return gpu_candidates(output, fmt, self.input.size, p, self._grid)
+                found = split_top_candidates(top.cpu().numpy())  # the host waits here, the lock free meanwhile
+            if found is not None:
+                return found
+            output = self._output(x)  # an image with top_k candidates or more: rerun it, count them all (rare)
+            with torch.cuda.stream(self.stream):
                 return gpu_candidates(output, fmt, self.input.size, p, self._grid)
+
+    def _decoder(self, size: int, fmt: str, p: DetectParams) -> tuple[Any, Any] | None:
+        """The recorded decode of the forward graph's `size` output: (top rows [size, K, 7], graph), recorded at
+        first use; None (decode eagerly) when it cannot be recorded. Call under the lock, on the model's stream."""
+        key = (size, fmt, p.conf, p.classes)
+        if key in self.decoders:
+            return self.decoders[key]
+        if size not in self.graphs:  # the forward pass could not be recorded: it ran eagerly
+            return None
+        torch = self.torch
+        _, static_out, _ = self.graphs[size]
+        classes = torch.tensor(sorted(p.classes), device="cuda") if p.classes is not None else None
+        self._grid(self.input.size)  # uploaded before recording
+
+        def decode() -> Any:
+            rows, class_ids, scores, keep = _gpu_scores(static_out.float(), fmt, p, classes)
+            best, anchor = torch.where(keep, scores, -1.0).topk(min(self.top_k, rows.shape[1]), dim=1)
+            raw = rows[..., :4].gather(1, anchor[..., None].expand(-1, -1, 4))
+            low, high = _gpu_corners(raw, anchor, fmt, self.input.size, rows.shape[1], self._grid)
+            return torch.cat([low, high, best[..., None], class_ids.gather(1, anchor)[..., None].float(),
+                              anchor[..., None].float()], dim=2)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                decode()  # warm-up off the capturing stream
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                top = decode()
+            self.decoders[key] = (top, graph)
+        except Exception as exc:  # an op that cannot be recorded: decode eagerly for these settings
+            log.warning("torch backend: recording the decode failed (%s); decoding eagerly", exc)
+            self.decoders[key] = None
+        return self.decoders[key]
 
     def _grid(self, size: tuple[int, int]) -> tuple[Any, Any]:
         """detect.yolox_grid's cells and strides as CUDA tensors, uploaded once per input size."""
@@ -377,11 +473,10 @@ class TorchBackend:
         return self.grids[size]
 
 
-def gpu_candidates(output: Any, fmt: str, input_size: tuple[int, int], p: DetectParams,
-                   grid: Callable[[tuple[int, int]], tuple[Any, Any]]) -> list[np.ndarray]:
-    """A float32 CUDA output batch [N, A, K] (YOLOX, v5) or [N, K, A] (v8) to per-image [k, 6] NumPy candidates,
-    with the same arithmetic as detect.DECODERS: best class (first of ties), score = class × objectness,
-    threshold and class filter on the GPU, then the kept rows decoded and copied to the host at once."""
+def _gpu_scores(output: Any, fmt: str, p: DetectParams, classes: Any) -> tuple[Any, Any, Any, Any]:
+    """A float32 CUDA output batch to (rows [N, A, K], best class, score, kept): the arithmetic of detect.DECODERS —
+    best class (first of ties), score = class × objectness (YOLOX, v5), kept = over `p.conf` and, when `classes`
+    (a CUDA tensor of class ids) is given, in it."""
     import torch
 
     if fmt == "yolov8":
@@ -393,25 +488,59 @@ def gpu_candidates(output: Any, fmt: str, input_size: tuple[int, int], p: Detect
     if fmt != "yolov8":
         scores = scores * output[..., 4]
     keep = scores >= p.conf
-    if p.classes is not None:
-        keep &= torch.isin(class_ids, torch.tensor(sorted(p.classes), device=output.device))
-    image, anchor = keep.nonzero(as_tuple=True)
-    raw = output[image, anchor, :4]
+    if classes is not None:
+        keep &= torch.isin(class_ids, classes)
+    return output, class_ids, scores, keep
+
+
+def _gpu_corners(raw: Any, anchor: Any, fmt: str, input_size: tuple[int, int], anchors: int,
+                 grid: Callable[[tuple[int, int]], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Raw box rows [..., 4] of the anchors `anchor` (same leading shape) to their (x1, y1) and (x2, y2)."""
+    import torch
+
     if fmt == "yolox":
         cells, strides = grid(input_size)
-        if len(cells) != output.shape[1]:
-            raise ValueError(f"yolox output: {output.shape[1]} anchors, expected {len(cells)} for input "
-                             f"{list(input_size)}")
+        if len(cells) != anchors:
+            raise ValueError(f"yolox output: {anchors} anchors, expected {len(cells)} for input {list(input_size)}")
         cells, strides = cells[anchor], strides[anchor]
-        xy = (raw[:, :2] + cells) * strides
-        wh = torch.exp(torch.clamp(raw[:, 2:4], max=20.0)) * strides
+        xy = (raw[..., :2] + cells) * strides
+        wh = torch.exp(torch.clamp(raw[..., 2:4], max=20.0)) * strides
     else:
-        xy, wh = raw[:, :2], raw[:, 2:4]
+        xy, wh = raw[..., :2], raw[..., 2:4]
     half = wh / 2
-    packed = torch.cat([image[:, None].float(), xy - half, xy + half, scores[image, anchor, None],
+    return xy - half, xy + half
+
+
+def gpu_candidates(output: Any, fmt: str, input_size: tuple[int, int], p: DetectParams,
+                   grid: Callable[[tuple[int, int]], tuple[Any, Any]]) -> list[np.ndarray]:
+    """A float32 CUDA output batch [N, A, K] (YOLOX, v5) or [N, K, A] (v8) to per-image [k, 6] NumPy candidates,
+    with the same arithmetic as detect.DECODERS: threshold and class filter on the GPU, then the kept rows decoded
+    and copied to the host at once (the exact path: as many rows as pass, one sync to count them)."""
+    import torch
+
+    classes = torch.tensor(sorted(p.classes), device=output.device) if p.classes is not None else None
+    rows, class_ids, scores, keep = _gpu_scores(output, fmt, p, classes)
+    image, anchor = keep.nonzero(as_tuple=True)
+    low, high = _gpu_corners(rows[image, anchor, :4], anchor, fmt, input_size, rows.shape[1], grid)
+    packed = torch.cat([image[:, None].float(), low, high, scores[image, anchor, None],
                         class_ids[image, anchor, None].float()], dim=1).cpu().numpy()
     counts = np.bincount(packed[:, 0].astype(np.int64), minlength=len(output))
     return np.split(packed[:, 1:], np.cumsum(counts)[:-1])
+
+
+def split_top_candidates(top: np.ndarray) -> list[np.ndarray] | None:
+    """Per-image [K, 7] rows (x1, y1, x2, y2, score, class, anchor) of a recorded decode, the best K anchors by score
+    with those not kept scored -1, to what gpu_candidates gives: the kept rows in anchor order, [k, 6]. None when an
+    image kept all K (more may have passed: the caller takes the exact path). One pass over the whole batch: per
+    image on the finishing thread cost more, as that thread is the busier one (measured on an H100)."""
+    kept = top[..., 4] >= 0
+    if kept[:, -1].any():
+        return None
+    image, _ = np.nonzero(kept)
+    rows = top[kept]
+    rows = rows[np.lexsort((rows[:, 6], image))]
+    counts = np.bincount(image, minlength=len(top))
+    return np.split(rows[:, :6], np.cumsum(counts)[:-1])
 
 
 class TensorRTBackend:
