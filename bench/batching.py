@@ -361,15 +361,9 @@ def run_naive(args: argparse.Namespace) -> Outcome:
             k = newest
             tensor, info = boxer(frames[i][k % len(frames[i])], spec.preprocess)
             stats.batch(1, 0)
-            span = getattr(runner, "device_span", None)
-            t0 = time.monotonic()
-            if span is None:
-                with stats.running():
-                    output = runner.infer(tensor[None])[0]
-            else:  # a GPU backend: busy is the GPU-side span of the run, as graphflow's infer counts it
+            # a GPU backend's busy time is the GPU-side span of the run, as graphflow's infer counts it
+            with stats.measured(getattr(runner, "device_span", None)):
                 output = runner.infer(tensor[None])[0]
-                stats.busy_span(*(span() or (t0, time.monotonic())))
-            stats.ran(time.monotonic() - t0)
             postprocess(output, spec.output_format, info, FRAME_SIZE, spec.labels, detect)
             last[i] = time.time()
             stats.done(f"cam{i}", last[i] - cam.due(k))

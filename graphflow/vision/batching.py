@@ -166,6 +166,23 @@ class BatchStats:
                 self._account(self.clock())
                 self._active -= 1
 
+    @contextmanager
+    def measured(self, span: Callable[[], tuple[float, float] | None] | None = None) -> Iterator[None]:
+        """Bracket one batch's run: record its host time (`ran`) and credit busy time — the device's own span when
+        `span` (a reader of it, such as TorchBackend.device_span) gives one, else the host's interval."""
+        t0 = self.clock()
+        try:
+            if span is None:
+                with self.running():
+                    yield
+            else:
+                yield
+        finally:
+            t1 = self.clock()
+            if span is not None:
+                self.busy_span(*(span() or (t0, t1)))
+            self.ran(t1 - t0)
+
     def busy_span(self, t0: float, t1: float) -> None:
         """Credit the accelerator busy over [t0, t1] (clock seconds), as measured on the device itself (GPU-side
         events): the device is one, so overlapping spans of several instances count once — a span is clipped to
@@ -579,23 +596,15 @@ class BatchPipeline:
                 self.cond.notify_all()
             outputs = None
             try:
-                if span is None:
-                    with self.scheduler.stats.running():
-                        outputs = run(prepared)
-                else:
-                    try:
-                        outputs = run(prepared)
-                    finally:
-                        self.scheduler.stats.busy_span(*(span() or (t0, self.clock())))
+                with self.scheduler.stats.measured(span):
+                    outputs = run(prepared)
                 if len(outputs) != len(batch):
                     raise ValueError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
             except Exception as exc:
                 self._fail(batch, exc)
                 outputs = None
-            took = self.clock() - t0
-            self.scheduler.stats.ran(took)
             with self.cond:
-                self._run_s.setdefault(len(batch), Ewma()).add(took)
+                self._run_s.setdefault(len(batch), Ewma()).add(self.clock() - t0)
                 del self._busy[instance]
                 self.cond.notify_all()
             if not self._pass((seq, batch, outputs)):
