@@ -1,7 +1,7 @@
 """Cross-stream batching against one thread per stream, on N live synthetic cameras at a fixed frame rate.
 
 Usage: python bench/batching.py [--device cpu|cuda] [--backend NAME] [--streams 8] [--rounds 2] [--pre-engines 1]
-       [--unbatched] [--fused] [--cams-process] [--naive-threads N] [--quick]
+       [--unbatched] [--fused] [--cams-process] [--shards K] [--naive-threads N] [--quick]
 (a) graphflow: cameras → preprocess → infer (cross-stream batches, drop "latest") → tally, on graphflow.runtime.
 (b) naive: one thread per camera that takes its newest frame, letterboxes it, runs the same backend at batch size 1
     and decodes/NMS — the loop a user writes without a scheduler.
@@ -67,6 +67,12 @@ class LiveCamera:
         """Index of the newest frame due by `now` (-1 before the first)."""
         return math.floor((now - self.start) * self.fps - self.phase)
 
+    def take(self, k: int, now: float) -> int:
+        """The frame to take at `now` when frame k is the next one not taken and is due: the newest due, never an
+        older one than k (`newest` rounds to k - 1 for some k within a float step of k's due time) nor past the
+        last."""
+        return max(k, min(self.newest(now), self.frames - 1))
+
     @property
     def frames(self) -> int:
         """Frames this camera shows before `end`."""
@@ -130,7 +136,7 @@ class Cameras(Engine):
                 yield None
                 continue
             cam = cams[i]
-            newest = min(cam.newest(now), total[i] - 1)
+            newest = cam.take(k, now)
             self.skipped += newest - k
             k = newest
             if k + 1 < total[i]:
@@ -167,30 +173,43 @@ class Tally(Engine):
 
 
 class SmiUtil:
-    """nvidia-smi's utilization.gpu (share of time a kernel ran, sampled by the driver) every 100 ms while the block
-    runs: a check of the busy column from outside the process. `median` covers the samples over 5 % (the run, not
-    the set-up around it); None without nvidia-smi."""
+    """nvidia-smi's utilization.gpu (the share of its sample period in which some kernel ran, as the driver counts
+    it, whichever process ran it) polled every 100 ms while the block runs, each reading stamped with the time it
+    arrived: a measure of the GPU from outside the processes, which also covers graphflow split over several.
+    The driver's own sample period is longer than the poll on some GPUs, so the CV of these readings understates
+    the variation. Nothing without nvidia-smi."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and shutil.which("nvidia-smi") is not None
-        self.samples: list[int] = []
+        self.samples: list[tuple[float, int]] = []
 
     def __enter__(self) -> SmiUtil:
         if self.enabled:
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                                           "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.reader = threading.Thread(target=self._read, name="nvidia-smi", daemon=True)
+            self.reader.start()
         return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append((time.time(), int(line)))
 
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self.proc.terminate()
-            out = self.proc.communicate()[0]
-            self.samples = [int(x) for x in out.split() if x.isdigit()]
+            self.proc.wait()
+            self.reader.join(2)
 
-    @property
-    def median(self) -> float | None:
-        busy = sorted(u for u in self.samples if u > 5)
-        return float(busy[len(busy) // 2]) if busy else None
+    def over(self, t0: float, t1: float) -> dict[str, float] | None:
+        """Mean and CV of the readings between wall-clock times t0 and t1 (the run, without its start-up)."""
+        util = [u for t, u in self.samples if t0 <= t <= t1]
+        if len(util) < 2:
+            return None
+        mean = sum(util) / len(util)
+        sd = (sum((u - mean) ** 2 for u in util) / len(util)) ** 0.5
+        return {"mean": round(mean, 1), "cv": round(sd / mean, 3) if mean else None, "readings": len(util)}
 
 
 @dataclass
@@ -204,7 +223,9 @@ class Outcome:
     drops: int
     cpu_s: float
     metrics: dict[str, Any]
-    smi_util: float | None = None  # nvidia-smi's median utilization.gpu over the run, %
+    start: float = 0.0  # wall clock: the cameras' start
+    smi: dict[str, float] | None = None  # nvidia-smi's utilization.gpu over the run: mean %, CV
+    drops_by: dict[str, int] | None = None  # where the frames were dropped
 
     @property
     def fps(self) -> float:
@@ -213,18 +234,22 @@ class Outcome:
     def row(self) -> dict[str, Any]:
         m = self.metrics
         return {"frames": self.frames, "offered": self.offered, "fps": round(self.fps, 2), "drops": self.drops,
+                "drops_by": self.drops_by,
                 "cpu_ms_per_frame": round(self.cpu_s / self.frames * 1e3, 1) if self.frames else None,
                 "mean_batch": m["mean_batch"], "mean_batch_fill": m["mean_batch_fill"],
                 "busy_fraction": m["busy_fraction"], "busy_cv": m["busy_cv"],
                 "p50_ms": m["p50_ms"], "p95_ms": m["p95_ms"], "run_ms": m.get("mean_run_ms"),
-                "smi_util_pct": self.smi_util}
+                "smi_util_pct": self.smi and self.smi["mean"], "smi_cv": self.smi and self.smi["cv"]}
 
 
 def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     """(a): the product — a graph of cameras → preprocess → infer → tally run by graphflow.runtime.run; CPU time
-    is counted from the cameras' start to the last frame, so model loading is left out as in (b). With
-    `--pre-engines G` the cameras are split over G camera → preprocess chains that all feed infer."""
-    groups = max(1, min(args.pre_engines, args.streams))
+    is counted from the cameras' start to the last frame, so model loading is left out as in (b).
+    With `--pre-engines G` the cameras are split over G camera → preprocess chains that all feed one infer.
+    With `--shards K` the cameras are split over K whole pipelines (cameras → [preprocess →] infer → tally), each
+    in its own process (placement `process:shardK`), each batching across its own cameras, all on one device."""
+    shards = max(1, min(args.shards, args.streams))
+    groups = shards if shards > 1 else max(1, min(args.pre_engines, args.streams))
     bounds = [args.streams * g // groups for g in range(groups + 1)]
     pre = {"type": "preprocess", "params": {"size": list(resolve_model(MODEL).preprocess.size),
                                             **({"device": "cuda", "keep_on_gpu": True} if args.device == "cuda" else {})}}
@@ -232,40 +257,68 @@ def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     connections: list[Any] = []
     for g in range(groups):
         suffix = str(g) if groups > 1 else ""
+        streams = bounds[g + 1] - bounds[g]
+        det = f"det{suffix}" if shards > 1 else "det"
+        where = ({"placement": f"process:shard{g}"} if shards > 1
+                 else {"placement": "process"} if args.cams_process else {})
         engines[f"cams{suffix}"] = {
-            "type": f"{Cameras.__module__}:Cameras", "placement": "process" if args.cams_process else "thread",
-            "params": {"streams": bounds[g + 1] - bounds[g], "first": bounds[g], "total": args.streams,
-                       "fps": args.fps, "seconds": args.seconds}}
+            "type": f"{Cameras.__module__}:Cameras", **where,
+            "params": {"streams": streams, "first": bounds[g], "total": args.streams, "fps": args.fps,
+                       "seconds": args.seconds}}
         if args.fused:  # infer letterboxes the frames itself, a whole batch at once
-            connections.append({"from": f"cams{suffix}.out", "to": "det.in", "policy": "latest",
-                                "capacity": bounds[g + 1] - bounds[g]})
-            continue
-        engines[f"pre{suffix}"] = pre
-        connections += [{"from": f"cams{suffix}.out", "to": f"pre{suffix}.in", "policy": "latest",
-                         "capacity": bounds[g + 1] - bounds[g]}, [f"pre{suffix}.out", "det.in"]]
-    engines["det"] = {"type": "infer", "params": {"model": MODEL, "backend": args.backend, "instances": args.instances,
-                                                  "threads": args.threads or max(1, cores() // args.instances),
-                                                  "max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
-                                                  "queue": 2, "drop": "latest", "letterbox": args.fused}}
-    engines["tally"] = {"type": f"{Tally.__module__}:Tally"}
-    connections.append(["det.out", "tally.in"])
+            connections.append({"from": f"cams{suffix}.out", "to": f"{det}.in", "policy": "latest", "capacity": streams})
+        else:
+            engines[f"pre{suffix}"] = {**pre, **(where if shards > 1 else {})}
+            connections += [{"from": f"cams{suffix}.out", "to": f"pre{suffix}.in", "policy": "latest",
+                             "capacity": streams}, [f"pre{suffix}.out", f"{det}.in"]]
+        if shards > 1 or g == 0:
+            engines[det] = {"type": "infer", **(where if shards > 1 else {}), "params": {
+                "model": MODEL, "backend": args.backend, "instances": args.instances,
+                "threads": args.threads or max(1, cores() // args.instances // shards),
+                "max_batch": min(max_batch, streams) if shards > 1 else max_batch, "max_wait_ms": args.max_wait_ms,
+                "queue": 2, "drop": "latest", "letterbox": args.fused}}
+            engines[f"tally{suffix if shards > 1 else ''}"] = {"type": f"{Tally.__module__}:Tally",
+                                                               **(where if shards > 1 else {})}
+            connections.append([f"{det}.out", f"tally{suffix if shards > 1 else ''}.in"])
     doc = {"name": "batching-bench", "engines": engines, "connections": connections}
     summary = runtime.run(graph.build(doc, "batching-bench"), handle_signals=False)
     if summary.failed or summary.errors:
         raise SystemExit(f"graphflow variant failed: {'; '.join(summary.errors) or summary.stopped_by}")
-    cams = [summary.stats[k]["metrics"] for k in engines if k.startswith("cams")]
-    det, tally = (summary.stats[k]["metrics"] for k in ("det", "tally"))
-    drops = sum(c["skipped"] for c in cams) + det["dropped"] + sum(
-        summary.stats[k]["dropped"] for k in engines if k.startswith("pre") or k == "det")
+    metrics = {k: summary.stats[k]["metrics"] for k in engines}
+    cams = [metrics[k] for k in engines if k.startswith("cams")]
+    dets = [metrics[k] for k in engines if k.startswith("det")]
+    tallies = [metrics[k] for k in engines if k.startswith("tally")]
+    drops_by = {"camera": sum(c["skipped"] for c in cams), "infer_queues": sum(d["dropped"] for d in dets),
+                "channels": sum(summary.stats[k]["dropped"] for k in engines if k.startswith(("pre", "det")))}
+    drops = sum(drops_by.values())
     offered = sum(c.frames for c in cameras(args.streams, args.fps, 0.0, args.seconds))
     start = min(c["start"] for c in cams)
-    if args.cams_process:  # CPU of the camera processes, plus this one's from the first frame done to the last
-        cpu_s = sum(c["cpu_end"] - c["cpu_start"] for c in cams) + tally["cpu_last"] - tally["cpu_first"]
+    if shards > 1:  # each shard's process, from its cameras' start to its last frame done
+        cpu_s = sum(t["cpu_last"] - c["cpu_start"] for c, t in zip(cams, tallies))
+    elif args.cams_process:  # CPU of the camera processes, plus this one's from the first frame done to the last
+        cpu_s = sum(c["cpu_end"] - c["cpu_start"] for c in cams) + tallies[0]["cpu_last"] - tallies[0]["cpu_first"]
     else:
-        cpu_s = tally["cpu_last"] - min(c["cpu_start"] for c in cams)
-    where = ", cams in processes" if args.cams_process else ""
-    return Outcome(f"(a) graphflow batch≤{max_batch}{where}", tally["frames"], offered, tally["last"] - start,
-                   drops, cpu_s, det)
+        cpu_s = tallies[0]["cpu_last"] - min(c["cpu_start"] for c in cams)
+    where = (f", {shards} shard processes" if shards > 1 else ", cams in processes" if args.cams_process else "")
+    return Outcome(f"(a) graphflow batch≤{min(max_batch, max(np.diff(bounds))) if shards > 1 else max_batch}{where}",
+                   sum(t["frames"] for t in tallies), offered, max(t["last"] for t in tallies) - start, drops, cpu_s,
+                   dets[0] if shards == 1 else merged(dets), start, drops_by=drops_by)
+
+
+def merged(dets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of several infer engines taken together: batch size weighted by batches, the worst stream's
+    latency. Busy time is left out: each process times its own runs on the GPU, and runs of different processes
+    interleave there, so their spans cannot be added up (nvidia-smi's reading covers them all)."""
+    batches = sum(d["batches"] for d in dets)
+    mean_batch = sum(d["mean_batch"] * d["batches"] for d in dets if d["batches"]) / batches if batches else None
+    return {"mean_batch": round(mean_batch, 3) if mean_batch else None,
+            "mean_batch_fill": round(sum(d["mean_batch_fill"] * d["batches"] for d in dets if d["batches"])
+                                     / batches, 3) if batches else None,
+            "busy_fraction": None, "busy_cv": None,
+            "p50_ms": max((d["p50_ms"] for d in dets if d["p50_ms"] is not None), default=None),
+            "p95_ms": max((d["p95_ms"] for d in dets if d["p95_ms"] is not None), default=None),
+            "mean_run_ms": round(sum(d["mean_run_ms"] * d["batches"] for d in dets if d["batches"]) / batches, 3)
+            if batches else None}
 
 
 def cpu_seconds() -> float:
@@ -356,7 +409,7 @@ def run_naive(args: argparse.Namespace) -> Outcome:
             if cam.due(k) > now:
                 time.sleep(cam.due(k) - now)
                 continue
-            newest = min(cam.newest(now), cam.frames - 1)
+            newest = cam.take(k, now)
             skipped[i] += newest - k
             k = newest
             tensor, info = boxer(frames[i][k % len(frames[i])], spec.preprocess)
@@ -379,7 +432,7 @@ def run_naive(args: argparse.Namespace) -> Outcome:
     cpu_s = cpu_seconds() - cpu0
     offered = sum(c.frames for c in cams)
     return Outcome(f"(b) naive {args.streams} threads", sum(done), offered, max(last) - start, sum(skipped), cpu_s,
-                   stats.snapshot({}))
+                   stats.snapshot({}), start, drops_by={"camera": sum(skipped)})
 
 
 def latency_bound(args: argparse.Namespace, cost: dict[int, float], outcome: Outcome) -> dict[str, Any]:
@@ -398,33 +451,40 @@ def latency_bound(args: argparse.Namespace, cost: dict[int, float], outcome: Out
 
 
 def smi_run(args: argparse.Namespace, variant: Any, *more: Any) -> Outcome:
-    """Run a variant; on a GPU, with nvidia-smi sampling its utilisation."""
+    """Run a variant; on a GPU, with nvidia-smi reading its utilisation from 0.5 s after the cameras start (the
+    pipeline filled) to the last frame done."""
     with SmiUtil(args.device == "cuda") as smi:
         outcome = variant(args, *more)
-    outcome.smi_util = smi.median
+    outcome.smi = smi.over(outcome.start + 0.5, outcome.start + outcome.span_s)
     return outcome
 
 
 def print_table(rounds: list[dict[str, Outcome]]) -> None:
     width = max(len(o.name) for v in rounds for o in v.values()) + (3 if len(rounds) > 1 else 0)
+    smi = any(o.smi is not None for v in rounds for o in v.values())
     print(f"{'variant':<{width}} {'frames':>6} {'offered':>7} {'fps':>7} {'vs (b)':>7} {'cpu ms/f':>8} {'batch':>6} "
           f"{'fill':>5} {'busy':>5} {'busy CV':>7} {'p50 ms':>7} {'p95 ms':>7} {'drops':>6}"
-          + (f" {'smi %':>5}" if any(o.smi_util is not None for v in rounds for o in v.values()) else ""))
+          + (f" {'smi %':>5} {'smi CV':>6}" if smi else ""))
+
+    def num(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
     for n, variants in enumerate(rounds, 1):
         for o in variants.values():
             r = o.row()
             print(f"{o.name + (f' #{n}' if len(rounds) > 1 else ''):<{width}} {r['frames']:>6} {r['offered']:>7} "
                   f"{r['fps']:>7.2f} {o.fps / variants['naive'].fps:>6.2f}x {r['cpu_ms_per_frame']:>8.1f} "
-                  f"{r['mean_batch']:>6.2f} {r['mean_batch_fill']:>5.2f} {r['busy_fraction']:>5.2f} "
-                  f"{r['busy_cv']:>7.3f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['drops']:>6}"
-                  + (f" {o.smi_util:>5.0f}" if o.smi_util is not None else ""))
+                  f"{r['mean_batch']:>6.2f} {r['mean_batch_fill']:>5.2f} {num(r['busy_fraction'], '.2f'):>5} "
+                  f"{num(r['busy_cv'], '.3f'):>7} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['drops']:>6}"
+                  + (f" {num(r['smi_util_pct'], '.1f'):>5} {num(r['smi_cv'], '.3f'):>6}" if smi else ""))
     print("  fps: frames done / (last done − cameras' start); cpu ms/f: CPU time per frame done (this process, and\n"
-          "  the camera processes with --cams-process);\n"
+          "  the camera or shard processes with --cams-process or --shards);\n"
           "  batch/fill: mean batch size, and over max_batch; busy: share of the accelerator in use per 100 ms window\n"
           "  (CPU: of its cores, one per model instance or session; GPU: time between each run's first and last\n"
-          "  kernel, from CUDA events), mean over the run; busy CV: std/mean of the windows; p50/p95: capture →\n"
-          "  detections decoded, the worst camera's; drops: frames skipped or dropped; smi %: nvidia-smi's median\n"
-          "  utilization.gpu over the run (share of time some kernel ran)")
+          "  kernel, from CUDA events; '-' with shards: their runs interleave on the GPU), mean over the run;\n"
+          "  busy CV: std/mean of the windows; p50/p95: capture → detections decoded, the worst camera's;\n"
+          "  drops: frames skipped or dropped; smi % / smi CV: mean and std/mean of nvidia-smi's utilization.gpu\n"
+          "  read every 100 ms from 0.5 s after the cameras start to the last frame (share of time some kernel ran,\n"
+          "  any process)")
 
 
 def main() -> None:
@@ -447,16 +507,21 @@ def main() -> None:
     ap.add_argument("--cams-process", action="store_true",
                     help="graphflow: run each camera engine in its own process (as decode engines would be), so the "
                          "frames cross to infer through shared memory and infer's process has the GIL to itself")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="graphflow: split the cameras over this many whole pipelines (cameras → infer), one process "
+                         "each (placement process:NAME), all on the same device")
     ap.add_argument("--unbatched", action="store_true", help="also run graphflow with max_batch 1")
     ap.add_argument("--fused", action="store_true",
                     help="no preprocess engine: infer letterboxes each batch itself (one upload per batch on a GPU)")
     ap.add_argument("--quick", action="store_true", help=f"one round, cameras run {QUICK_SECONDS:g} s")
     args = ap.parse_args()
-    if min(args.streams, args.fps, args.seconds, args.rounds, args.pre_engines) <= 0:
-        raise SystemExit("--streams, --fps, --seconds, --rounds and --pre-engines must be positive")
+    if min(args.streams, args.fps, args.seconds, args.rounds, args.pre_engines, args.shards) <= 0:
+        raise SystemExit("--streams, --fps, --seconds, --rounds, --pre-engines and --shards must be positive")
+    if args.shards > 1 and (args.pre_engines > 1 or args.cams_process):
+        raise SystemExit("--shards puts each shard's cameras in its process: not with --pre-engines or --cams-process")
     args.backend = args.backend or ("torch" if args.device == "cuda" else "onnxruntime")
     args.max_batch = args.max_batch or (args.streams if args.device == "cuda" else min(4, args.streams))
-    args.instances = args.instances or (1 if args.device == "cuda" else cores())
+    args.instances = args.instances or (1 if args.device == "cuda" else max(1, cores() // args.shards))
     if args.quick:
         args.seconds, args.rounds = QUICK_SECONDS, 1
     if args.naive_threads is not None and args.naive_threads < 0:
@@ -483,8 +548,8 @@ def main() -> None:
     result = {"device": args.device, "backend": args.backend, "streams": args.streams, "fps": args.fps,
               "seconds": args.seconds, "cores": cores(), "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
               "instances": args.instances, "pre_engines": args.pre_engines, "fused": args.fused,
-              "cams_process": args.cams_process,
-              "threads": {"graphflow": args.threads or max(1, cores() // args.instances),
+              "cams_process": args.cams_process, "shards": args.shards,
+              "threads": {"graphflow": args.threads or max(1, cores() // args.instances // args.shards),
                           "naive_per_session": args.naive_threads if args.naive_threads is not None
                           else args.threads or naive_threads(args.streams)},
               "model_ms_per_image": {str(b): round(t, 3) for b, t in cost.items()},

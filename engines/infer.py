@@ -118,6 +118,12 @@ class Infer(Engine):
             for run in runs:
                 for size in powers_of_two(self.max_batch):
                     run(np.zeros((size, 3, height, width), np.float32))
+            if self.letterbox:  # and the batch letterbox: CuPy, its kernel and the pinned upload buffer load on first
+                # use, which held a fresh process's first batch long enough for live streams to drop frames
+                frames = [np.zeros((height, width, 3), np.uint8)] * self.max_batch
+                for runner in self.runners:
+                    runner.prepare(letterbox_batch_cupy(frames, self.spec.preprocess, ["bgr"] * len(frames),
+                                                        self._staging))
         # a GPU backend times its runs on the GPU: busy time is then kernel time, not the host's wait
         spans = [getattr(r, "device_span", None) for r in self.runners]
         self.pipeline = BatchPipeline(self.scheduler, self._assemble, runs, self._finish, self._failed, name=self.id,

@@ -5,6 +5,7 @@ import copy
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .errors import GraphError, ParamError
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("thread", "process")
+GROUP = re.compile(r"process:[A-Za-z0-9_.-]{1,64}")  # engines naming one group share one child process
 POLICIES = ("block", "drop_oldest", "latest")
 ON_ERROR = ("skip", "stop")
 RESTART = ("never", "on-failure")
@@ -34,7 +36,7 @@ class Node:
     type: str
     cls: type[Engine]
     params: dict[str, Any]
-    placement: str = "thread"
+    placement: str = "thread"  # "thread", "process" (a process of its own) or "process:GROUP" (shared)
     on_error: str = "skip"
     restart: str = "never"
     max_restarts: int = 3
@@ -230,6 +232,13 @@ def _choice(file: str, where: str, value: Any, choices: tuple) -> Any:
     return value
 
 
+def _placement(file: str, where: str, value: Any) -> str:
+    if value in PLACEMENTS or (isinstance(value, str) and GROUP.fullmatch(value)):
+        return value
+    raise _error(file, where, f"must be one of {', '.join(PLACEMENTS)}, or process:NAME to share one process with "
+                              f"the engines of the same NAME (letters, digits, _ . -) (got {value!r})")
+
+
 def _node(file: str, eid: str, spec: Any, override: dict[str, Any]) -> Node:
     where = f"engines.{eid}"
     if not isinstance(spec, dict):
@@ -261,7 +270,7 @@ def _node(file: str, eid: str, spec: Any, override: dict[str, Any]) -> Node:
     if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
         raise _error(file, f"{where}.max_restarts", f"must be an integer ≥ 0 (got {max_restarts!r})")
     return Node(eid, type_name, cls, params,
-                placement=_choice(file, f"{where}.placement", spec.get("placement", "thread"), PLACEMENTS),
+                placement=_placement(file, f"{where}.placement", spec.get("placement", "thread")),
                 on_error=_choice(file, f"{where}.on_error", spec.get("on_error", "skip"), ON_ERROR),
                 restart=_choice(file, f"{where}.restart", spec.get("restart", "never"), RESTART),
                 max_restarts=max_restarts)

@@ -31,15 +31,24 @@ def text(graph: Graph) -> str:
 
 
 def dot(graph: Graph) -> str:
-    """Graphviz DOT source of the graph."""
+    """Graphviz DOT source of the graph (UTF-8: Graphviz reads no JSON \\u escapes)."""
     out = [f"digraph {json.dumps(graph.name)} {{", "  rankdir=LR; node [shape=box, fontname=Helvetica];"]
+    groups: dict[str, list[str]] = {}  # engines sharing a process (placement process:NAME) are drawn boxed together
     for n in graph.nodes.values():
         label = f"{n.id}\\n{n.type} ({n.placement})\\n{_params(n.params)[:60]}"
-        out.append(f"  {json.dumps(n.id)} [label={json.dumps(label).replace(chr(92) * 2, chr(92))}];")
+        line = f"{json.dumps(n.id)} [label={json.dumps(label, ensure_ascii=False).replace(chr(92) * 2, chr(92))}];"
+        if n.placement.startswith("process:"):
+            groups.setdefault(n.placement, []).append(line)
+        else:
+            out.append(f"  {line}")
+    for k, (group, lines) in enumerate(groups.items()):
+        out.append(f"  subgraph cluster_{k} {{ label={json.dumps(group)}; style=rounded;")
+        out += [f"    {line}" for line in lines]
+        out.append("  }")
     for e in graph.edges:
         style = ", style=dashed" if e.feedback else ""
         out.append(f"  {json.dumps(e.src)} -> {json.dumps(e.dst)} "
-                   f"[label={json.dumps(f'{e.src_port}→{e.dst_port} ({e.policy})')}{style}];")
+                   f"[label={json.dumps(f'{e.src_port}→{e.dst_port} ({e.policy})', ensure_ascii=False)}{style}];")
     out.append("}")
     return "\n".join(out)
 

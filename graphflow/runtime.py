@@ -485,7 +485,10 @@ class Graveyard:
         self.discarded: dict[str, int] = {}
 
     def bury(self, node: Node) -> None:
+        host = self.host_of[node.id]
         for i, e in enumerate(self.graph.edges):
+            if self.host_of[e.src] == self.host_of[e.dst] == host:
+                continue  # both ends died together: an in-process link, no socket
             if e.src == node.id:
                 push = self.ctx.socket(zmq.PUSH)
                 push.setsockopt(zmq.LINGER, 1000)
@@ -510,13 +513,20 @@ class Graveyard:
             sock.close()
 
 
+def hosts(graph: Graph) -> dict[str, str]:
+    """The OS process of each engine: MAIN (this one) for thread placement, `proc:ID` for a process of its own,
+    `group:NAME` for the one that all engines placed `process:NAME` share."""
+    return {n.id: MAIN if n.placement == "thread" else f"group:{n.placement[8:]}" if n.placement.startswith("process:")
+            else f"proc:{n.id}" for n in graph.nodes.values()}
+
+
 class Launcher:
     """Starts every host (this process + one child per process-placed engine), supervises, stops."""
 
     def __init__(self, graph: Graph, on_progress: Callable[[dict[str, dict]], None] | None = None) -> None:
         self.graph = graph
         self.on_progress = on_progress
-        self.host_of = {n.id: (MAIN if n.placement == "thread" else f"proc:{n.id}") for n in graph.nodes.values()}
+        self.host_of = hosts(graph)
         self.errors: list[str] = []
         self.stats: dict[str, dict[str, Any]] = {}
         self.stop_reason = ""
@@ -601,21 +611,29 @@ class Launcher:
                             and not getattr(p, "_gf_reported", False):
                         p._gf_reported = True
                         ready.discard(name)
-                        node = self.graph.nodes[name.split(":", 1)[1]]
+                        nodes = [n for n in self.graph.nodes.values() if self.host_of[n.id] == name]
+                        what = (f"engine {nodes[0].id!r}" if len(nodes) == 1
+                                else f"engines {', '.join(repr(n.id) for n in nodes)}")
                         cause = (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
                                  else f"exit code {p.exitcode}")
-                        if node.restart == "on-failure" and restarts[name] < node.max_restarts and stopping_since is None:
+                        # a shared process restarts only if every engine in it asks for that, at most as often as
+                        # the strictest of them allows
+                        limit = min(n.max_restarts for n in nodes)
+                        if all(n.restart == "on-failure" for n in nodes) and restarts[name] < limit \
+                                and stopping_since is None:
                             restarts[name] += 1
                             delay = min(0.5 * 2 ** (restarts[name] - 1), 8.0)
                             due[name] = time.monotonic() + delay
-                            self._report("error", f"engine {node.id!r} (process {p.pid}) died: {cause}; restart "
-                                                  f"{restarts[name]}/{node.max_restarts} in {delay:g}s")
+                            self._report("error", f"{what} (process {p.pid}) died: {cause}; restart "
+                                                  f"{restarts[name]}/{limit} in {delay:g}s")
                         else:
-                            self._report("error", f"engine {node.id!r} (process {p.pid}) died: {cause}; "
-                                                  "its consumers get end-of-stream, its inputs are discarded")
+                            self._report("error", f"{what} (process {p.pid}) died: {cause}; "
+                                                  "consumers in other processes get end-of-stream, inputs from "
+                                                  "them are discarded")
                             self.failed = True
-                            self.stats.setdefault(node.id, {"engine": node.id})["state"] = "died"
-                            self.graveyard.bury(node)
+                            for node in nodes:
+                                self.stats.setdefault(node.id, {"engine": node.id})["state"] = "died"
+                                self.graveyard.bury(node)
                 for name, when in list(due.items()):
                     if time.monotonic() >= when:
                         del due[name]

@@ -326,3 +326,30 @@ def test_launch_stats_file_has_batching_metrics(tmp_path, write_graph):
     assert sum(s["frames"] + s["dropped"] for s in m["streams"].values()) == 12
     assert all(s["p95_ms"] > 0 for s in m["streams"].values())
     assert "mean_batch_fill=" in res.stderr and "p95_ms=" in res.stderr
+
+
+def test_bench_cameras_never_go_back_and_shards_run(tmp_path):
+    """bench/batching.py's live cameras: at a frame's due time (where float rounding puts `newest` one frame early
+    for half of the frames) the frame taken is that one, later the newest due, never past the last; and the bench
+    runs end to end with its graphflow variant split over two shard processes."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        from batching import cameras
+    finally:
+        sys.path.remove(str(root / "bench"))
+    cams = cameras(16, 200.0, time.time(), 2.0)
+    assert any(cam.newest(cam.due(k)) < k for cam in cams for k in range(cam.frames))  # the rounding is real
+    for cam in cams:
+        assert [cam.take(k, cam.due(k)) for k in range(cam.frames)] == list(range(cam.frames))
+        assert cam.take(3, cam.due(7) + 1e-4) == 7 and cam.take(0, cam.due(10 ** 6)) == cam.frames - 1
+
+    run = subprocess.run([sys.executable, str(root / "bench/batching.py"), "--streams", "2", "--fps", "4",
+                          "--seconds", "2", "--rounds", "1", "--shards", "2", "--fused"],
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(run.stdout.split("RESULT ", 1)[1])
+    flow = result["variants"]["graphflow"]
+    assert result["shards"] == 2 and "2 shard processes" in run.stdout
+    assert flow["frames"] == flow["offered"] == 16 and flow["drops_by"] == {"camera": 0, "infer_queues": 0,
+                                                                            "channels": 0}

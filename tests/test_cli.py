@@ -18,6 +18,9 @@ def test_inspect_text_dot_png(tmp_path):
     assert "det [infer, process]" in text.stdout and "out ──block/8──> trk.in" in text.stdout
     dot = gf("inspect", demo, "--format", "dot")
     assert dot.stdout.startswith('digraph "demo"') and '"src" -> "pre"' in dot.stdout
+    shards = gf("inspect", str(ROOT / "graphs/shards.json"), "--format", "dot").stdout
+    assert 'subgraph cluster_0 { label="process:a";' in shards and '"src_a" -> "det_a" [label="out→in' in shards
+    assert shards.index('label="process:b"') < shards.index('"det_b" [label=') < shards.index('"src_a" -> "det_a"')
     png = tmp_path / "g.png"
     assert gf("inspect", demo, "--format", "png", "-o", str(png)).returncode == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -75,9 +75,9 @@ def read_lines(path):
 def test_thread_and_process_placement_give_same_outputs(tmp_path, write_graph, user_module):
     user_module("userengines", USER_ENGINES)
     results = {}
-    for placement in ("thread", "process"):
-        out = tmp_path / f"{placement}.jsonl"
-        g = graph.load(write_graph(chain_doc(out, placement), f"{placement}.json"))
+    for placement in ("thread", "process", "process:work"):  # the last: all three engines in one child process
+        out = tmp_path / f"{placement.replace(':', '-')}.jsonl"
+        g = graph.load(write_graph(chain_doc(out, placement), f"{placement.replace(':', '-')}.json"))
         summary = runtime.run(g)
         assert summary.exit_code == 0, summary.errors
         results[placement] = sorted(read_lines(out), key=lambda r: (r["stream"], r["seq"], r["sum"]))
@@ -85,7 +85,30 @@ def test_thread_and_process_placement_give_same_outputs(tmp_path, write_graph, u
     assert len(results["thread"]) == 15
     assert sorted(r["n"] for r in results["thread"] if r["stream"] == "s0") == [3, 5, 5, 5, 5]
     assert sum(r["sum"] for r in results["thread"] if r["stream"] == "s1") == 2 * sum(range(23))
-    assert results["thread"] == results["process"]
+    assert results["thread"] == results["process"] == results["process:work"]
+
+
+def test_engines_of_one_process_group_share_a_process(tmp_path, write_graph, user_module):
+    """`process:NAME` puts engines in one child process (frames between them pass as objects, not through shared
+    memory); `process` gives an engine a process of its own; `thread` keeps it in the launcher's."""
+    user_module("pidengines", "import os\nfrom graphflow import Engine\nclass Pid(Engine):\n"
+                "    def process(self, msg):\n        msg.data[self.id] = os.getpid()\n        self.send(msg)\n")
+    out = tmp_path / "o.jsonl"
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 12, "streams": 2, "shape": [8, 8, 3]}},
+                       "a": {"type": "pidengines:Pid", "placement": "process:shard"},
+                       "b": {"type": "pidengines:Pid", "placement": "process:shard"},
+                       "c": {"type": "pidengines:Pid", "placement": "process"},
+                       "d": {"type": "pidengines:Pid"},
+                       "out": {"type": "sink", "params": {"path": str(out), "times": False}}},
+           "connections": [["src", "a"], ["a", "b"], ["b", "c"], ["c", "d"], ["d", "out"]]}
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 0, summary.errors
+    rows = read_lines(out)
+    assert len(rows) == 24
+    assert {(r["a"] == r["b"], r["b"] != r["c"], r["c"] != r["d"], r["d"] == os.getpid(), r["a"] != os.getpid())
+            for r in rows} == {(True, True, True, True, True)}
+    assert "shm" not in summary.stats["a"]["metrics"]  # a → b stays inside the process: no shared-memory pool
+    assert "shm" in summary.stats["b"]["metrics"]  # b → c crosses processes
 
 
 def test_process_engine_error_is_reported_with_stream_and_frame(tmp_path, write_graph, user_module):
@@ -216,3 +239,24 @@ def test_kill_9_of_launcher_leaves_no_orphan(tmp_path, write_graph):
     proc.wait()
     gone, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_shards_example_runs_two_pipelines_in_two_processes(tmp_path):
+    """graphs/shards.json: two decode → infer → track shards, each in its own process group, one publisher. The
+    same video in both shards gives the same detections, so each shard really ran the model on its own frames."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = json.loads(open(os.path.join(root, "graphs/shards.json")).read())
+    for name in ("src_a", "src_b"):
+        for source in doc["engines"][name]["params"]["sources"]:
+            source.update(uri=os.path.join(root, "graphs/data/demo.mp4"), max_frames=10)
+    doc["engines"]["out"]["params"]["sinks"] = [{"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}]
+    g = graph.build(doc, "shards.json")
+    assert runtime.hosts(g) == {"src_a": "group:a", "det_a": "group:a", "trk_a": "group:a", "src_b": "group:b",
+                                "det_b": "group:b", "trk_b": "group:b", "out": runtime.MAIN}
+    summary = runtime.run(g)
+    assert summary.exit_code == 0, summary.errors
+    rows = {(r["stream"], r["seq"]): r for r in read_lines(tmp_path / "out.jsonl")}
+    assert sorted({s for s, _ in rows}) == ["cam1", "cam2", "cam3", "cam4"] and len(rows) == 40
+    boxes = {s: [[d["box"] for d in rows[s, k]["detections"]] for k in range(10)] for s in ("cam1", "cam3")}
+    assert boxes["cam1"] == boxes["cam3"] and sum(map(len, boxes["cam1"])) > 0
+    assert all("tracks" in r for r in rows.values())

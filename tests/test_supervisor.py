@@ -68,6 +68,32 @@ def test_killed_engine_is_restarted_and_the_graph_goes_on(tmp_path, user_module)
     assert not summary.failed  # recovered
 
 
+def test_a_process_group_dies_and_restarts_as_one(tmp_path, user_module):
+    """Both engines of a `process:NAME` group go down with their process; the group restarts only when each of
+    them asks for restarts, and the error names them all."""
+    user_module("crashy3", ENGINES)
+    out, marker = tmp_path / "out.jsonl", tmp_path / "first.pid"
+    doc = chain({"type": "crashy3:Crashy", "placement": "process:grp", "restart": "on-failure", "max_restarts": 3,
+                 "params": {"at": 10, "marker": str(marker)}}, out)
+    doc["engines"]["mid2"] = {"type": "crashy3:BadSetup", "placement": "process:grp", "restart": "on-failure",
+                              "max_restarts": 1, "params": {"fails": 0, "marker": str(tmp_path / "setups")}}
+    doc["connections"] = [["src.out", "mid.in"], ["mid.out", "mid2.in"], ["mid2.out", "out.in"]]
+    summary = run(doc)
+    rows = lines(out)
+    assert len({r["pid"] for r in rows}) == 2 and max(r["value"] for r in rows) == 59
+    assert (tmp_path / "setups").read_text() == "2"  # mid2 was set up again in the new process
+    assert any("engines 'mid', 'mid2'" in e and "killed by SIGKILL" in e and "restart 1/1" in e
+               for e in summary.errors)
+    assert not summary.failed
+
+    marker.unlink()
+    del doc["engines"]["mid2"]["restart"]  # one engine of the group never restarts: the group stays down
+    summary = run(doc)
+    assert summary.failed and {summary.stats[k]["state"] for k in ("mid", "mid2")} == {"died"}
+    assert any("engines 'mid', 'mid2'" in e and "end-of-stream" in e for e in summary.errors)
+    assert [r["value"] for r in lines(out)] == list(range(len(lines(out))))
+
+
 def test_engine_gone_for_good_ends_its_branch_not_the_run(tmp_path, user_module):
     user_module("crashy2", ENGINES)
     out, marker = tmp_path / "out.jsonl", tmp_path / "first.pid"
