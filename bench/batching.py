@@ -258,28 +258,29 @@ def run_graphflow(args: argparse.Namespace, max_batch: int) -> Outcome:
     for g in range(groups):
         suffix = str(g) if groups > 1 else ""
         streams = bounds[g + 1] - bounds[g]
-        det = f"det{suffix}" if shards > 1 else "det"
-        where = ({"placement": f"process:shard{g}"} if shards > 1
-                 else {"placement": "process"} if args.cams_process else {})
+        tag = suffix if shards > 1 else ""  # infer and tally: one per shard, else one for all
+        det, tally = f"det{tag}", f"tally{tag}"
+        shard = {"placement": f"process:shard{g}"} if shards > 1 else {}
+        own = {"placement": "process"} if args.cams_process else {}
         engines[f"cams{suffix}"] = {
-            "type": f"{Cameras.__module__}:Cameras", **where,
+            "type": f"{Cameras.__module__}:Cameras", **(shard or own),
             "params": {"streams": streams, "first": bounds[g], "total": args.streams, "fps": args.fps,
                        "seconds": args.seconds}}
         if args.fused:  # infer letterboxes the frames itself, a whole batch at once
-            connections.append({"from": f"cams{suffix}.out", "to": f"{det}.in", "policy": "latest", "capacity": streams})
+            connections.append({"from": f"cams{suffix}.out", "to": f"{det}.in", "policy": "latest",
+                                "capacity": streams})
         else:
-            engines[f"pre{suffix}"] = {**pre, **(where if shards > 1 else {})}
+            engines[f"pre{suffix}"] = {**pre, **shard}
             connections += [{"from": f"cams{suffix}.out", "to": f"pre{suffix}.in", "policy": "latest",
                              "capacity": streams}, [f"pre{suffix}.out", f"{det}.in"]]
         if shards > 1 or g == 0:
-            engines[det] = {"type": "infer", **(where if shards > 1 else {}), "params": {
+            engines[det] = {"type": "infer", **shard, "params": {
                 "model": MODEL, "backend": args.backend, "instances": args.instances,
                 "threads": args.threads or max(1, cores() // args.instances // shards),
                 "max_batch": min(max_batch, streams) if shards > 1 else max_batch, "max_wait_ms": args.max_wait_ms,
                 "queue": 2, "drop": "latest", "letterbox": args.fused}}
-            engines[f"tally{suffix if shards > 1 else ''}"] = {"type": f"{Tally.__module__}:Tally",
-                                                               **(where if shards > 1 else {})}
-            connections.append([f"{det}.out", f"tally{suffix if shards > 1 else ''}.in"])
+            engines[tally] = {"type": f"{Tally.__module__}:Tally", **shard}
+            connections.append([f"{det}.out", f"{tally}.in"])
     doc = {"name": "batching-bench", "engines": engines, "connections": connections}
     summary = runtime.run(graph.build(doc, "batching-bench"), handle_signals=False)
     if summary.failed or summary.errors:

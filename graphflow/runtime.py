@@ -516,12 +516,14 @@ class Graveyard:
 def hosts(graph: Graph) -> dict[str, str]:
     """The OS process of each engine: MAIN (this one) for thread placement, `proc:ID` for a process of its own,
     `group:NAME` for the one that all engines placed `process:NAME` share."""
-    return {n.id: MAIN if n.placement == "thread" else f"group:{n.placement[8:]}" if n.placement.startswith("process:")
-            else f"proc:{n.id}" for n in graph.nodes.values()}
+    def host(node: Node) -> str:
+        kind, _, group = node.placement.partition(":")
+        return MAIN if kind == "thread" else f"group:{group}" if group else f"proc:{node.id}"
+    return {n.id: host(n) for n in graph.nodes.values()}
 
 
 class Launcher:
-    """Starts every host (this process + one child per process-placed engine), supervises, stops."""
+    """Starts every host (this process + one child per process-placed engine or process group), supervises, stops."""
 
     def __init__(self, graph: Graph, on_progress: Callable[[dict[str, dict]], None] | None = None) -> None:
         self.graph = graph
