@@ -3,6 +3,11 @@
 One decoding thread per source (PyAV releases the GIL while decoding) fills a bounded queue that
 `generate()` drains, so sources progress in parallel and a slow consumer back-pressures them. A network
 stream that drops is reopened with capped exponential back-off; its seq and pts carry on across the gap.
+A source that fails for any reason ends alone, with a one-line error naming its stream; the others go on.
+Each source's state (`metrics()["sources"][stream]["state"]`) is connecting (before its first frame), running,
+reconnecting (after a loss), then ended, failed or stopped. After a restart the runtime's `resume` says where each
+stream was: a file seeks past what was delivered, a live stream's seq carries on. `realtime` paces a file like a
+camera. Sources can be added and removed while the engine runs (`add_source`, `remove_source`).
 """
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphflow import Engine, Message, Param, ParamError
-from graphflow.vision.video import Frame, Source, SourceError, SourceSpec, SourceStats, local_path, open_source
+from graphflow import Engine, Message, Param, ParamError, StreamEnd
+from graphflow.backoff import backoff
+from graphflow.vision.video import (MAX_PIXELS, Frame, Source, SourceError, SourceSpec, SourceStats, local_path,
+                                    open_source)
 
-SOURCE_FIELDS = {"id"} | set(SourceSpec.__dataclass_fields__) - {"color"}  # color is the engine's, for all sources
+SOURCE_FIELDS = {"id"} | set(SourceSpec.__dataclass_fields__) - {"color", "max_pixels"}  # engine-wide, not per source
 HEARTBEAT_S = 0.1
 JOIN_S = 2.0  # how long shutdown waits for a thread stuck in a network read (it ends at its read_timeout)
 COUNTERS = ("decoded", "fps_dropped", "kept", "discarded", "corrupt", "disconnects", "reconnects", "failed_attempts")
@@ -25,9 +32,10 @@ COUNTERS = ("decoded", "fps_dropped", "kept", "discarded", "corrupt", "disconnec
 
 @dataclass
 class _Done:
-    """Queue marker: the source `stream` has ended (its feed says whether it failed)."""
+    """Queue marker: the source `stream` has ended (its feed says whether it failed or was removed)."""
 
     stream: str
+    feed: _Feed
 
 
 @dataclass
@@ -41,13 +49,16 @@ class _Feed:
     disconnects: int = 0  # a stream that was delivering frames ended or failed
     reconnects: int = 0  # a stream delivered frames again after a disconnect
     failed_attempts: int = 0  # connections that failed or gave no frame
-    state: str = "starting"
+    state: str = "connecting"  # then running, reconnecting (after a loss); at the end ended, failed or stopped
     error: str = ""
+    removed: bool = False  # by `Decode.remove_source`: forgotten once its end has gone downstream
+    finished: bool = False  # its thread's end was taken from the queue
+    stop: threading.Event = field(default_factory=threading.Event)  # ends this source's thread
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def begin(self, source: Source) -> None:
         with self.lock:
-            self.source, self.state = source, "running"
+            self.source = source
 
     def end(self) -> Source | None:
         """Close the session's source and fold its counters into the totals; return it (None if none opened)."""
@@ -70,23 +81,56 @@ class _Feed:
                     "failed_attempts": self.failed_attempts, "state": self.state, "error": self.error}
 
 
+class _Pace:
+    """Releases a file's frames at their pts in wall time from the first one on, as a camera would. A late frame
+    (slow consumer) goes at once, none is skipped to catch up; each frame's capture time is when it was due."""
+
+    def __init__(self) -> None:
+        self.origin: tuple[float, float, float] | None = None  # pts, monotonic and wall time of the first frame
+
+    def release(self, frame: Frame, halt: threading.Event) -> bool:
+        """Wait until `frame` is due and stamp it; False if `halt` came first."""
+        if self.origin is None:
+            self.origin = frame.pts, time.monotonic(), time.time()
+        pts0, mono0, wall0 = self.origin
+        frame.capture = wall0 + frame.pts - pts0
+        delay = mono0 + frame.pts - pts0 - time.monotonic()
+        return delay <= 0 or not halt.wait(delay)
+
+
 class Decode(Engine):
     """Decodes video files, rtsp:// streams and image folders into BGR/RGB frame messages, one stream per source."""
 
     inputs = ()
     outputs = ("out",)
-    sources = Param(list, doc='list of {"id", "uri", "fps", "start", "max_frames", "loop", "transport", '
-                               '"open_timeout", "read_timeout", "hwaccel"}')
+    path_fields = {"sources[].uri": "read"}  # local files and folders, relative to the graph file
+    sources = Param(list, doc='list of {"id", "uri", "fps", "start", "max_frames", "loop", "realtime", "transport", '
+                               '"open_timeout", "read_timeout", "hwaccel"}; realtime: release each frame of a file '
+                               'at its pts in wall time, as a camera would')
     color = Param(str, "bgr", choices=("bgr", "rgb"), doc="channel order of arrays['image']")
-    queue_size = Param(int, 8, ge=1, doc="decoded frames buffered per source before its thread waits")
+    queue_size = Param(int, 8, ge=1, le=10_000, doc="decoded frames buffered per source before its thread waits")
     reconnect = Param(bool, True, doc="reopen a network stream that ends or fails, with capped exponential back-off")
-    retry = Param(float, 1.0, ge=0.01, doc="first reconnect delay in seconds, doubled per failed attempt")
-    retry_max = Param(float, 30.0, ge=0.01, doc="cap on the reconnect delay in seconds")
+    retry = Param(float, 1.0, ge=0.01, le=3600, doc="first reconnect delay in seconds, doubled per failed attempt")
+    retry_max = Param(float, 30.0, ge=0.01, le=3600, doc="cap on the reconnect delay in seconds")
     attempts = Param(int, 10, ge=0, doc="failed connection attempts in a row before a stream is given up (0: never)")
+    give_up_s = Param(float, 30.0, ge=0, le=1_000_000, doc="seconds without a frame (connecting or reconnecting) "
+                                                               "before a network stream is declared failed (0: never)")
+    wait_for_sources = Param(bool, False, doc="keep running while no source is left (service mode: sources come "
+                                              "and go through add_source/remove_source); ends only when stopped")
+    max_pixels = Param(int, MAX_PIXELS, ge=1, doc="largest frame (width × height): a bigger image in a folder is "
+                                                  "skipped with an error, a bigger video fails its source")
+
+    def __init__(self, engine_id: str = "", params: dict[str, Any] | None = None) -> None:
+        super().__init__(engine_id, params)
+        self._lock = threading.Lock()  # guards the sources, feeds and threads that add/remove_source change
+        self._feeds: dict[str, _Feed] = {}
+        self._threads: list[threading.Thread] = []
+        self._running = 0  # decoding threads whose end has not been taken from the queue yet
+        self._live: tuple[queue.Queue, threading.Event] | None = None  # while generate() runs: its queue and halt
 
     def check(self) -> None:
-        if not self.sources:
-            raise ParamError("sources", "needs at least one source")
+        if not self.sources and not self.wait_for_sources:
+            raise ParamError("sources", "needs at least one source (or wait_for_sources: true)")
         if self.retry_max < self.retry:
             raise ParamError("retry_max", f"must be ≥ retry ({self.retry:g} s) (got {self.retry_max:g})")
         self._specs: dict[str, SourceSpec] = {}
@@ -113,7 +157,7 @@ class Decode(Engine):
             raise ParamError(f"{where}.uri", f"required, a file, folder or rtsp:// address (got {uri!r})")
         fields = {k: v for k, v in entry.items() if k not in ("id", "uri") and v is not None}
         try:
-            spec = SourceSpec(uri=uri, color=self.color, **fields)
+            spec = SourceSpec(uri=uri, color=self.color, max_pixels=self.max_pixels, **fields)
         except SourceError as exc:
             why = str(exc).split(": ", 1)[-1].removeprefix(f"{exc.field} ")
             raise ParamError(f"{where}.{exc.field}" if exc.field else where, why) from None
@@ -121,72 +165,174 @@ class Decode(Engine):
             raise ParamError(f"{where}.uri", f"file not found: {uri!r}")
         return str(stream), spec
 
-    def generate(self) -> Iterator[Message | None]:
+    def generate(self) -> Iterator[Message | StreamEnd | None]:
+        """Frames of every source as they are decoded (each source's StreamEnd after its last frame), until all sources ended (or were removed) or the engine
+        stops; then the error of any source that failed, as one SourceError."""
         if not hasattr(self, "_specs"):
             self.check()
-        self._feeds = {stream: _Feed(spec) for stream, spec in self._specs.items()}
-        frames: queue.Queue[tuple[str, Frame] | _Done] = queue.Queue(self.queue_size * len(self._specs))
+        frames: queue.Queue[tuple[str, Frame] | _Done] = queue.Queue(self.queue_size * max(len(self._specs), 1))
         halt = threading.Event()
-        threads = [threading.Thread(target=self._read, args=(stream, feed, frames, halt), name=f"{self.id}:{stream}",
-                                    daemon=True) for stream, feed in self._feeds.items()]
-        for t in threads:
-            t.start()
-        running = len(threads)
+        with self._lock:
+            self._feeds, self._threads, self._running, self._live = {}, [], 0, (frames, halt)
+            for stream, spec in self._specs.items():
+                self._start(stream, spec)
         try:
-            while running and not self.stopping.is_set():
+            while not self.stopping.is_set():
+                with self._lock:
+                    if not self._running and not self.wait_for_sources:
+                        self._live = None
+                        break
                 try:
                     item = frames.get(timeout=HEARTBEAT_S)
                 except queue.Empty:
                     yield None
                     continue
                 if isinstance(item, _Done):
-                    running -= 1
+                    with self._lock:
+                        self._running -= 1
+                        item.feed.finished = True
+                        if item.feed.removed:  # nothing is kept of a removed source once its end goes out
+                            item.feed.state = item.feed.state if item.feed.state in ("ended", "failed") else "stopped"
+                            if self._feeds.get(item.stream) is item.feed:
+                                del self._feeds[item.stream]
+                    yield StreamEnd(item.stream)
                     continue
                 yield self._message(*item)
         finally:
+            with self._lock:
+                self._live, threads = None, list(self._threads)
             halt.set()
+            for feed in self._feeds.values():
+                feed.stop.set()
             self._join(threads, frames)
             for feed in self._feeds.values():
                 feed.state = feed.state if feed.state in ("ended", "failed") else "stopped"
-        failed = [f.error for f in self._feeds.values() if f.error]
+        failed = [f.error for f in self._feeds.values() if f.error and not f.removed]
         if failed:
             raise SourceError(failed[0] if len(failed) == 1 else f"{len(failed)} sources failed: {'; '.join(failed)}")
 
+    def add_source(self, entry: dict[str, Any]) -> str:
+        """Add a source while the engine runs (service mode), from any thread: checked like a `sources` entry
+        (ParamError naming the field), decoded at once if `generate()` runs (else from its start: `check()`
+        resets the sources to the `sources` param); returns its stream id."""
+        if not hasattr(self, "_specs"):
+            self.check()
+        with self._lock:
+            i = len(self._specs)
+            stream, spec = self._spec(i, entry)
+            if stream in self._specs:
+                raise ParamError(f"sources[{i}].id", f"duplicate stream id {stream!r}")
+            old = self._feeds.get(stream)
+            if self._live is not None and old is not None and not old.finished:
+                raise ParamError(f"sources[{i}].id", f"stream {stream!r} is still stopping; add it again after its end")
+            self._specs[stream] = spec
+            if self._live is not None:
+                self._start(stream, spec)
+        return stream
+
+    def on_command(self, op: str, args: dict[str, Any]) -> Any:
+        """`add_source` {"entry": {...}} → the stream id; `remove_source` {"stream"} (the service's streams)."""
+        if op == "add_source":
+            return self.add_source(args["entry"])
+        if op == "remove_source":
+            return self.remove_source(args["stream"])
+        return super().on_command(op, args)
+
+    def remove_source(self, stream: str) -> None:
+        """Stop one source while the engine runs, from any thread. Frames of it already decoded still go out,
+        then its StreamEnd, so engines downstream free what they hold for it (a source that had already ended
+        sent its end then). With no source left, `generate()` ends unless `wait_for_sources`."""
+        with self._lock:
+            if stream not in self._specs:
+                known = ", ".join(self._specs) or "none"
+                raise ParamError("sources", f"no source with id {stream!r} (sources: {known})")
+            del self._specs[stream]
+            feed = self._feeds.get(stream) if self._live is not None else None
+            if feed is not None:
+                feed.removed = True
+                feed.stop.set()
+
+    def _start(self, stream: str, spec: SourceSpec) -> None:
+        """Start the decoding thread of one source; the caller holds the lock and generate() runs."""
+        assert self._live is not None
+        frames, halt = self._live
+        if self._running >= frames.maxsize // self.queue_size:
+            with frames.mutex:  # a Queue reads its bound on every put: room for the new source's frames too
+                frames.maxsize += self.queue_size
+                frames.not_full.notify_all()
+        feed = self._feeds[stream] = _Feed(spec)
+        self._threads = [t for t in self._threads if t.is_alive()]  # sources come and go: keep the live ones
+        thread = threading.Thread(target=self._read, args=(stream, feed, frames, halt), name=f"{self.id}:{stream}",
+                                  daemon=True)
+        self._threads.append(thread)
+        self._running += 1
+        thread.start()
+
     def metrics(self) -> dict[str, Any]:
         """Totals over all sources (printed in the launch summary) and per-source counters and state."""
-        feeds = getattr(self, "_feeds", {})
+        with self._lock:
+            feeds = dict(self._feeds)
         per = {stream: feed.snapshot() for stream, feed in feeds.items()}
-        return {**{k: sum(p[k] for p in per.values()) for k in COUNTERS}, "sources": per}
+        failed = sum(p["state"] == "failed" for p in per.values())
+        return {**{k: sum(p[k] for p in per.values()) for k in COUNTERS}, "failed": failed, "sources": per}
 
     def _message(self, stream: str, frame: Frame) -> Message:
-        """A frame message around the decoder's own array (already a fresh buffer: no further copy)."""
+        """A frame message around the decoder's own array (already a fresh buffer: no further copy); an image
+        source's frames also say which file they came from (`data["file"]`, its name within the folder)."""
         image = frame.image
         height, width = image.shape[:2]
-        return Message(stream=stream, seq=frame.index, pts=frame.pts, arrays={"image": image},
-                       data={"width": width, "height": height, "color": self.color}, times={"capture": frame.capture})
+        data = {"width": width, "height": height, "color": self.color} | ({"file": frame.file} if frame.file else {})
+        return Message(stream=stream, seq=frame.index, pts=frame.pts, arrays={"image": image}, data=data,
+                       times={"capture": frame.capture})
 
     def _read(self, stream: str, feed: _Feed, frames: queue.Queue, halt: threading.Event) -> None:
-        """Thread body: decode one source into `frames` until it ends, fails or `halt` is set. A network stream
-        is reopened after `retry` s, the delay doubling up to `retry_max` while attempts fail, until `attempts`
-        failures in a row; seq numbers carry on and pts are shifted to follow on in wall-clock time."""
+        """Thread body: play one source until it ends or `feed.stop`, then queue its end unless the engine halts.
+        Any exception fails this source alone, with a one-line error naming the stream (the traceback goes to the
+        debug log), so the graph never waits on a dead thread."""
+        try:
+            self._play(stream, feed, frames, feed.stop)
+        except Exception as exc:
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            self._give_up(stream, feed, f"source {feed.spec.uri}: {type(exc).__name__}{': ' + text if text else ''}")
+            self.log.debug("%s: decoding thread failed", stream, exc_info=True)
+        finally:
+            self._put(frames, _Done(stream, feed), halt)
+
+    def _give_up(self, stream: str, feed: _Feed, why: str) -> None:
+        feed.state, feed.error = "failed", f"stream {stream!r}: {why}"
+        self.log.error("%s", feed.error)
+
+    def _play(self, stream: str, feed: _Feed, frames: queue.Queue, halt: threading.Event) -> None:
+        """Decode one source into `frames` until it ends, fails or `halt` is set. A network stream is reopened
+        after `retry` s, the delay doubling up to `retry_max` while attempts fail, until `attempts` failures in a
+        row or `give_up_s` without a frame; seq numbers carry on and pts are shifted to follow on in wall-clock
+        time. After a restart (`resume`), a file goes on after its last delivered frame and a live stream's seq
+        carries on from it."""
         spec = feed.spec
-        delay, failures, base = self.retry, 0, 0
+        delivered = self.resume.get(stream)
+        skip = 0 if delivered is None or spec.is_stream else int(delivered) + 1
+        base = int(delivered) + 1 if delivered is not None and spec.is_stream else 0
+        tries, failures = 0, 0  # waits since the last frame; failed attempts in a row
         last: tuple[float, float] | None = None  # (pts, capture) of the last frame passed on
-        lost_at = 0.0
+        lost_at = last_frame_at = time.monotonic()
+        pace = _Pace() if spec.realtime else None
         while not halt.is_set():
             got, shift, error = 0, 0.0, ""
             try:
                 feed.begin(open_source(spec))
-                for frame in feed.source:
+                for frame in feed.source.frames(skip):
                     if got == 0 and last is not None:
                         shift = last[0] + max(frame.capture - last[1], 1e-3) - frame.pts
                     got += 1
                     frame.index += base
                     frame.pts += shift
-                    if not self._put(frames, (stream, frame), halt):
+                    if (pace is not None and not pace.release(frame, halt)) or \
+                            not self._put(frames, (stream, frame), halt):
                         feed.discarded += 1
                         return
-                    last = frame.pts, frame.capture
+                    last, last_frame_at = (frame.pts, frame.capture), time.monotonic()
+                    if got == 1:
+                        feed.state = "running"
                     if got == 1 and feed.disconnects:
                         feed.reconnects += 1
                         self.log.warning("%s: stream resumed after %.1f s (reconnect %d)", stream,
@@ -197,31 +343,37 @@ class Decode(Engine):
                 ended = feed.end()
                 base += ended.stats.kept if ended is not None else 0
             if halt.is_set():
-                break
+                return
             if not (spec.is_stream and self.reconnect):
-                feed.state, feed.error = ("failed", error) if error else ("ended", "")
                 if error:
-                    self.log.error("%s: %s", stream, error)
-                break
+                    self._give_up(stream, feed, error)
+                else:
+                    feed.state = "ended"
+                return
             why = error or (ended.lost if ended is not None else "") or "end of stream"
             if got:
                 feed.disconnects += 1
-                lost_at, delay, failures = time.monotonic(), self.retry, 0
+                lost_at, tries, failures = time.monotonic(), 1, 0
+                wait = backoff(tries, self.retry, self.retry_max)
                 self.log.warning("%s: stream lost (%s) after %d frames; reconnecting in %.3g s",
-                                 stream, why, got, delay)
+                                 stream, why, got, wait)
             else:
                 feed.failed_attempts += 1
-                failures += 1
+                tries, failures = tries + 1, failures + 1
+                silent = time.monotonic() - last_frame_at
                 if self.attempts and failures >= self.attempts:
-                    feed.state, feed.error = "failed", f"{why}; gave up after {failures} failed attempts"
-                    self.log.error("%s: %s", stream, feed.error)
-                    break
-                self.log.warning("%s: %s; retry %d in %.3g s", stream, why, failures, delay)
-            feed.state = "reconnecting"
-            if halt.wait(delay):
-                break
-            delay = min(delay * 2, self.retry_max)
-        self._put(frames, _Done(stream), halt)
+                    self._give_up(stream, feed, f"{why}; gave up after {failures} failed attempts")
+                    return
+                if self.give_up_s and silent >= self.give_up_s:
+                    self._give_up(stream, feed, f"{why}; gave up after {silent:.1f} s without a frame "
+                                                f"(give_up_s {self.give_up_s:g})")
+                    return
+                wait = backoff(tries, self.retry, self.retry_max)
+                wait = min(wait, self.give_up_s - silent) if self.give_up_s else wait  # one last try at the limit
+                self.log.warning("%s: %s; retry %d in %.3g s", stream, why, failures, wait)
+            feed.state = "reconnecting" if feed.disconnects else "connecting"
+            if halt.wait(wait):
+                return
 
     def _join(self, threads: list[threading.Thread], frames: queue.Queue) -> None:
         """Wait for the decoding threads, discarding (and counting) frames they still queue; a thread blocked

@@ -43,10 +43,16 @@ class DetFile(Engine):
 
     inputs = ()
     outputs = ("out",)
+    path_fields = {"path": "read", "sources[].path": "read"}  # relative to the graph file
     sources = Param(list, [], doc='list of {"id", "path", "fps", "width", "height"} (id defaults to the index)')
     path = Param(str, "", doc="one detection file (stream id '0'), instead of sources")
     min_conf = Param(float, -math.inf, doc="rows with a lower conf are skipped")
     fps = Param(float, 30.0, ge=0.001, doc="frame rate for pts, unless a source gives its own")
+
+    @classmethod
+    def declared_classes(cls, params: dict[str, Any]) -> dict[int, str]:
+        """The one class its detections carry, for checks of engines downstream."""
+        return {CLASS_ID: LABEL}
 
     def check(self) -> None:
         if bool(self.sources) == bool(self.path):

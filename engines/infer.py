@@ -1,23 +1,29 @@
 """Infer engine: batches frames from all streams, runs a detector and writes data["detections"] in frame pixels.
 
 The batching (per-stream queues, round-robin, deadline, drops, pipelining, records) is graphflow.vision.batching;
-this engine validates frames, queues them, and turns each model output into the contract's detections.
+this engine validates frames, queues them, and turns each model output into the contract's detections. Messages
+that are not frames pass through (graphflow.vision.frames), behind the frames of their stream queued before them.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import threading
+from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from graphflow import Engine, Message, Param, ParamError
+from graphflow import Message, Param, ParamError, StreamEnd
 from graphflow.channel import Closed
 from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
+from graphflow.vision.frames import FrameEngine
+from graphflow.vision.gpudecode import is_gpu_frame, letterbox_nv12_batch
 from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
-from graphflow.vision.models import BACKENDS, ModelSpec, make_backend, powers_of_two, resolve_model, stack_batch
+from graphflow.vision.models import (BACKENDS, REGISTRY, ModelSpec, make_backend, powers_of_two, resolve_model,
+                                     stack_batch)
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +48,33 @@ def without_tensor(msg: Message) -> Message:
                    msg.times, msg.port)
 
 
+@dataclass
+class Ticketed:
+    """A frame in infer's batch queue with its number in its stream: a message passed through while frames are
+    queued waits until the frame numbered before it has left."""
+
+    msg: Message
+    ticket: int
+
+
 def frame_names(batch: list[Queued], limit: int = 8) -> str:
     """`cam1#4, cam2#4, …` for log lines and errors."""
-    names = [f"{q.item.stream}#{q.item.seq}" for q in batch[:limit]]
+    names = [f"{q.item.msg.stream}#{q.item.msg.seq}" for q in batch[:limit]]
     return ", ".join(names) + (f", … ({len(batch)} frames)" if len(batch) > limit else "")
 
 
-class Infer(Engine):
-    """Object detector: batches tensors across streams, runs the model, decodes, NMS, maps boxes back."""
+class Infer(FrameEngine):
+    """Object detector: batches tensors across streams, runs the model, decodes, NMS, maps boxes back.
+
+    Consumes arrays["tensor"] (with `letterbox: true`, arrays["image"]); a message that is not a frame (no image,
+    no tensor) is passed on unchanged, after the frames of its stream that came before it."""
 
     inputs = ("in",)
     outputs = ("out",)
-    model = Param(str, "yolox-nano", doc="registered model name or path to an ONNX file")
+    model = Param(str, "yolox-nano", path="read", names=tuple(REGISTRY),
+                  doc="registered model name or path to an ONNX file (relative to the graph file)")
+    labels = Param(str, "", path="read", doc="class names file, one a line (default: a registered model's own; for a "
+                                             "file, its metadata 'names', else COCO's for 80 classes, else numbers)")
     backend = Param(str, "auto", choices=BACKENDS, doc="auto: torch on a CUDA GPU if installed, else onnxruntime "
                                                         "(its CUDA provider if present, else CPU)")
     conf = Param(float, 0.3, ge=0.0, le=1.0, doc="minimum detection score")
@@ -76,10 +97,26 @@ class Infer(Engine):
 
     def check(self) -> None:
         try:
-            self.spec: ModelSpec = resolve_model(self.model)
+            self.spec: ModelSpec = resolve_model(self.model, self.labels)
         except ValueError as exc:
-            raise ParamError("model", str(exc)) from None
+            raise ParamError("labels" if str(exc).startswith("labels file") else "model", str(exc)) from None
         self.detect = DetectParams(conf=self.conf, iou=self.iou, classes=self._class_ids())
+
+    @classmethod
+    def declared_classes(cls, params: dict[str, Any]) -> dict[int, str] | None:
+        """The classes this engine's detections can carry, id → label, from its params alone (the model's labels,
+        less those its `classes` filter leaves out), for checks of engines downstream; None if the model is unusable
+        (its own check says why)."""
+        declared = cls.declared_params()
+        try:
+            labels = resolve_model(params.get("model", declared["model"].default), params.get("labels", "")).labels
+        except (ValueError, TypeError):
+            return None
+        kept = params.get("classes")
+        if not isinstance(kept, list) or not kept:
+            kept = range(len(labels))
+        ids = {labels.index(c) if isinstance(c, str) and c in labels else c for c in kept}
+        return {i: labels[i] for i in sorted(i for i in ids if type(i) is int and 0 <= i < len(labels))}
 
     def _class_ids(self) -> frozenset[int] | None:
         """The `classes` filter as class ids; names are looked up in the model's labels."""
@@ -107,6 +144,10 @@ class Infer(Engine):
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
         self.failures: list[str] = []
         self.failures_lock = threading.Lock()
+        self._order_lock = threading.Lock()  # per-stream order of frames and passed-through messages
+        self._queued: dict[str, int] = {}  # per stream: ticket of the last frame queued
+        self._left: dict[str, int] = {}  # per stream: ticket of the last frame sent on
+        self._held: dict[str, list[tuple[int, Message]]] = {}  # per stream: (ticket it waits for, message)
         self._infos: dict[tuple[int, int], dict] = {}  # letterbox info by frame size (`letterbox: true`)
         self._staging = PinnedStaging()  # letterbox on a GPU backend: the batch's page-locked upload buffer
         # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
@@ -126,17 +167,54 @@ class Infer(Engine):
                                                         self._staging))
         # a GPU backend times its runs on the GPU: busy time is then kernel time, not the host's wait
         spans = [getattr(r, "device_span", None) for r in self.runners]
-        self.pipeline = BatchPipeline(self.scheduler, self._assemble, runs, self._finish, self._failed, name=self.id,
-                                      spans=spans)
+        self.pipeline = BatchPipeline(self.scheduler, self._counted(self._assemble), [self._counted(r) for r in runs],
+                                      self._finish, self._failed, name=self.id, spans=spans)
         self.pipeline.start()
         self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d%s", self.spec.name, self.spec.output_format,
                       self.runner.name, self.instances, list(self.runner.input.size), self.max_batch,
                       ", decoded on the GPU" if self.gpu_decode else "")
 
     def process(self, msg: Message) -> None:
+        needs, hint = (("image", "with letterbox: true infer takes decoded frames, not preprocess's tensors")
+                       if self.letterbox else
+                       ("tensor", "put a preprocess engine before infer, or set infer's letterbox: true to take frames"))
+        if not self.takes(msg, needs in msg.arrays, f"arrays['{needs}']", hint):
+            return
         msg = self._framed(msg) if self.letterbox else self._checked(msg)
-        self.scheduler.put(msg.stream, msg, msg.times.get("capture"), self.stopping)
+        ticket = self._queued[msg.stream] = self._queued.get(msg.stream, 0) + 1
+        self.scheduler.put(msg.stream, Ticketed(msg, ticket), msg.times.get("capture"), self.stopping)
         self._raise_failures()
+
+    def pass_on(self, msg: Message) -> None:
+        """Send a message that is not a frame now, or hold it until the frames of its stream queued before it have
+        left (infer's frames leave from its worker threads)."""
+        with self._order_lock:
+            if self._left.get(msg.stream, 0) < self._queued.get(msg.stream, 0):
+                self._held.setdefault(msg.stream, []).append((self._queued[msg.stream], msg))
+            else:
+                self._emit(msg)  # under the lock: one released meanwhile cannot be overtaken
+
+    def pass_end(self, end: StreamEnd) -> None:
+        """A stream's end leaves after the frames of the stream queued before it, like any message that is not a
+        frame; then the stream is forgotten (its tickets, held messages and scheduler queue)."""
+        self.pass_on(end)
+
+    def _release(self, stream: str, upto: float) -> None:
+        """Send the held messages of `stream` that wait for a ticket ≤ `upto` (call under the order lock)."""
+        held = self._held.get(stream)
+        while held and held[0][0] <= upto:
+            self._emit(held.pop(0)[1])
+
+    def _emit(self, msg: Message | StreamEnd) -> None:
+        """Send a passed-on message (call under the order lock); after a stream's end, forget the stream unless
+        frames of a new stream with the same id came in behind it."""
+        self.send(msg)
+        if isinstance(msg, StreamEnd) and not self._held.get(msg.stream) \
+                and self._left.get(msg.stream, 0) >= self._queued.get(msg.stream, 0):
+            self._queued.pop(msg.stream, None)
+            self._left.pop(msg.stream, None)
+            self._held.pop(msg.stream, None)
+            self.scheduler.forget(msg.stream)
 
     def _framed(self, msg: Message) -> Message:
         """`letterbox: true`: the message with data["letterbox"] for its frame (letterboxed later, with its batch)."""
@@ -156,9 +234,9 @@ class Infer(Engine):
 
     def _checked(self, msg: Message) -> Message:
         """The message, once its preprocessed tensor is known to fit the model."""
-        if "tensor" not in msg.arrays or "letterbox" not in msg.data:
-            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no arrays['tensor'] / data['letterbox'] "
-                             "(put a preprocess engine before infer, or set infer's letterbox: true to take frames)")
+        if "letterbox" not in msg.data:
+            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has arrays['tensor'] but no data['letterbox'] "
+                             "(make the tensor with a preprocess engine, or set infer's letterbox: true to take frames)")
         tensor = msg.arrays["tensor"]
         expected = (3, self.runner.input.size[1], self.runner.input.size[0])
         if tensor.shape != expected:
@@ -167,7 +245,10 @@ class Infer(Engine):
         return msg
 
     def flush(self) -> None:
-        self.pipeline.drain(self.stopping)
+        if self.pipeline.drain(self.stopping):
+            with self._order_lock:  # frames dropped or failed last leave nothing to wait for
+                for stream in list(self._held):
+                    self._release(stream, float("inf"))
         self._raise_failures()
 
     def teardown(self) -> None:
@@ -176,43 +257,63 @@ class Infer(Engine):
 
     def metrics(self) -> dict[str, Any]:
         scheduler = getattr(self, "scheduler", None)
-        return scheduler.metrics() if scheduler is not None else {}
+        if scheduler is None:
+            return super().metrics()
+        return {**scheduler.metrics(), **super().metrics(),
+                "streams_held": len(scheduler.queues.keys() | self._queued.keys() | self._held.keys())}
+
+    def _counted(self, work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`work` for a worker thread, its time counted as this engine's busy time (the model runs off process())."""
+        def counted(arg: Any) -> Any:
+            with self.busy():
+                return work(arg)
+        return counted
 
     def _assemble(self, batch: list[Queued]) -> Any:
         """Stack the batch's tensors where they live (one frame: a view, no copy); a backend with `prepare(batch)`
         (e.g. an upload on its own CUDA stream) runs it here, off the model's thread."""
         if self.letterbox:
             return self._letterboxed(batch)
-        tensors = [q.item.arrays["tensor"] for q in batch]
+        tensors = [q.item.msg.arrays["tensor"] for q in batch]
         stacked = tensors[0][None] if len(tensors) == 1 else stack_batch(tensors)
         if len(batch) > 1:  # copied: let go of the frames' tensors now (shared-memory slots come free sooner)
             for q in batch:
-                q.item = without_tensor(q.item)
+                q.item.msg = without_tensor(q.item.msg)
         prepare = getattr(self.runner, "prepare", None)
         return prepare(stacked) if prepare is not None else stacked
 
     def _letterboxed(self, batch: list[Queued]) -> Any:
         """The batch's frames letterboxed into one model input: with CuPy on a GPU backend (one upload), else NumPy."""
-        frames = [q.item.arrays["image"] for q in batch]
-        colors = [q.item.data.get("color", "bgr") for q in batch]
+        frames = [q.item.msg.arrays["image"] for q in batch]
+        colors = [q.item.msg.data.get("color", "bgr") for q in batch]
         prepare = getattr(self.runner, "prepare", None)
         if prepare is None:
             return letterbox_batch(frames, self.spec.preprocess, colors)
+        if all(is_gpu_frame(f) for f in frames):  # NVDEC frames: letterboxed from NV12 where they are, one launch
+            return prepare(letterbox_nv12_batch(frames, self.spec.preprocess))
         return prepare(letterbox_batch_cupy(frames, self.spec.preprocess, colors, self._staging))
 
     def _finish(self, entry: Queued, output: np.ndarray) -> None:
         """One frame's raw output (or GPU-decoded candidates) to detections in frame pixels; the tensor is dropped,
-        the rest passes on."""
-        msg = without_tensor(entry.item)
-        if self.gpu_decode:
-            detections = finish_candidates(output, msg.data["letterbox"], frame_size(msg), self.spec.labels,
-                                           self.detect)
-        else:
-            detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
-                                     self.spec.labels, self.detect)
+        the rest passes on, after held messages of its stream that wait for an earlier frame (dropped or failed) and
+        before those that wait for it."""
+        msg, ticket = without_tensor(entry.item.msg), entry.item.ticket
+        with self.busy():
+            if self.gpu_decode:
+                detections = finish_candidates(output, msg.data["letterbox"], frame_size(msg), self.spec.labels,
+                                               self.detect)
+            else:
+                detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
+                                         self.spec.labels, self.detect)
         msg.data = {**msg.data, "detections": detections}
         try:
+            if self._held.get(msg.stream):
+                with self._order_lock:
+                    self._release(msg.stream, ticket - 1)
             self.send(msg)
+            with self._order_lock:
+                self._left[msg.stream] = ticket
+                self._release(msg.stream, ticket)
         except Closed:  # the graph is shutting down: nothing downstream takes frames any more
             self.pipeline.stop(timeout=0)
 
@@ -222,6 +323,12 @@ class Infer(Engine):
         self.log.error("%s", text, exc_info=exc)
         with self.failures_lock:
             self.failures.append(text)
+        with self._order_lock:  # failed frames leave nothing to wait for: what waits behind them may go
+            for entry in batch:
+                stream, ticket = entry.item.msg.stream, entry.item.ticket
+                if ticket > self._left.get(stream, 0):
+                    self._left[stream] = ticket
+                    self._release(stream, ticket)
 
     def _raise_failures(self) -> None:
         """Re-raise worker failures on the engine's own thread, so the runtime counts them and applies on_error."""

@@ -22,9 +22,11 @@ def load_function(ref: str) -> Callable[..., Any]:
 
 
 class Map(Engine):
-    """Calls `function(msg)` per message: it returns a Message, None (drop it) or a list of Messages."""
+    """Calls `function(msg)` per message: it returns a Message, None (drop it) or a list of Messages.
 
-    function = Param(str, doc="'package.module:function' taking and returning a Message")
+    Every message reaches the function, frames or not (totals, events): it decides what to pass on."""
+
+    function = Param(str, module=True, doc="'package.module:function' taking and returning a Message")
 
     def check(self) -> None:
         try:

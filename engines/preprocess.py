@@ -7,18 +7,20 @@ import logging
 
 import numpy as np
 
-from graphflow import Engine, Message, Param, ParamError
+from graphflow import Message, Param, ParamError
+from graphflow.vision.frames import FrameEngine
 from graphflow.vision.letterbox import NORMALIZE_MODES, LetterboxSpec, letterbox, letterbox_cupy, require_cupy
 
 log = logging.getLogger(__name__)
 
 
-class Preprocess(Engine):
+class Preprocess(FrameEngine):
     """Resizes frames to the model input keeping aspect ratio, pads, normalises; adds data["letterbox"].
 
     With device "cuda" a CuPy kernel does it all; the tensor comes back to host memory unless `keep_on_gpu`,
     which sends the CuPy array itself: only for an infer engine in the same process (a GPU array cannot cross
-    to another process) with a GPU backend (torch, tensorrt)."""
+    to another process) with a GPU backend (torch, tensorrt). Consumes arrays["image"]: a message without one
+    (a total, an event) is passed on unchanged."""
 
     inputs = ("in",)
     outputs = ("out",)
@@ -49,8 +51,8 @@ class Preprocess(Engine):
 
     def process(self, msg: Message) -> None:
         image = msg.arrays.get("image")
-        if image is None:
-            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no arrays['image']")
+        if not self.takes(msg, image is not None, "arrays['image']", "preprocess takes decoded frames"):
+            return
         width, height = self.spec.size
         color = msg.data.get("color", "bgr")
         if self.device == "cuda":

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from typing import Any
 
-from graphflow import Engine, Message, Param
-from graphflow.vision.rules import RuleSet
+from graphflow import Message, Param
+from graphflow.vision.frames import FrameEngine
+from graphflow.vision.rules import RuleSet, check_classes
 
 log = logging.getLogger(__name__)
 
 
-class Rule(Engine):
+class Rule(FrameEngine):
     """Evaluates event rules on each stream's tracks and adds data["events"] (times from pts, else seq/fps) and,
-    for the osd, data["rules"] (geometry in pixels, line counts, tracks inside zones)."""
+    for the osd, data["rules"] (geometry in pixels, line counts, tracks inside zones).
+
+    Consumes data["tracks"]: a message without them that is not a frame (a total, an event) is passed on
+    unchanged; a frame without them is an error (rule before track)."""
 
     inputs = ("in",)
     outputs = ("out",)
@@ -24,16 +30,62 @@ class Rule(Engine):
     def check(self) -> None:
         RuleSet(self.rules)
 
+    @classmethod
+    def check_upstream(cls, params: dict[str, Any], upstream: list[tuple[type, dict[str, Any]]]) -> None:
+        """The classes rules name must be ones the engines upstream give, when any of them declares its classes
+        (`declared_classes`, as infer does for its model); with none declared, any name is accepted."""
+        known: dict[int, str] = {}
+        declared = False
+        for klass, upstream_params in upstream:
+            classes = klass.declared_classes(upstream_params) if hasattr(klass, "declared_classes") else None
+            if classes is not None:
+                known.update(classes)
+                declared = True
+        if declared:
+            check_classes(params.get("rules", []), known)
+
     def setup(self) -> None:
         self.ruleset = RuleSet(self.rules, forget_after=self.forget_after)
+        self.counts: dict[str, dict[str, int]] = {}  # stream → event name ("door cross A->B") → count
+        self.lock = threading.Lock()  # commands (another thread) change the rules between frames
+
+    def on_stream_end(self, stream: str) -> None:
+        self.ruleset.forget(stream)
+        self.counts.pop(stream, None)
+
+    def on_command(self, op: str, args: dict[str, Any]) -> Any:
+        """`set_rules` {"stream", "rules"}: that stream's own rules, applied live (None: the engine's again);
+        `rules` {"stream"}: the rules the stream runs."""
+        if op == "set_rules":
+            with self.lock:
+                self.ruleset.set_rules(args["stream"], args["rules"])
+            return None
+        if op == "rules":
+            with self.lock:
+                return [rule.spec for rule in self.ruleset.rules_of(args["stream"])]
+        return super().on_command(op, args)
 
     def process(self, msg: Message) -> None:
         tracks = msg.data.get("tracks")
-        if tracks is None:
-            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no data['tracks'] (put track before rule)")
+        if not self.takes(msg, tracks is not None, "data['tracks']", "put track before rule"):
+            return
         time = msg.pts if msg.pts is not None else msg.seq / msg.data.get("fps", self.fps)
-        events = self.ruleset.evaluate(msg.stream, msg.seq, time, tracks, msg.data.get("width"), msg.data.get("height"))
+        with self.lock:
+            events = self.ruleset.evaluate(msg.stream, msg.seq, time, tracks, msg.data.get("width"),
+                                           msg.data.get("height"))
+            overlay = self.ruleset.overlay(msg.stream) if self.overlay else None
+        if events:
+            counts = self.counts.setdefault(msg.stream, {})
+            for ev in events:
+                name = f"{ev['rule']} {ev['event']}" + (f" {ev['direction']}" if "direction" in ev else "")
+                counts[name] = counts.get(name, 0) + 1
         data = {**msg.data, "events": events}
-        if self.overlay:
-            data["rules"] = self.ruleset.overlay(msg.stream)
+        if overlay is not None:
+            data["rules"] = overlay
         self.send(dataclasses.replace(msg, data=data))
+
+    def metrics(self) -> dict[str, Any]:
+        """Events so far per stream ("door cross A->B": 3), for the run summary, and messages passed on."""
+        ruleset = getattr(self, "ruleset", None)
+        return {**super().metrics(), "events": {s: dict(c) for s, c in getattr(self, "counts", {}).items()},
+                "streams_held": len(ruleset.streams.keys() | ruleset.own.keys()) if ruleset is not None else 0}

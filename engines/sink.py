@@ -19,10 +19,12 @@ def message_record(msg: Message, arrays: bool = False) -> dict[str, Any]:
 
 
 class Sink(Engine):
-    """Appends one JSON line per message to `path` ("-" = stdout), flushed so nothing is lost on stop."""
+    """Appends one JSON line per message to `path` ("-" = stdout), flushed so nothing is lost on stop.
+
+    Messages that are not frames (totals, events) are written too, each as its own line."""
 
     outputs = ()
-    path = Param(str, "-", doc="output file, or '-' for stdout")
+    path = Param(str, "-", path="write", doc="output file (relative to the graph file), or '-' for stdout")
     arrays = Param(bool, False, doc="include array shapes/dtypes in each line")
     times = Param(bool, True, doc="include per-engine wall-clock timestamps")
 

@@ -25,19 +25,22 @@ class Source(Engine):
             raise ParamError("shape", f"must be a list of positive integers (got {self.shape!r})")
 
     def generate(self) -> Iterator[Message | None]:
+        """Message `seq` of every stream in turn; after a restart, each stream goes on after its `resume` seq."""
         rng = np.random.default_rng(self.seed)
         start = time.monotonic()
-        seq = 0
+        names = [f"s{s}" for s in range(self.streams)]
+        first = seq = min(self.resume.get(name, -1) for name in names) + 1
         while self.count == 0 or seq < self.count:
             if self.rate:
-                delay = start + seq / self.rate - time.monotonic()
+                delay = start + (seq - first) / self.rate - time.monotonic()
                 if delay > 0:
                     time.sleep(min(delay, 0.1))
                     yield None
                     continue
-            for s in range(self.streams):
-                msg = Message(stream=f"s{s}", seq=seq, pts=seq / self.rate if self.rate else None,
-                              data={"value": seq})
+            for name in names:
+                if seq <= self.resume.get(name, -1):
+                    continue
+                msg = Message(stream=name, seq=seq, pts=seq / self.rate if self.rate else None, data={"value": seq})
                 if self.shape:
                     frame = self.alloc(tuple(self.shape), np.uint8)
                     frame[...] = rng.integers(0, 256, size=frame.shape[-1:], dtype=np.uint8)

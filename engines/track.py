@@ -4,16 +4,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from typing import Any
+
 import numpy as np
 
-from graphflow import Engine, Message, Param
+from graphflow import Message, Param
+from graphflow.vision.frames import FrameEngine
 from graphflow.vision.tracking import ByteTracker, IoUTracker, make_tracker
 
 log = logging.getLogger(__name__)
 
 
-class Track(Engine):
-    """Follows detections over frames (greedy IoU or ByteTrack), one tracker per stream; adds data["tracks"]."""
+class Track(FrameEngine):
+    """Follows detections over frames (greedy IoU or ByteTrack), one tracker per stream; adds data["tracks"].
+
+    Consumes data["detections"]: a message without them that is not a frame (a total, an event) is passed on
+    unchanged; a frame without them is an error (track before infer)."""
 
     inputs = ("in",)
     outputs = ("out",)
@@ -37,10 +43,16 @@ class Track(Engine):
                           new_track_thresh=None if self.new_track_thresh < 0 else self.new_track_thresh)
         return make_tracker(self.algorithm, **common)
 
+    def on_stream_end(self, stream: str) -> None:
+        self.trackers.pop(stream, None)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), "streams_held": len(getattr(self, "trackers", {}))}
+
     def process(self, msg: Message) -> None:
         dets = msg.data.get("detections")
-        if dets is None:
-            raise ValueError(f"{self.id}: message {msg.stream}#{msg.seq} has no data['detections'] (put infer before track)")
+        if not self.takes(msg, dets is not None, "data['detections']", "put infer before track"):
+            return
         tracker = self.trackers.get(msg.stream)
         if tracker is None:
             tracker = self.trackers[msg.stream] = self._new_tracker()

@@ -1,38 +1,132 @@
 """Bounded edges between engines: in-process handoff of objects, ZeroMQ ipc:// between processes."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
 
-from .message import EOS, EndOfStream, Message
+from .message import EOS, EndOfStream, Message, StreamEnd
 from .shm import ShmContext, ShmError
 
 log = logging.getLogger(__name__)
+BURST = 64  # messages a pump takes from one socket before it looks at the others
 
 
 class Closed(Exception):
     """The channel was shut down while waiting."""
 
 
-class Inbox:
-    """An engine's input side: one bounded deque per incoming connection, taken round-robin.
+class StreamQueue:
+    """One drop-policy connection's queue: a FIFO per stream, served round-robin, so a stream that sends more
+    cannot crowd the others out; end-of-stream comes out after every message.
 
-    `block` makes producers wait while full (lossless); `drop_oldest`/`latest` drop the oldest queued
-    message and count it, so latency stays bounded on live sources."""
+    Full (`capacity` messages in all), it drops the oldest message of the stream that has the most queued
+    (ties: the one whose oldest message is oldest). `latest` also keeps only each stream's newest message.
+    A stream's end marker (StreamEnd) is never dropped and keeps its place after that stream's messages."""
+
+    def __init__(self, policy: str, capacity: int) -> None:
+        self.policy, self.capacity = policy, capacity
+        self.streams: OrderedDict[str, deque[tuple[int, Message | StreamEnd]]] = OrderedDict()  # served in turn
+        self.counts: dict[str, int] = {}  # messages (not end markers) queued per stream
+        self.size = 0
+        self.ends = 0
+        self.eos = False
+        self._arrived = 0  # arrival number of the next message: ages for the tie-break
+
+    def __len__(self) -> int:
+        return self.size + self.ends + self.eos
+
+    def append(self, item: Message | StreamEnd | EndOfStream) -> dict[str, int]:
+        """Queue `item`; returns the messages dropped to make room, per stream."""
+        if item is EOS:
+            self.eos = True
+            return {}
+        dropped: dict[str, int] = {}
+        q = self.streams.get(item.stream)
+        if q is None:
+            q = self.streams[item.stream] = deque()
+        self._arrived += 1
+        if isinstance(item, StreamEnd):
+            q.append((self._arrived, item))
+            self.ends += 1
+            return dropped
+        if self.policy == "latest" and self.counts.get(item.stream):
+            dropped[item.stream] = self._drop(item.stream, self.counts[item.stream])
+            q = self.streams.setdefault(item.stream, deque())
+        q.append((self._arrived, item))
+        self.counts[item.stream] = self.counts.get(item.stream, 0) + 1
+        self.size += 1
+        while self.size > self.capacity:
+            victim = max((s for s, n in self.counts.items() if n),
+                         key=lambda s: (self.counts[s], -self._oldest(s)))
+            dropped[victim] = dropped.get(victim, 0) + self._drop(victim, 1)
+        return dropped
+
+    def _oldest(self, stream: str) -> int:
+        return next(n for n, item in self.streams[stream] if not isinstance(item, StreamEnd))
+
+    def _drop(self, stream: str, n: int) -> int:
+        """Drop the `n` oldest messages of `stream` (its end markers stay); returns n."""
+        q = self.streams[stream]
+        kept: deque[tuple[int, Message | StreamEnd]] = deque()
+        left = n
+        while q:
+            entry = q.popleft()
+            if left and not isinstance(entry[1], StreamEnd):
+                left -= 1
+                continue
+            kept.append(entry)
+        self.streams[stream] = kept
+        self.counts[stream] -= n
+        self.size -= n
+        if not kept:
+            del self.streams[stream]
+        return n
+
+    def popleft(self) -> Message | StreamEnd | EndOfStream:
+        if not self.streams:
+            self.eos = False
+            return EOS
+        stream, q = next(iter(self.streams.items()))
+        item = q.popleft()[1]
+        if q:
+            self.streams.move_to_end(stream)
+        else:
+            del self.streams[stream]
+        if isinstance(item, StreamEnd):
+            self.ends -= 1
+        else:
+            self.size -= 1
+            self.counts[stream] -= 1
+            if not self.counts[stream]:
+                del self.counts[stream]
+        return item
+
+
+class Inbox:
+    """An engine's input side: one bounded queue per incoming connection, taken round-robin.
+
+    `block` makes producers wait while full (lossless, a plain FIFO); `drop_oldest`/`latest` never make them
+    wait: they drop per stream and count it (StreamQueue), so latency stays bounded and every stream keeps a
+    fair share on live sources."""
 
     def __init__(self, specs: list[tuple[str, str, int]]) -> None:
         self.ports = [port for port, _, _ in specs]
         self.policies = [policy for _, policy, _ in specs]
         self.capacity = [cap for _, _, cap in specs]
-        self.queues: list[deque] = [deque() for _ in specs]
+        self.queues: list[deque | StreamQueue] = [deque() if policy == "block" else StreamQueue(policy, cap)
+                                                  for _, policy, cap in specs]
         self.dropped = [0] * len(specs)
+        self.dropped_streams: dict[str, int] = {}  # drops of every connection, per stream
+        self.lost = 0  # messages that arrived but whose shared-memory frame could not be mapped (producer killed)
         self.cond = threading.Condition()
         self.closed = False
         self._next = 0
@@ -43,7 +137,7 @@ class Inbox:
         return self.policies[i] != "block" or len(self.queues[i]) < self.capacity[i]
 
     def put(self, i: int, item: Message | EndOfStream, stop: threading.Event | None = None) -> None:
-        """Queue `item` on connection i, waiting (block) or dropping the oldest (drop policies)."""
+        """Queue `item` on connection i, waiting (block) or dropping per stream (drop policies)."""
         with self.cond:
             q = self.queues[i]
             if self.policies[i] == "block" and item is not EOS:
@@ -51,15 +145,25 @@ class Inbox:
                     if stop is not None and stop.is_set():
                         raise Closed
                     self.cond.wait(0.1)
-            elif item is not EOS:
-                while len(q) >= self.capacity[i] and q[0] is not EOS:
-                    q.popleft()
-                    self.dropped[i] += 1
             if self.closed:
                 raise Closed
-            q.append(item)
-            if len(q) == 1:  # the consumer waits only while every queue is empty: wake it for the first item only
+            was = len(q)
+            if isinstance(q, StreamQueue):
+                self._count_dropped(i, q.append(item))
+            else:
+                q.append(item)
+            if was == 0:  # the consumer waits only while every queue is empty: wake it for the first item only
                 self.cond.notify_all()
+
+    def count_dropped(self, i: int, streams: dict[str, int]) -> None:
+        """Count messages of connection i dropped before they reached this inbox (by the producer)."""
+        with self.cond:
+            self._count_dropped(i, streams)
+
+    def _count_dropped(self, i: int, streams: dict[str, int]) -> None:
+        for stream, n in streams.items():
+            self.dropped[i] += n
+            self.dropped_streams[stream] = self.dropped_streams.get(stream, 0) + n
 
     def get(self, timeout: float | None = None) -> tuple[int, Message | EndOfStream] | None:
         """Next (connection, item) in round-robin order, or None after `timeout` seconds."""
@@ -121,12 +225,16 @@ class LocalLink:
         pass
 
 
-def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: str = "") -> list[Any]:
+def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: str = "",
+           dropped: dict[str, int] | None = None) -> list[Any]:
     """Message → ZeroMQ multipart frames: msgpack header, then one raw buffer per inline array.
 
-    Arrays leased from a shared-memory pool travel as a handle in the header (counted for `holder`)."""
+    Arrays leased from a shared-memory pool travel as a handle in the header (counted for `holder`);
+    `dropped` (per stream) tells the consumer what the producer dropped on this edge since its last message."""
     if msg is EOS:
-        return [msgpack.packb({"eos": True})]
+        return [msgpack.packb({"eos": True, "x": dropped or {}})]
+    if isinstance(msg, StreamEnd):
+        return [msgpack.packb({"end": msg.stream, "src": msg.source, "x": dropped or {}})]
     specs, frames = [], []
     for name, arr in msg.arrays.items():
         handle = shm.handle(arr, holder) if shm is not None else None
@@ -140,15 +248,25 @@ def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: st
         specs.append([name, arr.dtype.str, list(arr.shape)])
         frames.append(memoryview(arr).cast("B") if arr.size else b"")
     head = {"s": msg.stream, "q": msg.seq, "p": msg.pts, "d": msg.data, "t": msg.times, "a": specs}
+    if dropped:
+        head["x"] = dropped
     return [msgpack.packb(head)] + frames
 
 
 def decode(frames: list[Any], shm: ShmContext | None = None) -> Message | EndOfStream:
     """Inverse of `encode`; inline arrays view the received buffers, leased ones map the producer's slot
     (both read-only, no copy)."""
+    return _decode(frames, shm)[0]
+
+
+def _decode(frames: list[Any], shm: ShmContext | None) -> tuple[Message | StreamEnd | EndOfStream, dict[str, int]]:
+    """`decode`, with what the producer reports it dropped before this message (per stream)."""
     head = msgpack.unpackb(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    dropped = head.get("x") or {}
     if head.get("eos"):
-        return EOS
+        return EOS, dropped
+    if "end" in head:
+        return StreamEnd(head["end"], head.get("src", "")), dropped
     arrays = {}
     rest = iter(frames[1:])
     for spec in head["a"]:
@@ -161,33 +279,54 @@ def decode(frames: list[Any], shm: ShmContext | None = None) -> Message | EndOfS
         frame = next(rest)
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         arrays[name] = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
-    return Message(head["s"], head["q"], head["p"], head["d"], arrays, head["t"])
+    return Message(head["s"], head["q"], head["p"], head["d"], arrays, head["t"]), dropped
+
+
+def ack_path(endpoint: str) -> str:
+    """The file whose existence says the consumer of the ipc:// `endpoint` received its end-of-stream."""
+    return endpoint.removeprefix("ipc://") + ".ack"
 
 
 class ZmqLink:
-    """Cross-process edge, producer side: a PUSH socket connected to the consumer's ipc:// endpoint."""
+    """Cross-process edge, producer side: a PUSH socket connected to the consumer's ipc:// endpoint.
+
+    `block` waits while the consumer is behind; a drop policy never does: a message that finds the socket full
+    is dropped here and counted, and the count travels with the next message that goes out."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, shm: ShmContext | None = None, dst_host: str = "",
                  policy: str = "block", linger_s: float = 5.0) -> None:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 4)
-        # what is still queued when this process finishes (end-of-stream included) is delivered while the
-        # process terminates its context, for up to this long: a slow consumer may still be working on
-        # a full queue then
+        # bounds closing when the consumer is gone; a live one has received everything before this process
+        # closes its links (it acknowledges end-of-stream, see `delivered`)
         self.sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
         self.sock.connect(endpoint)
         self.shm, self.dst_host, self.policy = shm, dst_host, policy
+        self.ack = ack_path(endpoint)
+        self.pending_drops: dict[str, int] = {}  # per stream, not yet reported to the consumer
 
     def send(self, msg: Message | EndOfStream, stop: threading.Event) -> None:
-        frames = encode(msg, self.shm, self.dst_host)
+        if isinstance(msg, Message) and self.policy != "block" and not self.sock.poll(0, zmq.POLLOUT):
+            self.skip(msg)
+            return
+        frames = encode(msg, self.shm, self.dst_host, self.pending_drops)
         while True:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self.pending_drops = {}
                 return
             except zmq.Again:
-                if stop.is_set() and msg is not EOS:
+                if stop.is_set() and isinstance(msg, Message):
                     raise Closed from None
                 self.sock.poll(100, zmq.POLLOUT)
+
+    def skip(self, msg: Message) -> None:
+        """Count `msg` as dropped on this edge (its stream's share), to be reported to the consumer."""
+        self.pending_drops[msg.stream] = self.pending_drops.get(msg.stream, 0) + 1
+
+    def delivered(self) -> bool:
+        """Whether the consumer acknowledged end-of-stream (so it received everything before it) or is gone."""
+        return os.path.exists(self.ack) or (self.shm is not None and not self.shm.host_alive(self.dst_host))
 
     def close(self) -> None:
         self.sock.close()
@@ -200,7 +339,7 @@ class ZmqPump:
     def __init__(self, ctx: zmq.Context, inbox: Inbox, endpoints: dict[int, str], shm: ShmContext | None = None) -> None:
         self.inbox = inbox
         self.shm = shm
-        self.lost = 0  # messages whose shared-memory frame could not be mapped (producer died)
+        self.acks = {i: ack_path(ep) for i, ep in endpoints.items()}
         self.socks: dict[int, zmq.Socket] = {}
         for i, ep in endpoints.items():
             s = ctx.socket(zmq.PULL)
@@ -212,9 +351,10 @@ class ZmqPump:
         self.poller = zmq.Poller()
         self.polled: set[int] = set()
         self.stop = threading.Event()
-        # every input remote: the engine's own thread reads the sockets when its queues run dry (one
-        # thread hand-off less per message); otherwise a pump thread feeds the shared inbox
-        self.direct = len(self.socks) == len(inbox.queues)
+        # every input remote and lossless: the engine's own thread reads the sockets when its queues run dry
+        # (one thread hand-off less per message); otherwise a pump thread feeds the shared inbox (a drop-policy
+        # socket is read all the time, so the inbox, not the socket, holds the backlog and drops the oldest)
+        self.direct = len(self.socks) == len(inbox.queues) and set(inbox.policies) == {"block"}
         if self.direct:
             inbox.pump = self
         self.thread = threading.Thread(target=self._run, name="pump", daemon=True)
@@ -246,13 +386,18 @@ class ZmqPump:
         events = dict(self.poller.poll(int(timeout * 1000)))
         for i in list(ready):
             sock = self.socks[i]
-            while i in self.open and sock in events and self.inbox.room(i):
+            for _ in range(BURST):  # then the other sockets get their turn, however fast this one fills
+                if not (i in self.open and sock in events and self.inbox.room(i)):
+                    break
+                dropped: dict[str, int] = {}
                 try:
-                    item = decode(sock.recv_multipart(copy=False), self.shm)
+                    item, dropped = _decode(sock.recv_multipart(copy=False), self.shm)
                 except ShmError as exc:
-                    self.lost += 1
+                    self.inbox.lost += 1
                     log.warning("connection %d: message lost: %s", i, exc)
                     item = None
+                if dropped:
+                    self.inbox.count_dropped(i, dropped)
                 if item is not None:
                     try:
                         self.inbox.put(i, item, self.stop)
@@ -260,6 +405,8 @@ class ZmqPump:
                         return False
                     if item is EOS:
                         self.open.discard(i)
+                        with contextlib.suppress(OSError):  # no run folder: the run is over, nobody waits
+                            open(self.acks[i], "w").close()  # everything before it was received: the producer may go
                 if not sock.poll(0):
                     break
         return True

@@ -4,24 +4,35 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .errors import ParamError
-from .message import Message
+from .message import Message, StreamEnd
 
 REQUIRED = object()
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
 
 
 class Param:
-    """A declared engine parameter: type, default (or required), range and choices, checked before start."""
+    """A declared engine parameter: type, default (or required), range and choices, checked before start.
+
+    `path="read"`, `"write"` or `"state"` (a folder the engine keeps and reuses) marks a file path: a relative one
+    is resolved against the graph file's folder before the engine is built, and restricted mode checks it against
+    its roots; values in `names` (e.g. built-in model names) are names, not paths. `module=True` marks a
+    `package.module:name` reference that is imported."""
 
     def __init__(self, type: type, default: Any = REQUIRED, *, ge: float | None = None, le: float | None = None,
-                 choices: tuple | list | None = None, doc: str = "") -> None:
+                 choices: tuple | list | None = None, doc: str = "", path: str | None = None,
+                 names: tuple[str, ...] = (), module: bool = False) -> None:
+        if path not in (None, "read", "write", "state"):
+            raise ValueError(f"Param path must be 'read', 'write', 'state' or None (got {path!r})")
         self.type, self.default, self.ge, self.le, self.choices, self.doc = type, default, ge, le, choices, doc
+        self.path, self.names, self.module = path, tuple(names), module
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -58,7 +69,8 @@ class Param:
         default = "required" if self.required else f"default {self.default!r}"
         rng = "".join(f", {k} {v}" for k, v in (("≥", self.ge), ("≤", self.le)) if v is not None)
         choices = f", one of {list(self.choices)}" if self.choices else ""
-        return f"{self.type.__name__} ({default}{rng}{choices}){' — ' + self.doc if self.doc else ''}"
+        kind = f", a path to {self.path}" if self.path else ", a module:name reference" if self.module else ""
+        return f"{self.type.__name__} ({default}{rng}{choices}{kind}){' — ' + self.doc if self.doc else ''}"
 
 
 class Engine:
@@ -67,11 +79,19 @@ class Engine:
 
     inputs: ClassVar[tuple[str, ...]] = ("in",)
     outputs: ClassVar[tuple[str, ...]] = ("out",)
+    # params holding paths (read/write/state) or listen addresses: {"sinks[].path": "write"}, ("sinks[].address",)
+    path_fields: ClassVar[dict[str, str]] = {}
+    bind_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, engine_id: str = "", params: dict[str, Any] | None = None) -> None:
         self.id = engine_id or type(self).__name__.lower()
         self.log = logging.getLogger(f"graphflow.engine.{self.id}")
         self.stopping = threading.Event()
+        # set by the runtime before setup(): stream → seq of the last frame already delivered downstream; a
+        # restarted source skips frames up to it instead of replaying them (empty on a first start)
+        self.resume: dict[str, int] = {}
+        self._busy_s = 0.0  # wall time inside `busy()` blocks, from the engine's own threads
+        self._busy_lock = threading.Lock()
         self._send: Callable[[Message, str], None] | None = None
         self._alloc: Callable[[tuple, Any, str], np.ndarray] | None = None
         declared = self.declared_params()
@@ -125,12 +145,39 @@ class Engine:
         """Engine-specific figures (JSON-able) for progress, the launch summary and `--stats FILE`."""
         return {}
 
+    def on_stream_end(self, stream: str) -> None:
+        """Stream `stream` has ended (its source finished it, or it was removed from a running service): free what
+        the engine holds for it. Called after the stream's last message; the runtime then passes the end on
+        downstream, so an engine that still holds frames of the stream must send them before returning."""
+
+    def pass_end(self, end: StreamEnd) -> None:
+        """Pass a stream's end on, after `on_stream_end`: by default at once, on every output port. An engine whose
+        frames of the stream may still be in its own threads (infer) sends it once they have left."""
+        for port in self.outputs:
+            self.send(end, port)
+
+    def on_command(self, op: str, args: dict[str, Any]) -> Any:
+        """A command from the launcher (the service adding a stream, changing rules…), run in a control thread:
+        keep it thread-safe. Returns a JSON-able result; unknown commands are errors."""
+        raise ValueError(f"engine {self.id!r} ({type(self).__name__}) has no command {op!r}")
+
     def send(self, msg: Message, port: str = "out") -> None:
         """Send `msg` on an output port (from any thread of the engine). Do not modify `msg` or its
         arrays after sending it."""
         if self._send is None:
             raise RuntimeError(f"engine {self.id!r} is not running, it cannot send")
         self._send(msg, port)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count the enclosed work, done in a thread the engine started (e.g. a model run), as this engine's busy
+        time; work in `process`/`generate` is counted already. Keep sends outside the block."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy_s += time.perf_counter() - t0
 
     def alloc(self, shape: tuple[int, ...], dtype: Any = np.uint8, port: str = "out") -> np.ndarray:
         """A writable array that `send` passes on without a copy (a shared-memory slot across processes)."""

@@ -1,31 +1,69 @@
 """Graph JSON → validated `Graph` (a networkx MultiDiGraph of engine nodes and port-to-port edges)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from . import registry
-from .engine import Engine
+from . import fields, registry
+from .engine import Engine, Param
 from .errors import GraphError, ParamError
+from .policy import Policy
+from .vision.batching import DROP_POLICIES
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("thread", "process")
 GROUP = re.compile(r"process:[A-Za-z0-9_.-]{1,64}")  # engines naming one group share one child process
-POLICIES = ("block", "drop_oldest", "latest")
+ENGINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used in file names and log names; '.' separates engine and port
 ON_ERROR = ("skip", "stop")
 RESTART = ("never", "on-failure")
-NODE_FIELDS = {"type", "placement", "params", "on_error", "restart", "max_restarts"}
-EDGE_FIELDS = {"from", "to", "policy", "capacity", "feedback", "slots"}
 MAX_DIGITS = 30  # longer integers in a graph file are a mistake (and slow to parse)
-SETTINGS = {"queue_capacity": (int, 8), "shutdown_timeout": (float, 10.0), "stats_interval": (float, 0.5)}
+MAX_QUEUE = 10_000  # messages queued on one connection; frame slots per connection
+
+
+def _schema(**params: Param) -> dict[str, Param]:
+    """Named Params describing the fields of one part of a graph file."""
+    for name, p in params.items():
+        p.name = name
+    return params
+
+
+TOP = _schema(name=Param(str, "", doc="graph name (default: the file name without .json)"),
+              description=Param(str, "", doc="free text for people"),
+              engines=Param(dict, {}, doc="engine id → engine"),
+              connections=Param(list, [], doc='["a.out", "b.in"] or {"from", "to", ...}'),
+              settings=Param(dict, {}, doc="run settings"))
+SETTINGS = _schema(
+    queue_capacity=Param(int, 8, ge=1, le=MAX_QUEUE, doc="default capacity of a connection, in messages"),
+    shutdown_timeout=Param(float, 10.0, ge=0.1, le=3600.0, doc="seconds engines get to drain and stop"),
+    stats_interval=Param(float, 0.5, ge=0.01, le=3600.0, doc="seconds between statistics reports"),
+    restart_window=Param(float, 60.0, ge=0.0, le=86400.0,
+                         doc="seconds without a death after which an engine's max_restarts budget is whole again"),
+    watchdog_s=Param(float, 30.0, ge=0.0, le=86400.0,
+                     doc="report an engine holding one message, or a process silent, longer than this (0: off)"))
+NODE = _schema(type=Param(str, doc="built-in engine name or package.module:Class"),
+               placement=Param(str, "thread", doc="thread, process or process:NAME"),
+               params=Param(dict, {}, doc="the engine's params"),
+               on_error=Param(str, "skip", choices=ON_ERROR, doc="an error in process(): skip the message or stop"),
+               restart=Param(str, "never", choices=RESTART, doc="restart a process engine that dies"),
+               max_restarts=Param(int, 3, ge=0, le=1000, doc="restarts before the engine is given up"),
+               max_rss_mb=Param(int, 0, ge=0, le=10_000_000,
+                                doc="a process engine using more memory (MB) is killed and reported (0: no limit)"))
+EDGE = _schema(**{"from": Param(str, doc="engine.port sending"), "to": Param(str, doc="engine.port receiving"),
+                  "policy": Param(str, "block", choices=DROP_POLICIES, doc="what a full queue does"),
+                  "capacity": Param(int, 8, ge=1, le=MAX_QUEUE, doc="messages queued (default: queue_capacity)"),
+                  "feedback": Param(bool, False, doc="an intended cycle"),
+                  "slots": Param(int, 0, ge=0, le=MAX_QUEUE, doc="shared-memory frame slots (0: 2 × capacity + 8)")})
 
 
 @dataclass
@@ -40,6 +78,7 @@ class Node:
     on_error: str = "skip"
     restart: str = "never"
     max_restarts: int = 3
+    max_rss_mb: int = 0
 
 
 @dataclass
@@ -149,13 +188,14 @@ def _loads(text: str) -> Any:
 
 
 def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
-    """`--set engine.param=value` strings → {engine: {param: value}}; values are JSON when they parse."""
+    """`--set engine.param=value` strings → {engine: {param: value}}; values are JSON when they parse. The param
+    may reach inside lists and objects (`src.sources.0.uri`); such keys keep their dots until the graph is built."""
     out: dict[str, dict[str, Any]] = {}
     for item in assignments:
         key, eq, raw = item.partition("=")
         engine_id, dot, param = key.partition(".")
-        if not eq or not dot or not engine_id or not param:
-            raise _error("--set", item, "expected ENGINE.PARAM=VALUE")
+        if not eq or not dot or not engine_id or not param or "" in param.split("."):
+            raise _error("--set", item, "expected ENGINE.PARAM=VALUE (PARAM may go on: sources.0.uri)")
         try:
             value = _loads(raw)
         except json.JSONDecodeError:
@@ -166,118 +206,186 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Graph:
-    """Read, validate and build a graph; every problem is a GraphError naming file, engine and field."""
+def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None, *,
+         policy: Policy | None = None) -> Graph:
+    """Read, validate and build a graph; every problem is a GraphError naming file, engine and field. Relative paths
+    in it are relative to its folder; `policy` (restricted mode) is for graphs from untrusted sources."""
     file = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise _error(file, "", f"cannot read: {exc.strerror}") from None
     doc = _parse(file, raw)
-    return build(doc, file, overrides)
+    return build(doc, file, overrides, policy=policy)
 
 
-def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] | None = None) -> Graph:
-    """Validate a parsed graph document (see `load`)."""
+@dataclass
+class _Context:
+    """What building one graph needs beyond the document: where relative paths and modules are looked up."""
+
+    file: str
+    policy: Policy | None
+    folder: str  # the graph file's folder (the current one for a document without a file)
+    cwd: str = field(default_factory=os.getcwd)
+
+    def base(self, kind: str) -> str:
+        """Folder a relative path of the graph file is resolved against."""
+        return self.policy.base(kind) if self.policy else self.folder
+
+    def set_base(self, kind: str) -> str:
+        """Folder a relative path given with `--set` is resolved against: the current one (the user's shell)."""
+        return self.policy.base(kind) if self.policy else self.cwd
+
+    @property
+    def search(self) -> list[str]:
+        """Folders where `module:Class` modules are looked for: none in restricted mode."""
+        return [] if self.policy else list(dict.fromkeys([self.folder, self.cwd]))
+
+
+def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] | None = None, *,
+          policy: Policy | None = None) -> Graph:
+    """Validate a parsed graph document (see `load`); relative paths are taken from the folder of `file`."""
     if not isinstance(doc, dict):
         raise _error(file, "", "top level must be an object with 'engines' and 'connections'")
-    unknown = set(doc) - {"name", "engines", "connections", "settings", "description"}
-    if unknown:
-        raise _error(file, sorted(unknown)[0], "unknown field (expected name, engines, connections, settings)")
-    engines = doc.get("engines")
-    if not isinstance(engines, dict) or not engines:
+    top = _fields(file, "", doc, TOP, "field")
+    engines = top["engines"]
+    if not engines:
         raise _error(file, "engines", "graph has no engines (need an object of id → engine)")
     for eid in engines:
-        if not eid or "." in eid or not eid.isprintable() or any(c.isspace() for c in eid):
-            raise _error(file, "engines", f"bad engine id {eid!r}: needs letters, digits or symbols other than '.', "
-                         "without spaces")
-    name = doc.get("name", Path(file).stem)
-    if not isinstance(name, str):
-        raise _error(file, "name", f"must be a string (got {name!r})")
-    settings = _settings(file, doc.get("settings", {}))
+        if not ENGINE_ID.fullmatch(eid):
+            raise _error(file, "engines", f"bad engine id {eid!r}: use 1 to 64 letters, digits, '_' or '-' "
+                         "('.' separates engine and port)")
+    settings = _fields(file, "settings", top["settings"], SETTINGS, "setting")
+    ctx = _Context(file, policy, os.path.dirname(os.path.abspath(file)))
     overrides = copy.deepcopy(overrides or {})
     for engine_id in overrides:
         if engine_id not in engines:
             raise _error(file, f"--set {engine_id}", f"no engine {engine_id!r} (engines: {', '.join(engines)})")
-    nodes = {eid: _node(file, eid, spec, overrides.get(eid, {})) for eid, spec in engines.items()}
-    conns = doc.get("connections", [])
-    if not isinstance(conns, list):
-        raise _error(file, "connections", "must be a list of [\"a.out\", \"b.in\"] pairs")
-    edges = [_edge(file, i, c, nodes, settings["queue_capacity"]) for i, c in enumerate(conns)]
-    graph = Graph(name, file, nodes, edges, settings)
+    nodes = {eid: _node(ctx, eid, spec, overrides.get(eid, {})) for eid, spec in engines.items()}
+    edges = [_edge(file, i, c, nodes, settings["queue_capacity"]) for i, c in enumerate(top["connections"])]
+    graph = Graph(top["name"] or Path(file).stem, file, nodes, edges, settings)
     _check_topology(graph)
+    _check_upstream(graph)
     return graph
 
 
-def _settings(file: str, raw: Any) -> dict[str, Any]:
+def _fields(file: str, where: str, raw: Any, schema: dict[str, Param], what: str) -> dict[str, Any]:
+    """`raw` checked against `schema`: unknown keys refused, each value checked by its Param, defaults filled in."""
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
     if not isinstance(raw, dict):
-        raise _error(file, "settings", "must be an object")
-    out = {}
-    for key, (typ, default) in SETTINGS.items():
-        value = raw.get(key, default)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or isinstance(value, bool) or value <= 0:
-            raise _error(file, f"settings.{key}", f"must be a positive {typ.__name__} (got {value!r})")
-        out[key] = value
-    extra = set(raw) - set(SETTINGS)
+        raise _error(file, where, "must be an object")
+    extra = sorted(set(raw) - set(schema))
     if extra:
-        raise _error(file, f"settings.{sorted(extra)[0]}", f"unknown setting (known: {', '.join(SETTINGS)})")
+        raise _error(file, at(extra[0]), f"unknown {what} (known: {', '.join(schema)})")
+    out = {}
+    for name, p in schema.items():
+        if name not in raw:
+            if p.required:
+                raise _error(file, at(name), f"required ({p.doc})")
+            out[name] = copy.deepcopy(p.default)
+            continue
+        try:
+            out[name] = p.coerce(raw[name])
+        except ParamError as exc:
+            raise _error(file, at(name), exc.message) from None
     return out
 
 
-def _choice(file: str, where: str, value: Any, choices: tuple) -> Any:
-    if value not in choices:
-        raise _error(file, where, f"must be one of {', '.join(choices)} (got {value!r})")
-    return value
+@contextlib.contextmanager
+def _reported(file: str, where: str, what: str) -> Iterator[None]:
+    """Turn what an engine's own checks raise into one GraphError line naming the engine's params."""
+    try:
+        yield
+    except GraphError:
+        raise
+    except ParamError as exc:
+        raise _error(file, f"{where}.params.{exc.field}" if exc.field else f"{where}.params", exc.message) from None
+    except ValueError as exc:  # the other way engines may report a user's mistake in one line
+        raise _error(file, f"{where}.params", str(exc)) from None
+    except Exception as exc:  # a bug in the engine's own check: still one line naming the engine (-v: traceback)
+        log.debug("%s: %s failed", where, what, exc_info=True)
+        raise _error(file, f"{where}.params", f"{what} raised {type(exc).__name__}: {exc}") from None
 
 
-def _placement(file: str, where: str, value: Any) -> str:
-    if value in PLACEMENTS or (isinstance(value, str) and GROUP.fullmatch(value)):
+def _placement(file: str, where: str, value: str) -> str:
+    if value in PLACEMENTS or GROUP.fullmatch(value):
         return value
     raise _error(file, where, f"must be one of {', '.join(PLACEMENTS)}, or process:NAME to share one process with "
                               f"the engines of the same NAME (letters, digits, _ . -) (got {value!r})")
 
 
-def _node(file: str, eid: str, spec: Any, override: dict[str, Any]) -> Node:
-    where = f"engines.{eid}"
+def _node(ctx: _Context, eid: str, spec: Any, override: dict[str, Any]) -> Node:
+    file, where = ctx.file, f"engines.{eid}"
     if not isinstance(spec, dict):
         raise _error(file, where, "must be an object with 'type' and optional 'params'")
-    extra = set(spec) - NODE_FIELDS
-    if extra:
-        raise _error(file, f"{where}.{sorted(extra)[0]}", f"unknown field (known: {', '.join(sorted(NODE_FIELDS))})")
-    type_name = spec.get("type")
-    if not isinstance(type_name, str) or not type_name:
-        raise _error(file, f"{where}.type", f"needs an engine type name (got {type_name!r})")
+    node = _fields(file, where, spec, NODE, "field")
+    type_name = node["type"]
+    if not type_name:
+        raise _error(file, f"{where}.type", "needs an engine type name (got '')")
     try:
-        cls = registry.resolve(type_name)
+        if ctx.policy:
+            ctx.policy.check_type(type_name)
+        cls = registry.resolve(type_name, ctx.search)
     except ValueError as exc:
         raise _error(file, f"{where}.type", str(exc)) from None
-    params = spec.get("params", {})
-    if not isinstance(params, dict):
-        raise _error(file, f"{where}.params", "must be an object")
-    params = {**params, **override}
-    try:
+    with _reported(file, where, f"{type_name} check()"):
+        params = _params(ctx, eid, cls, node["params"], override)
+        if ctx.policy:
+            ctx.policy.check_params(cls, params)
+        _import_modules(ctx, cls, params)
         cls(eid, params).check()
-    except ParamError as exc:
-        raise _error(file, f"{where}.params.{exc.field}" if exc.field else f"{where}.params", exc.message) from None
-    except ValueError as exc:  # the other way engines may report a user's mistake in one line
-        raise _error(file, f"{where}.params", str(exc)) from None
-    except Exception as exc:  # a bug in the engine's own check(): still one line naming the engine (-v: traceback)
-        log.debug("engine %r check() failed", eid, exc_info=True)
-        raise _error(file, f"{where}.params", f"{type_name} check() raised {type(exc).__name__}: {exc}") from None
-    max_restarts = spec.get("max_restarts", 3)
-    if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
-        raise _error(file, f"{where}.max_restarts", f"must be an integer ≥ 0 (got {max_restarts!r})")
-    return Node(eid, type_name, cls, params,
-                placement=_placement(file, f"{where}.placement", spec.get("placement", "thread")),
-                on_error=_choice(file, f"{where}.on_error", spec.get("on_error", "skip"), ON_ERROR),
-                restart=_choice(file, f"{where}.restart", spec.get("restart", "never"), RESTART),
-                max_restarts=max_restarts)
+    return Node(eid, type_name, cls, params, placement=_placement(file, f"{where}.placement", node["placement"]),
+                on_error=node["on_error"], restart=node["restart"], max_restarts=node["max_restarts"],
+                max_rss_mb=node["max_rss_mb"])
 
 
-def _endpoint(file: str, where: str, ref: Any, nodes: dict[str, Node], output: bool) -> tuple[str, str]:
-    if not isinstance(ref, str) or not ref:
+def _params(ctx: _Context, eid: str, cls: type[Engine], params: dict[str, Any],
+            override: dict[str, Any]) -> dict[str, Any]:
+    """The node's params with the graph's relative paths resolved against its folder, then the `--set` values
+    applied (their relative paths resolved against the current folder)."""
+    params = copy.deepcopy(params)
+    fields.resolve_paths(cls, params, ctx.base)
+    for key, value in override.items():
+        holder, last, keys = _set_target(ctx.file, eid, params, key)
+        holder[last] = fields.resolve_value(cls, keys, value, ctx.set_base)
+    return params
+
+
+def _set_target(file: str, eid: str, params: dict[str, Any], key: str) -> tuple[Any, Any, list[Any]]:
+    """Where `--set eid.key=…` writes inside params: (holder, key or index, the typed key path)."""
+    holder: Any = params
+    keys: list[Any] = []
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        if isinstance(holder, list):
+            if not part.isdigit() or int(part) >= len(holder):
+                raise _error(file, f"--set {eid}.{key}", f"no item {part!r} in {'.'.join(map(str, keys))} "
+                             f"(a list of {len(holder)}: 0 to {len(holder) - 1})")
+            part = int(part)
+        elif not isinstance(holder, dict):
+            raise _error(file, f"--set {eid}.{key}", f"{'.'.join(map(str, keys))} is not an object or a list")
+        elif not last and part not in holder:
+            raise _error(file, f"--set {eid}.{key}", f"no field {part!r} to go into (set the whole "
+                         f"{'.'.join(map(str, keys + [part]))} instead)")
+        keys.append(part)
+        if last:
+            return holder, part, keys
+        holder = holder[part]
+    raise AssertionError("unreachable: parse_set refuses empty keys")
+
+
+def _import_modules(ctx: _Context, cls: type[Engine], params: dict[str, Any]) -> None:
+    """Let the `module:name` values an engine declares find modules beside the graph file, as types do."""
+    for spec in fields.declared(cls):
+        if spec.kind == "module":
+            for found in fields.find(params, spec):
+                registry.make_importable(found.value.partition(":")[0], ctx.search)
+
+
+def _endpoint(file: str, where: str, ref: str, nodes: dict[str, Node], output: bool) -> tuple[str, str]:
+    if not ref:
         raise _error(file, where, f"must be a string 'engine.port' (got {ref!r})")
     eid, _, port = ref.partition(".")
     if eid not in nodes:
@@ -299,22 +407,10 @@ def _edge(file: str, i: int, conn: Any, nodes: dict[str, Node], capacity: int) -
         conn = {"from": conn[0], "to": conn[1]}
     if not isinstance(conn, dict):
         raise _error(file, where, "must be [\"a.out\", \"b.in\"] or {\"from\": ..., \"to\": ..., \"policy\": ...}")
-    extra = set(conn) - EDGE_FIELDS
-    if extra:
-        raise _error(file, f"{where}.{sorted(extra)[0]}", f"unknown field (known: {', '.join(sorted(EDGE_FIELDS))})")
-    src, src_port = _endpoint(file, f"{where}.from", conn.get("from"), nodes, output=True)
-    dst, dst_port = _endpoint(file, f"{where}.to", conn.get("to"), nodes, output=False)
-    cap = conn.get("capacity", capacity)
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-        raise _error(file, f"{where}.capacity", f"must be an integer ≥ 1 (got {cap!r})")
-    slots = conn.get("slots", 0)
-    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-        raise _error(file, f"{where}.slots", f"must be an integer ≥ 0 (0: automatic) (got {slots!r})")
-    feedback = conn.get("feedback", False)
-    if not isinstance(feedback, bool):
-        raise _error(file, f"{where}.feedback", f"must be true or false (got {feedback!r})")
-    return Edge(src, src_port, dst, dst_port, _choice(file, f"{where}.policy", conn.get("policy", "block"), POLICIES),
-                cap, feedback, slots)
+    edge = _fields(file, where, {"capacity": capacity, **conn}, EDGE, "field")
+    src, src_port = _endpoint(file, f"{where}.from", edge["from"], nodes, output=True)
+    dst, dst_port = _endpoint(file, f"{where}.to", edge["to"], nodes, output=False)
+    return Edge(src, src_port, dst, dst_port, edge["policy"], edge["capacity"], edge["feedback"], edge["slots"])
 
 
 def _check_topology(graph: Graph) -> None:
@@ -346,3 +442,26 @@ def _check_topology(graph: Graph) -> None:
     for eid in graph.nodes:
         if eid not in reachable:
             raise _error(file, f"engines.{eid}", "unreachable from any source")
+
+
+def _check_upstream(graph: Graph) -> None:
+    """Call `check_upstream(params, upstream)` of each engine class that defines it, with the (class, params) of
+    every engine feeding it directly or not, in graph order: cross-engine checks such as a rule's class names
+    against the labels of the model upstream. Params come with their defaults filled in."""
+    g = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
+    g.add_nodes_from(graph.nodes)
+    order = list(nx.topological_sort(g))
+    for node in graph.nodes.values():
+        hook = getattr(node.cls, "check_upstream", None)
+        if hook is None:
+            continue
+        before = nx.ancestors(g, node.id)
+        upstream = [(graph.nodes[a].cls, _complete(graph.nodes[a])) for a in order if a in before]
+        with _reported(graph.file, f"engines.{node.id}", f"{node.type} check_upstream()"):
+            hook(_complete(node), upstream)
+
+
+def _complete(node: Node) -> dict[str, Any]:
+    """A copy of the node's params with every declared default filled in."""
+    defaults = {name: p.default for name, p in node.cls.declared_params().items() if not p.required}
+    return copy.deepcopy({**defaults, **node.params})

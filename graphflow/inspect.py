@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import networkx as nx
 
@@ -13,13 +14,17 @@ def _params(params: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items()) or "-"
 
 
+def order(graph: Graph) -> list[str]:
+    """Engine ids in data-flow order (sources first; feedback edges ignored), for tables and listings."""
+    dag = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
+    dag.add_nodes_from(graph.nodes)
+    return list(nx.lexicographical_topological_sort(dag, key=list(graph.nodes).index))
+
+
 def text(graph: Graph) -> str:
     """Engines in topological order with type, placement, ports, params and where their outputs go."""
-    g = graph.nx()
-    order = list(nx.topological_sort(nx.DiGraph([(u, v) for u, v, d in g.edges(data=True) if not d["feedback"]])))
-    order += [n for n in graph.nodes if n not in order]
     lines = [f"graph {graph.name!r} ({graph.file}): {len(graph.nodes)} engines, {len(graph.edges)} connections"]
-    for eid in order:
+    for eid in order(graph):
         n = graph.nodes[eid]
         lines.append(f"{eid} [{n.type}, {n.placement}]  in: {', '.join(n.cls.inputs) or '-'}  "
                      f"out: {', '.join(n.cls.outputs) or '-'}")
@@ -53,31 +58,53 @@ def dot(graph: Graph) -> str:
     return "\n".join(out)
 
 
-def png(graph: Graph, path: str) -> None:
-    """Draw the graph left to right with matplotlib and save it as an image."""
+def figure(graph: Graph) -> Any:
+    """The graph drawn left to right as a matplotlib Figure: each engine a box drawn around its own label (so the
+    text always fits), layers spaced by the widest label, arrows from box edge to box edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     g = graph.nx()
-    layers = {}
     dag = nx.DiGraph([(u, v) for u, v, d in g.edges(data=True) if not d["feedback"]])
     dag.add_nodes_from(g.nodes)
-    for depth, layer in enumerate(nx.topological_generations(dag)):
-        for k, node in enumerate(sorted(layer)):
-            layers[node] = (depth, -k)
-    fig, ax = plt.subplots(figsize=(2.8 * (max(x for x, _ in layers.values()) + 1), 2.5))
-    labels = {n: f"{n}\n{d['type']} ({d['placement']})" for n, d in g.nodes(data=True)}
-    nx.draw_networkx_nodes(g, layers, ax=ax, node_shape="s", node_size=5200, node_color="#dde8f6")
-    nx.draw_networkx_labels(g, layers, labels, ax=ax, font_size=8)
-    nx.draw_networkx_edges(g, layers, ax=ax, node_size=5200, node_shape="s", arrows=True, arrowsize=15)
-    edge_labels = {(u, v): f"{d['src_port']}→{d['dst_port']}" for u, v, d in g.edges(data=True)}
-    nx.draw_networkx_edge_labels(g, layers, edge_labels, ax=ax, font_size=7)
-    ax.set_title(graph.name)
+    layers = [sorted(layer) for layer in nx.topological_generations(dag)]
+    labels = {n: f"{n}\n{d['type']}\n({d['placement']})" for n, d in g.nodes(data=True)}
+    width = max(len(line) for text in labels.values() for line in text.splitlines())  # characters
+    step_x, step_y = 0.11 * width + 1.2, 1.0  # inches between layer centres / rows, from the label size
+    fig_w = max(step_x * len(layers), 3.0)
+    fig_h = max(step_y * max(len(layer) for layer in layers) + 0.6, 1.8)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=120)
+    ax.set_xlim(0, fig_w)
+    ax.set_ylim(0, fig_h)
     ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    boxes = {}
+    for depth, layer in enumerate(layers):
+        for k, node in enumerate(layer):
+            x = step_x * (depth + 0.5)
+            y = fig_h / 2 + step_y * ((len(layer) - 1) / 2 - k)
+            boxes[node] = ax.text(x, y, labels[node], ha="center", va="center", fontsize=8, zorder=2,
+                                  bbox={"boxstyle": "round,pad=0.4", "fc": "#dde8f6", "ec": "#4a6fa5"})
+    for u, v, d in g.edges(data=True):  # drawn after the boxes (zorder), so they clip to the laid-out boxes
+        ax.annotate("", xy=boxes[v].get_position(), xytext=boxes[u].get_position(), zorder=3,
+                    arrowprops={"arrowstyle": "-|>", "color": "#333333", "shrinkA": 2, "shrinkB": 2,
+                                "patchA": boxes[u].get_bbox_patch(), "patchB": boxes[v].get_bbox_patch(),
+                                "linestyle": "--" if d["feedback"] else "-",
+                                "connectionstyle": "arc3,rad=0.3" if d["feedback"] else "arc3"})
+        (x0, y0), (x1, y1) = boxes[u].get_position(), boxes[v].get_position()
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, f"{d['src_port']}→{d['dst_port']}", ha="center",
+                va="bottom", fontsize=7, color="#333333", zorder=3)
+    fig.suptitle(graph.name, fontsize=10)
+    return fig
+
+
+def png(graph: Graph, path: str) -> None:
+    """Draw the graph (see `figure`) and save it as a PNG image."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(graph)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -35,3 +35,15 @@ class EndOfStream:
 
 
 EOS = EndOfStream()
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Marker: stream `stream` has ended (its source finished it, or it was removed). It flows along every edge
+    after that stream's last message; each engine's `on_stream_end(stream)` frees what it holds for the stream
+    before the runtime passes the marker on. It is never dropped by a drop policy. `source` is the engine that
+    ended the stream (set by the runtime): an engine with several inputs acts on the end once it has come on
+    every input that engine feeds."""
+
+    stream: str
+    source: str = ""

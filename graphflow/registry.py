@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from .engine import Engine
@@ -17,11 +21,32 @@ BUILTINS = {
     "rule": "engines.rule:Rule",
     "publish": "engines.publish:Publish",
     "detfile": "engines.detfile:DetFile",
+    "secondary": "engines.secondary:Secondary",
+    "textdet": "engines.textdet:TextDet",
 }
 
 
-def _import(target: str) -> object:
+def make_importable(module_name: str, search: Sequence[str]) -> None:
+    """Append to sys.path the first folder of `search` holding `module_name`'s top-level module, when the Python
+    path lacks it (as `python -m` finds modules in the current folder); appended, it shadows nothing installed, and
+    child processes, which receive sys.path, find it too."""
+    top = module_name.partition(".")[0]
+    try:
+        if not top or importlib.util.find_spec(top) is not None:
+            return
+        for folder in search:
+            if importlib.machinery.PathFinder.find_spec(top, [folder]) is not None:
+                if folder not in sys.path:
+                    sys.path.append(folder)
+                importlib.invalidate_caches()
+                return
+    except (ImportError, ValueError):  # a name that cannot be a module: the import itself says so
+        return
+
+
+def _import(target: str, search: Sequence[str] = ()) -> object:
     module_name, _, attr = target.partition(":")
+    make_importable(module_name, search)
     module = importlib.import_module(module_name)
     obj = module
     for part in attr.split("."):
@@ -29,8 +54,9 @@ def _import(target: str) -> object:
     return obj
 
 
-def resolve(type_name: str) -> type[Engine]:
-    """The Engine class for a graph `type`; raises ValueError with one line saying why not."""
+def resolve(type_name: str, search: Sequence[str] = ()) -> type[Engine]:
+    """The Engine class for a graph `type`; raises ValueError with one line saying why not. A `module:Class` module
+    not on the Python path is looked for in the folders `search` (the graph file's, the current one)."""
     target = BUILTINS.get(type_name)
     if target is None:
         eps = {ep.name: ep.value for ep in entry_points(group="graphflow.engines")}
@@ -41,9 +67,10 @@ def resolve(type_name: str) -> type[Engine]:
                              "or give 'package.module:ClassName')")
         target = type_name
     try:
-        cls = _import(target)
+        cls = _import(target, search)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"cannot import {target!r}: {exc}") from None
+        where = f"looked in {', '.join(search)} and the Python path" if search else "looked in the Python path"
+        raise ValueError(f"cannot import {target!r}: {exc} ({where})") from None
     except AttributeError as exc:
         raise ValueError(f"cannot find {target!r}: {exc}") from None
     except Exception as exc:  # a user's module failing at import time

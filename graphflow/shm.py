@@ -13,7 +13,9 @@ other processes are done with a slot exactly when, for every process, what it wa
 released. The owner's own array on a slot is not counted: only the owner asks whether a slot is free,
 and a weak reference to that array tells it. Processes are numbered by the graph's sorted host names. A
 process that dies holding slots is forgiven its balance (checked through its pid file when the pool
-runs dry)."""
+runs dry). A pool outlives its owner's engines until every live process holding one of its frames has
+received all it ever will (`holders`, checked by the runtime), and a consumer drops its cached mappings of
+producers that are gone when it first maps a new one (a restarted producer)."""
 from __future__ import annotations
 
 import logging
@@ -269,6 +271,15 @@ class SlotPool:
         with self.lock:
             return sum(not free for free in self._free())
 
+    def holders(self) -> set[str]:
+        """The other processes that still hold a frame of this pool (dead ones are forgiven first)."""
+        with self.lock:
+            held = self.held()
+            if (held > 0).any():
+                self._reclaim_dead(held)
+                held = self.held()
+            return {self.shm.hosts[h] for h in np.flatnonzero((held > 0).any(axis=0))}
+
     def close(self) -> None:
         for mm in [s.mm for s in self.slots] + [self._ctl_mm]:
             try:
@@ -282,6 +293,15 @@ class SlotPool:
             os.unlink(self.bell)
         except OSError:
             pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def bell_path(rundir: str, pid: int, ctl_fd: int) -> str:
@@ -313,6 +333,7 @@ class ShmContext:
         self._count_lock = threading.Lock()
         self._counts: deque[tuple[memoryview, int]] = deque()
         self._bells: dict[tuple[int, int], int] = {}  # (owner pid, ctl fd) → write end of its FIFO
+        self._mapped_pids: set[int] = set()  # producers whose pools this process maps
         Path(rundir, f"pid-{host}").write_text(str(os.getpid()))
         _raise_fd_limit()
 
@@ -386,11 +407,7 @@ class ShmContext:
             pid = int(Path(self.rundir, f"pid-{host}").read_text())
         except (OSError, ValueError):
             return True  # unknown: never reclaim on a guess
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return False
-        return state not in ("Z", "X")
+        return pid_alive(pid)
 
     # --- producer side -----------------------------------------------------------------------
     def place(self, arr: np.ndarray, pool: SlotPool, stop: threading.Event | None, wait: float | None) -> np.ndarray | None:
@@ -414,12 +431,24 @@ class ShmContext:
 
     # --- consumer side -----------------------------------------------------------------------
     def _mapped(self, pid: int, fd: int, gen: int, writable: bool) -> mmap.mmap:
+        if pid not in self._mapped_pids:
+            self._forget_dead()  # a producer not seen before: often a restart, and the old incarnation is gone
+            self._mapped_pids.add(pid)
         cached = self.maps.get((pid, fd))
         if cached is None or cached[0] != gen:
             self.maps[(pid, fd)] = cached = (gen, _open(pid, fd, writable))
             if len(self.maps) > MAPS_CACHED:
                 self.maps.popitem(last=False)
         return cached[1]
+
+    def _forget_dead(self) -> None:
+        """Drop cached mappings and control tables of producers that are gone: an array still on one keeps
+        its mapping alive until it dies, and then the memory goes back to the system."""
+        for pid in [p for p in list(self._mapped_pids) if not pid_alive(p)]:
+            self._mapped_pids.discard(pid)
+            for cache in (self.maps, self.controls):  # other threads may map at the same time: snapshots, pop
+                for key in [k for k in list(cache) if k[0] == pid]:
+                    cache.pop(key, None)
 
     def attach(self, handle: Lease, dtype: str, shape: list[int]) -> np.ndarray:
         """A read-only array on another process's slot; its release is counted when the array dies."""
@@ -438,5 +467,6 @@ class ShmContext:
         for fd in self._bells.values():
             os.close(fd)
         self._bells.clear()
+        self._mapped_pids.clear()
         self.maps.clear()
         self.controls.clear()

@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 
 from .engine import Engine
-from .message import Message
+from .message import Message, StreamEnd
 
 
 def call(fn: Any, *args: Any) -> Any:
@@ -36,11 +36,16 @@ def _start(cls: type[Engine] | Engine, params: dict[str, Any] | None) -> tuple[E
 
 
 def run_engine(cls: type[Engine] | Engine, params: dict[str, Any] | None = None,
-               messages: list[Message] = (), port: str = "in") -> dict[str, list[Message]]:
-    """Feed `messages` to a fresh engine's `port`, flush, tear down; return its outputs per port."""
+               messages: list[Message | StreamEnd] = (), port: str = "in") -> dict[str, list[Message]]:
+    """Feed `messages` to a fresh engine's `port`, flush, tear down; return its outputs per port. A StreamEnd
+    among them goes to `on_stream_end` and is passed on as the runtime does."""
     engine, out = _start(cls, params)
     try:
         for msg in messages:
+            if isinstance(msg, StreamEnd):
+                call(engine.on_stream_end, msg.stream)
+                engine.pass_end(msg)
+                continue
             msg.port = port
             call(engine.process, msg)
         call(engine.flush)
@@ -49,14 +54,16 @@ def run_engine(cls: type[Engine] | Engine, params: dict[str, Any] | None = None,
     return out
 
 
-def run_source(cls: type[Engine] | Engine, params: dict[str, Any] | None = None, limit: int | None = None) -> list[Message]:
-    """Drain a source engine's `generate()` (up to `limit` messages) and return what it produced."""
+def run_source(cls: type[Engine] | Engine, params: dict[str, Any] | None = None, limit: int | None = None,
+               ends: bool = False) -> list[Message]:
+    """Drain a source engine's `generate()` (up to `limit` messages) and return what it produced; each stream's
+    StreamEnd marker too with `ends`."""
     engine, out = _start(cls, params)
     try:
         gen = engine.generate()
         try:
             for msg in gen:
-                if msg is not None:
+                if msg is not None and (ends or not isinstance(msg, StreamEnd)):
                     out["out"].append(msg)
                 if limit is not None and len(out["out"]) >= limit:
                     break

@@ -325,7 +325,6 @@ def test_launch_stats_file_has_batching_metrics(tmp_path, write_graph):
     assert set(m["streams"]) == {"s0", "s1"}
     assert sum(s["frames"] + s["dropped"] for s in m["streams"].values()) == 12
     assert all(s["p95_ms"] > 0 for s in m["streams"].values())
-    assert "mean_batch_fill=" in res.stderr and "p95_ms=" in res.stderr
 
 
 def test_bench_cameras_never_go_back_and_shards_run(tmp_path):

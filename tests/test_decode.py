@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from engines.decode import Decode
-from graphflow import ParamError
+from graphflow import Message, ParamError
 from graphflow.testing import run_source
 from graphflow.vision.osd import VideoWriter, draw
 from graphflow.vision.video import SourceError, open_source
@@ -168,7 +168,6 @@ def test_damaged_files_never_stop_a_launched_graph(tmp_path, damaged, write_grap
     assert 100 <= counts["cut"] < DEMO_FRAMES and DEMO_FRAMES - 10 <= counts["hit"] < DEMO_FRAMES and counts["ok"] == 50
     assert {stream: m["corrupt"] > 0 for stream, m in per_source.items()} == {"cut": True, "hit": True, "ok": False}
     assert src["metrics"]["corrupt"] == per_source["cut"]["corrupt"] + per_source["hit"]["corrupt"]
-    assert f"corrupt={src['metrics']['corrupt']}" in proc.stderr, "the launch summary shows the count"
 
 
 def test_video_writer_roundtrip(tmp_path):
@@ -234,7 +233,7 @@ def test_shutdown_mid_stream_joins_decode_threads(how):
                                         {"id": "b", "uri": str(DEMO), "loop": True}]})
     engine.check()
     gen = engine.generate()
-    assert sum(1 for _, m in zip(range(20), gen) if m is not None) > 0
+    assert sum(1 for _, m in zip(range(20), gen) if isinstance(m, Message)) > 0
     if how == "close":
         gen.close()
     else:

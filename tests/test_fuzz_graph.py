@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from graphflow import graph
+from graphflow import fields, graph
 from graphflow.errors import GraphflowError
+from graphflow.policy import SAFE_ENGINES, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERYTHING = {  # a valid graph with every built-in engine, rule kind, sink kind and most fields, to mutate too
@@ -65,7 +66,9 @@ FUZZ = settings(max_examples=EXAMPLES or 150, derandomize=not EXAMPLES, deadline
 LIMIT_S = 5.0  # one load taking this long counts as a hang
 
 SCALARS = (st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats(allow_nan=False)
-           | st.text(max_size=12) | st.sampled_from(["", ".", "src.out", "a.b.c", "in", "out", "block", "process"]))
+           | st.text(max_size=12) | st.sampled_from(["", ".", "src.out", "a.b.c", "in", "out", "block", "process"])
+           | st.sampled_from([10**12, 1e12, "a/b", "../../x", "/etc/passwd", "tcp://0.0.0.0:1", "http://h/x.mp4",
+                              "os:system", "this:x", "-"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                            max_size=4), max_leaves=10)
 ODD_TEXT = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "9" * 5000, "[" * 100_000, '"\\ud800"', "\x00",
@@ -201,6 +204,41 @@ def test_damaged_graph_text(workdir, data):
     path = workdir / "damaged.json"
     path.write_bytes(data)
     check_load(path)
+
+
+@FUZZ
+@given(doc=mutated())
+@example(doc=EVERYTHING)
+@example(doc=BASES["demo.json"])
+def test_mutated_example_graphs_restricted(workdir, doc):
+    """In restricted mode a graph is refused in one line, or every file, URI, address and module it names is
+    within the policy."""
+    policy = Policy(output_root=workdir, media_roots=(ROOT / "graphs",), engines=SAFE_ENGINES | {"map"},
+                    modules=("graphflow.examples",))
+    try:
+        with time_limit(LIMIT_S):
+            g = graph.build(doc, "untrusted.json", policy=policy)
+    except GraphflowError as exc:
+        assert "\n" not in str(exc) and str(exc).isprintable(), repr(str(exc))
+        return
+    for node in g.nodes.values():
+        assert node.type in policy.engines
+        for spec in fields.declared(node.cls):
+            for found in fields.find(node.params, spec):
+                value = found.value
+                if spec.kind in ("write", "state") and value != "-":
+                    assert Path(os.path.realpath(value)).is_relative_to(workdir), (found.where, value)
+                elif spec.kind == "read" and fields.is_path(value, spec):
+                    assert Path(os.path.realpath(value)).is_relative_to(ROOT / "graphs"), (found.where, value)
+                elif spec.kind == "read" and fields.URL.match(value):
+                    assert value.split("://")[0] in policy.schemes, (found.where, value)
+                elif spec.kind == "module":
+                    assert value.startswith("graphflow.examples:"), (found.where, value)
+                elif spec.kind == "bind" and value.startswith("ipc://"):
+                    assert Path(os.path.realpath(value[6:])).is_relative_to(workdir), (found.where, value)
+                elif spec.kind == "bind":
+                    assert value.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:", "inproc://")), \
+                        (found.where, value)
 
 
 def test_cli_validate_reports_each_bad_file_on_one_line(tmp_path):

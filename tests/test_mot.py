@@ -118,9 +118,11 @@ def test_mot_sink_round_trip(tmp_path):
 
 
 def test_mot_sink_needs_tracks(tmp_path):
-    with pytest.raises(ValueError, match="no data\\['tracks'\\]"):
-        run_engine(Publish, {"sinks": [{"kind": "mot", "path": str(tmp_path / "r.txt")}]},
-                   [Message(data={"detections": []})])
+    """A frame without tracks stops the mot sink with one line saying what is missing."""
+    engine = Publish("pub", {"sinks": [{"kind": "mot", "path": str(tmp_path / "r.txt")}]})
+    run_engine(engine, messages=[Message(data={"detections": []})] * 2)
+    sink = engine.metrics()["sinks"]["0:mot"]
+    assert sink["error"] == "message 0#0 has no data['tracks'] (put track before publish)"
 
 
 def test_detfile_track_mot_graph_through_launch(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from engines.decode import Decode
+from graphflow import Message
 from graphflow.testing import run_source
 from graphflow.vision.video import SourceError, open_source
 
@@ -123,18 +124,20 @@ def test_server_killed_mid_stream_reconnects_while_file_stream_goes_on(rtsp, dem
     cam: dict[str, list] = {"before": [], "down": [], "back": []}
     file_seq: dict[str, list[int]] = {"before": [], "down": [], "back": []}
     phase, killed_at, restarted_at = "before", 0.0, 0.0
+    states: dict[str, set[str]] = {"before": set(), "down": set(), "back": set()}
     deadline = time.monotonic() + 60
     caplog.set_level(logging.INFO)
     gen = engine.generate()
     try:
         for msg in gen:
             assert time.monotonic() < deadline, f"stuck in phase {phase}: {engine.metrics()['sources']['cam']}"
-            if msg is not None and msg.stream == "cam":
+            if isinstance(msg, Message) and msg.stream == "cam":
                 cam[phase].append(msg)
-            elif msg is not None:
+            elif isinstance(msg, Message):
                 file_seq[phase].append(msg.seq)
                 time.sleep(0.004)  # a consumer of ~250 frames/s, so the looping file does not hog both cores
             state = engine.metrics()["sources"]["cam"]
+            states[phase].add(state["state"])
             if phase == "before" and len(cam["before"]) >= 25:
                 rtsp.kill()
                 phase, killed_at = "down", time.monotonic()
@@ -147,6 +150,8 @@ def test_server_killed_mid_stream_reconnects_while_file_stream_goes_on(rtsp, dem
         gen.close()
     frames = cam["before"] + cam["down"] + cam["back"]
     assert [m.seq for m in frames] == list(range(len(frames))), "seq carries on across the reconnect"
+    assert "running" in states["before"] and "reconnecting" in states["down"] and "running" in states["back"], states
+    assert states["down"] <= {"running", "reconnecting"}, states
     pts = np.array([m.pts for m in frames])
     assert np.all(np.diff(pts) > 0), "pts keep increasing across the reconnect"
     gap = pts[len(cam["before"]) + len(cam["down"])] - pts[len(cam["before"]) + len(cam["down"]) - 1]
@@ -181,7 +186,7 @@ def test_frozen_server_is_dropped_at_read_timeout_and_rejoined(rtsp, caplog):
     try:
         for msg in gen:
             assert time.monotonic() < deadline, (phase, engine.metrics()["sources"]["cam"])
-            seqs += [msg.seq] if msg is not None else []
+            seqs += [msg.seq] if isinstance(msg, Message) else []
             state = engine.metrics()["sources"]["cam"]
             if phase == "live" and len(seqs) == 10:
                 rtsp.proc.send_signal(signal.SIGSTOP)  # alive, connections open, but silent
@@ -199,6 +204,15 @@ def test_frozen_server_is_dropped_at_read_timeout_and_rejoined(rtsp, caplog):
     assert any(r.getMessage().startswith("cam: stream lost (no data for 0.5 s)") for r in caplog.records)
 
 
+def test_restarted_engine_carries_the_live_stream_seq_on(rtsp, demo_frames):
+    rtsp.start()
+    engine = Decode("dec", {"sources": [{"id": "cam", "uri": rtsp.url}]})
+    engine.resume = {"cam": 99}
+    out = run_source(engine, limit=10)
+    assert [m.seq for m in out] == list(range(100, 110)), "a live stream skips nothing; its seq follows on"
+    assert all(np.array_equal(m.image, ref) for m, ref in zip(out, demo_frames))
+
+
 @pytest.mark.parametrize("where", ["refused", "no such path"])
 def test_url_that_never_connects_fails_in_one_line_after_the_attempts(rtsp, where, caplog):
     if where == "refused":
@@ -212,7 +226,7 @@ def test_url_that_never_connects_fails_in_one_line_after_the_attempts(rtsp, wher
     got = []
     t0 = time.monotonic()
     with pytest.raises(SourceError) as err:
-        got.extend(m for m in engine.generate() if m is not None)
+        got.extend(m for m in engine.generate() if isinstance(m, Message))
     message = str(err.value)
     assert "\n" not in message and url in message and cause in message, message
     assert message.endswith("gave up after 3 failed attempts"), message
@@ -220,4 +234,5 @@ def test_url_that_never_connects_fails_in_one_line_after_the_attempts(rtsp, wher
     assert [m.seq for m in got if m.stream == "file"] == list(range(50)), "the other source is not cut short"
     cam = engine.metrics()["sources"]["cam"]
     assert (cam["failed_attempts"], cam["state"], cam["error"]) == (3, "failed", message)
+    assert message.startswith("stream 'cam': "), "the error names the stream"
     assert sum("retry" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 2

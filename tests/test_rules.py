@@ -161,3 +161,89 @@ def test_track_then_rule_counts_line_crossings():
     events = [e for m in out for e in m.data["events"]]
     assert [(e["frame"], e["direction"]) for e in events] == [(8, "A->B"), (8, "B->A")]
     assert events[-1]["counts"] == {"A->B": 1, "B->A": 1} and events[0]["track_id"] != events[1]["track_id"]
+
+
+@pytest.mark.parametrize("kind, geometry, message", [
+    ("zone", {"polygon": [[0, 0], [100, 100], [100, 0], [0, 100]]},
+     "rule 'r': its edge from point 0 to 1 crosses the edge from point 2 to 3"),
+    ("crowding", {"polygon": [[0, 0], [40, 0], [40, 40], [20, 0], [0, 40]], "min_count": 2},
+     "rule 'r': its edge from point 0 to 1 crosses the edge from point 2 to 3"),
+    ("dwell", {"polygon": [[0, 0], [40, 0], [40, 40], [0, 40], [20, 40]], "seconds": 1},
+     "rule 'r': its edge from point 2 to 3 crosses the edge from point 3 to 4"),  # folds back along itself
+    ("zone", {"polygon": [[0, 0], [0.5, 0], [0.5, 0], [0, 0.5]]}, "rule 'r': points 1 and 2 are the same point"),
+    ("zone", {"polygon": [[0, 0], [0.2, 0.2], [0.4, 0.4]]}, "rule 'r': its points lie on one line"),
+    ("line_cross", {"line": [[0.3, 0.5], [0.3, 0.5]]}, "rule 'r': the two points must differ"),
+])
+def test_degenerate_geometry_is_refused_naming_the_rule(kind, geometry, message):
+    field = "line" if kind == "line_cross" else "polygon"
+    with pytest.raises(ParamError) as err:
+        run_engine(Rule, {"rules": [{"id": "r", "kind": kind, **geometry}]}, [])
+    assert err.value.field == f"rules[0].{field}" and err.value.message.startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_simple_polygons_pass_and_a_closing_point_is_dropped():
+    concave = [[0, 0], [400, 0], [400, 400], [200, 100], [0, 400]]
+    rules = [{"id": "z", "kind": "zone", "polygon": concave + [concave[0]]}]
+    out = run_engine(Rule, {"rules": rules}, [Message("cam", 0, data={"tracks": [track(1, 200, 50)]})])["out"]
+    assert out[0].data["rules"][0]["polygon"] == [[float(x), float(y)] for x, y in concave]
+    assert [e["event"] for e in out[0].data["events"]] == ["enter"]
+
+
+def test_rule_classes_are_checked_against_the_labels_of_the_detector_upstream():
+    """The graph calls check_upstream with every engine upstream: a misspelt class fails validation in one line."""
+    import json
+    from pathlib import Path
+
+    from graphflow import GraphError, graph
+
+    demo = Path(__file__).resolve().parents[1] / "graphs" / "demo.json"
+    doc = json.loads(demo.read_text())
+    doc["engines"]["zone"]["params"]["rules"][0]["classes"] = ["persn"]
+    with pytest.raises(GraphError) as err:
+        graph.build(doc, str(demo))
+    assert str(err.value) == (f"{demo}: engines.zone.params.rules[0].classes[0]: rule 'door': class 'persn' is not "
+                              "one the detectors upstream give (did you mean 'person'?)")
+    doc["engines"]["zone"]["params"]["rules"][0]["classes"] = ["person", 2]
+    graph.build(doc, str(demo))
+
+
+def test_check_upstream_uses_what_each_upstream_engine_declares():
+    from engines.decode import Decode
+    from engines.detfile import DetFile
+    from engines.infer import Infer
+
+    def check(classes: list, upstream: list) -> None:
+        Rule.check_upstream({"rules": [{"id": "door", "kind": "zone", "polygon": FULL, "classes": classes}]}, upstream)
+
+    infer_people = (Infer, {"model": "yolox-nano", "classes": ["person", 2]})
+    check(["person", "car", 0, 2], [(Decode, {}), infer_people])
+    with pytest.raises(ParamError, match=r"^rules\[0\]\.classes\[0\]: rule 'door': class 'truck' .*known: person, "
+                                         r"car\)$"):
+        check(["truck"], [infer_people])
+    with pytest.raises(ParamError, match=r"classes\[1\]: rule 'door': class id 5 .*\(ids: 0, 2\)"):
+        check([0, 5], [infer_people])
+    with pytest.raises(ParamError, match="did you mean 'person'"):
+        check(["Person"], [(DetFile, {"path": "det.txt"})])
+    check(["anything"], [(Decode, {})])  # nothing upstream declares its classes: names cannot be checked
+
+
+def test_a_model_files_class_names_come_from_its_metadata_or_a_labels_file(tmp_path):
+    """Class names of a model file: its metadata `names` (as Ultralytics writes them), else a labels file given."""
+    import onnx
+
+    from engines.infer import Infer
+    from graphflow.vision.models import MODELS_DIR
+
+    model = onnx.load(str(MODELS_DIR / "yolox_nano.onnx"))
+    names = {i: f"thing{i}" for i in range(80)}
+    onnx.helper.set_model_props(model, {"names": str(names)})
+    path = tmp_path / "named.onnx"
+    onnx.save(model, str(path))
+    assert Infer.declared_classes({"model": str(path)}) == names
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"kind{i}\n" for i in range(80)))
+    assert Infer.declared_classes({"model": str(path), "labels": str(labels)})[79] == "kind79"
+    labels.write_text("one\ntwo\n")
+    with pytest.raises(ParamError, match="^labels: labels file .*labels.txt: 2 names for a model of 80 classes$"):
+        run_engine(Infer, {"model": str(path), "labels": str(labels)}, [])

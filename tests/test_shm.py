@@ -297,9 +297,10 @@ class Slow(Engine):
     src, slow = summary.stats["src"], summary.stats["slow"]
     shm = src["metrics"]["shm"]
     assert src["sent"] == 300
-    assert slow["received"] < 300 and slow["dropped"] + shm["drops"] > 0
-    # every frame is either processed or counted as dropped (inbox drops or no free slot in time)
-    assert slow["received"] + slow["dropped"] + shm["drops"] == 300
+    assert slow["received"] < 300 and shm["drops"] > 0
+    # every frame is either processed or counted as dropped on the edge: in the inbox, or by the producer
+    # (no free slot: it never waits on a drop-policy edge), reported to the consumer
+    assert slow["received"] + slow["dropped"] == 300 and slow["dropped"] >= shm["drops"]
 
 
 def memfds_of_pid(pid):

@@ -108,3 +108,21 @@ def test_second_sigint_forces_a_quick_exit(tmp_path):
     assert time.monotonic() - t0 < 5, "a second SIGINT must not wait for the drain"
     assert proc.returncode == 1, err
     assert "stopped by SIGINT (forced)" in err, err
+
+
+def test_sighup_drains_like_sigint(tmp_path):
+    """A closed terminal sends SIGHUP to the whole job: the run drains and writes everything, as on Ctrl-C."""
+    keep = tmp_path / "keep.jsonl"
+    doc = {"engines": {
+        "src": {"type": "decode", "params": {"sources": looping_sources()}},
+        "slow": {"type": "slowengine:Slow", "placement": "process", "params": {"delay": 0.004}},
+        "keep": {"type": "sink", "params": {"path": str(keep), "times": False}}},
+        "connections": [["src", "slow"], ["slow", "keep"]]}
+    proc, stats_path = launch(tmp_path, doc)
+    wait_for_lines(proc, keep, 50)
+    os.killpg(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGHUP" in err and "Traceback" not in err, err
+    sent = json.loads(stats_path.read_text())["engines"]["src"]["streams"]
+    assert streams_of(keep) == sent, "every frame sent was written"

@@ -147,3 +147,9 @@ print("RESULT", summary.failed, summary.stats["src"]["sent"])
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert "RESULT True 60" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "engine 'dst'" in done.stderr and "died" in done.stderr
+
+
+def test_back_off_doubles_from_first_to_its_cap():
+    from graphflow.backoff import backoff
+    assert [backoff(n) for n in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert backoff(10**9, first=1.0, cap=30.0) == 30.0  # no overflow after a long outage

@@ -141,8 +141,9 @@ def test_track_engine_per_stream_ids():
 def test_track_engine_errors():
     with pytest.raises(ParamError, match="algorithm"):
         Track("t", {"algorithm": "sort"})
-    with pytest.raises(ValueError, match="detections"):
-        run_engine(Track, {}, [Message()])
+    frame = Message(arrays={"image": np.zeros((4, 4, 3), np.uint8)})
+    with pytest.raises(ValueError, match=r"frame 0#0 has no data\['detections'\] \(put infer before track\)"):
+        run_engine(Track, {}, [frame])
 
 
 def test_tracker_throughput():

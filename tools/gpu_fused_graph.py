@@ -1,5 +1,6 @@
 """GPU check: decode (NVDEC) → infer (process placement, torch, letterbox: true) → sink, over 4 copies of the
 demo video. Run on a GPU machine from the repository root; prints one RESULT line."""
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 from graphflow import graph, runtime
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()
     out = Path(tempfile.mkdtemp()) / "out.jsonl"
     doc = {"engines": {
         "src": {"type": "decode", "params": {"sources": [{"id": f"cam{i}", "uri": "graphs/data/demo.mp4", "hwaccel": "cuda"} for i in range(4)]}},

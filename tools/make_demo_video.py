@@ -3,10 +3,10 @@
 A person (the astronaut photo, half the frame height) walks left to right along the bottom, a smaller one
 right to left along the top and the cat photo moves top to bottom on the right, over the grass photo; so
 tracking and line-crossing have people who cross the frame's vertical centre line at known frames.
-Usage: python tools/make_demo_video.py [out.mp4]
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from dataclasses import dataclass
@@ -93,5 +93,8 @@ def main(out: Path = OUT) -> Path:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", type=Path, default=OUT, help=f"where to write the clip (default {OUT})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)
+    main(parser.parse_args().out)

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ DROP_POLICIES = ("block", "latest", "drop_oldest")
 WINDOW_S = 0.1  # utilisation timeline resolution
 TIMELINE_KEEP = 600  # windows kept for metrics (one minute); busy_fraction/busy_cv cover the whole run
 LATENCY_KEEP = 1000  # latencies kept per stream for its percentiles
+RETIRED_KEEP = 256  # ended streams whose records stay for the summary
 POLL_S = 0.1  # how often blocked threads look at stop requests
 
 
@@ -103,6 +104,8 @@ class BatchStats:
         self.clock = clock
         self.lock = threading.Lock()
         self.streams: dict[str, StreamRecord] = {}
+        self._retired: OrderedDict[str, None] = OrderedDict()  # ended streams whose records are kept, oldest first
+        self._retired_dropped = 0  # drops of ended streams whose records are gone
         self.batches = 0
         self.batched = 0
         self.depth_sum = 0
@@ -128,6 +131,25 @@ class BatchStats:
     def dropped(self, stream: str, n: int = 1) -> None:
         with self.lock:
             self._stream(stream).dropped += n
+
+    def retire(self, stream: str) -> None:
+        """`stream` ended: its record stays for the summary among the last RETIRED_KEEP ended streams, then goes
+        (its drops still count in the total), so streams coming and going do not grow these records."""
+        with self.lock:
+            if stream not in self.streams:
+                return
+            self._retired[stream] = None
+            self._retired.move_to_end(stream)
+            while len(self._retired) > RETIRED_KEEP:
+                old, _ = self._retired.popitem(last=False)
+                rec = self.streams.pop(old, None)
+                self._retired_dropped += rec.dropped if rec is not None else 0
+
+    def revive(self, stream: str) -> None:
+        """`stream` sends frames again (an id used anew): its record is live again."""
+        if stream in self._retired:
+            with self.lock:
+                self._retired.pop(stream, None)
 
     def batch(self, size: int, depth: int) -> None:
         """A batch of `size` frames left the queues, which held `depth` frames in all just before."""
@@ -246,7 +268,7 @@ class BatchStats:
                 "queue_depth": sum(depths.values()),
                 "mean_queue_depth": round(self.depth_sum / self.batches, 2) if self.batches else None,
                 "max_queue_depth": self.max_depth,
-                "dropped": sum(r.dropped for r in self.streams.values()),
+                "dropped": sum(r.dropped for r in self.streams.values()) + self._retired_dropped,
                 "failed_frames": self.failed_frames,
                 "p50_ms": max(p50) if p50 else None,  # the worst stream's
                 "p95_ms": max(p95) if p95 else None,
@@ -337,7 +359,10 @@ class Scheduler:
         with self.cond:
             if self.closed:
                 raise RuntimeError(f"scheduler closed: frame of stream {stream!r} after end of stream")
-            q = self.queues.setdefault(stream, deque())
+            q = self.queues.get(stream)
+            if q is None:
+                q = self.queues[stream] = deque()
+                self.stats.revive(stream)
             while (self.policy.drop == "block" and len(q) >= self.policy.queue and not self.aborted
                    and not (stop and stop.is_set())):
                 self.cond.wait(POLL_S)
@@ -394,6 +419,13 @@ class Scheduler:
         with self.cond:
             self.aborted = True
             self.cond.notify_all()
+
+    def forget(self, stream: str) -> None:
+        """`stream` ended and none of its frames is queued: drop its queue; its stats record is retired."""
+        with self.cond:
+            if not self.queues.get(stream):
+                self.queues.pop(stream, None)
+        self.stats.retire(stream)
 
     def depths(self) -> dict[str, int]:
         with self.cond:

@@ -1,10 +1,14 @@
-"""Detector models: a registry of shipped models, ONNX file inspection, and inference backends.
+"""Detector models: a registry of shipped models, ONNX file inspection (through onnxruntime, a core dependency:
+the `onnx` package is only needed to convert a model for the torch backend), and inference backends.
 
 A backend has `load(path)`, `input` (ModelInput) and `infer(batch [N,3,H,W] float32) -> np.ndarray`: onnxruntime
 (CPU), torch (onnx2torch on a CUDA GPU, fp16) and tensorrt (unverified). GPU backends take CuPy batches without a copy.
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -79,47 +83,118 @@ def guess_output_format(name: str, shape: list, input_size: tuple[int, int]) -> 
     raise ValueError(f"model {name}: unrecognised output shape {shape} ({EXPECTED_OUTPUTS})")
 
 
-def resolve_model(model: str) -> ModelSpec:
-    """A registry name or a path to an ONNX file to a ModelSpec; ValueError (one line) when it cannot be used."""
+def read_labels(path: str | Path, classes: int | None = None) -> list[str]:
+    """Class names from a labels file, one a line (blank lines skipped); ValueError (one line) when it cannot be
+    read or, with `classes`, holds another number of names than the model has classes."""
+    try:
+        labels = [line.strip() for line in Path(path).expanduser().read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"labels file {path}: cannot read it ({exc.strerror or exc})") from None
+    if not labels:
+        raise ValueError(f"labels file {path}: no class names in it (one a line)")
+    if classes is not None and len(labels) != classes:
+        raise ValueError(f"labels file {path}: {len(labels)} names for a model of {classes} classes")
+    return labels
+
+
+def resolve_model(model: str, labels: str = "") -> ModelSpec:
+    """A registry name or a path to an ONNX file to a ModelSpec; ValueError (one line) when it cannot be used.
+
+    Class names come from `labels` (a file, one name a line) when given, else a registered model's own, else the
+    file's metadata (`names`, as Ultralytics exports write), else COCO's for 80 classes, else the class numbers."""
     if model in REGISTRY:
-        return REGISTRY[model]
+        spec = REGISTRY[model]
+        return dataclasses.replace(spec, labels=read_labels(labels, len(spec.labels))) if labels else spec
     path = Path(model).expanduser()
     if not path.is_file():
         raise ValueError(f"model {model}: not a registered model ({', '.join(REGISTRY)}) and not a file")
-    info, outputs = inspect_onnx(path)
-    fmt = guess_output_format(model, outputs[0], info.size)
-    classes = outputs[0][2] - 5 if fmt in ("yolox", "yolov5") else outputs[0][1] - 4
-    labels = coco_labels() if classes == 80 else [str(i) for i in range(classes)]
+    info = inspect_onnx(path)
+    fmt = guess_output_format(model, info.outputs[0], info.input.size)
+    classes = info.outputs[0][2] - 5 if fmt in ("yolox", "yolov5") else info.outputs[0][1] - 4
+    if labels:
+        names = read_labels(labels, classes)
+    elif info.labels is not None and len(info.labels) == classes:
+        names = info.labels
+    else:
+        names = coco_labels() if classes == 80 else [str(i) for i in range(classes)]
     normalize = "none" if fmt == "yolox" else "unit"
     color = "bgr" if fmt == "yolox" else "rgb"
-    spec = LetterboxSpec(size=info.size, pad_value=114, center=fmt != "yolox", normalize=normalize, color=color)
-    return ModelSpec(name=path.stem, path=path, output_format=fmt, labels=labels, preprocess=spec)
+    spec = LetterboxSpec(size=info.input.size, pad_value=114, center=fmt != "yolox", normalize=normalize, color=color)
+    return ModelSpec(name=path.stem, path=path, output_format=fmt, labels=names, preprocess=spec)
 
 
-def _dims(value: object) -> list:
-    """Shape of an ONNX graph input/output: ints where fixed, the symbolic name (or "?") where not."""
-    dims = value.type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+def _dims(shape: Sequence[Any]) -> list:
+    """Shape of an ONNX input/output as onnxruntime reports it: ints where fixed, the symbolic name (or "?") where
+    not."""
+    return [d if isinstance(d, int) else (d or "?") for d in shape]
 
 
-def inspect_onnx(path: Path) -> tuple[ModelInput, list[list]]:
-    """Input description and output shapes of an ONNX file, read without running it."""
-    import onnx
-
+def _parse_names(text: str) -> list[str] | None:
+    """Class names from model metadata: a list, or a {index: name} dict as Ultralytics exports write (Python or
+    JSON literal); None when the text is neither."""
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # onnx raises DecodeError and others on non-ONNX bytes
-        raise ValueError(f"model {path}: not an ONNX file ({type(exc).__name__})") from None
-    inits = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
-    if len(inputs) != 1 or not graph.output:
-        raise ValueError(f"model {path}: not an ONNX file with one image input (found {len(inputs)} inputs)")
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if isinstance(value, dict) and sorted(value) == list(range(len(value))):
+        value = [value[i] for i in range(len(value))]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
 
-    shape = _dims(inputs[0])
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What graphflow reads of an ONNX file before running it: the image input, output shapes and class names
+    from its metadata (`names` or `labels`; None when it has none)."""
+
+    input: ModelInput
+    outputs: list[list]
+    labels: list[str] | None
+
+
+def describe_session(session: Any, path: Path) -> OnnxInfo:
+    """The OnnxInfo of an open onnxruntime session (the model at `path`, named in errors)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or not outputs:
+        raise ValueError(f"model {path}: not an ONNX file with one image input (found {len(inputs)} inputs)")
+    shape = _dims(inputs[0].shape)
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
         raise ValueError(f"model {path}: input {inputs[0].name} must be [N, 3, H, W] with fixed H, W (got {shape})")
     info = ModelInput(name=inputs[0].name, size=(shape[3], shape[2]), dynamic_batch=not isinstance(shape[0], int))
-    return info, [_dims(o) for o in graph.output]
+    meta = session.get_modelmeta().custom_metadata_map
+    parsed = [_parse_names(meta[key]) for key in ("names", "labels") if key in meta]
+    labels = next((names for names in parsed if names is not None), None)
+    return OnnxInfo(info, [_dims(o.shape) for o in outputs], labels)
+
+
+def open_session(path: Path, options: Any = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime session of the model at `path`; ValueError (one line) when it is not a model it can load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail and others on bad or unsupported files
+        text = str(exc).strip().splitlines()
+        reason = text[0] if text else type(exc).__name__
+        raise ValueError(f"model {path}: not an ONNX file onnxruntime can load ({reason})") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _inspect_cached(path: str, mtime_ns: int, size: int) -> OnnxInfo:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only read, never run
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return describe_session(open_session(Path(path), options), Path(path))
+
+
+def inspect_onnx(path: Path) -> OnnxInfo:
+    """Input, output shapes and metadata class names of an ONNX file, read through onnxruntime (a core dependency)
+    without running it; cached per file version, as validation and setup both ask."""
+    stat = Path(path).stat()
+    return _inspect_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 class Backend(Protocol):
@@ -188,11 +263,8 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=self.providers())
-        except Exception as exc:
-            raise ValueError(f"model {path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
-        self.input, _ = inspect_onnx(Path(path))
+        self.session = open_session(Path(path), options, self.providers())
+        self.input = describe_session(self.session, Path(path)).input
         log.info("loaded %s with %s", path, self.session.get_providers()[0])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -295,7 +367,7 @@ class TorchBackend:
         once, so cuDNN picks its kernels and CUDA graphs are recorded before any other thread uses the GPU."""
         import onnx
 
-        self.input, _ = inspect_onnx(Path(path))
+        self.input = inspect_onnx(Path(path)).input
         try:
             module = self.convert(onnx.load(str(path)))
         except Exception as exc:  # onnx2torch raises NotImplementedError and others on unsupported ops
@@ -590,7 +662,7 @@ class TensorRTBackend:
 
     def load(self, path: Path) -> None:
         """Load the cached engine, or build and cache it (minutes for large models), and open an execution context."""
-        self.input, _ = inspect_onnx(Path(path))
+        self.input = inspect_onnx(Path(path)).input
         onnx_bytes = Path(path).read_bytes()
         cached = self.cache_path(path, onnx_bytes)
         if cached.is_file():

@@ -6,8 +6,10 @@ A track's position is an anchor point of its box: bottom centre (feet) by defaul
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +88,56 @@ def _points(spec: dict, index: int, name: str, count: int | None, at_least: int 
     return arr
 
 
+def _orientation(p: np.ndarray, q: np.ndarray, r: np.ndarray, eps: float) -> int:
+    """+1 / -1 as r lies left / right of p→q, 0 when the three are collinear (within eps)."""
+    cross = (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+    return 0 if abs(cross) <= eps else (1 if cross > 0 else -1)
+
+
+def _on_segment(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> bool:
+    """Whether r, collinear with p→q, lies within its bounding box."""
+    return bool(min(p[0], q[0]) <= r[0] <= max(p[0], q[0]) and min(p[1], q[1]) <= r[1] <= max(p[1], q[1]))
+
+
+def segments_meet(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, eps: float = 0.0) -> bool:
+    """Whether segments a-b and c-d cross or touch."""
+    o1, o2 = _orientation(a, b, c, eps), _orientation(a, b, d, eps)
+    o3, o4 = _orientation(c, d, a, eps), _orientation(c, d, b, eps)
+    if o1 != o2 and o3 != o4 and 0 not in (o1, o2, o3, o4):
+        return True
+    return ((o1 == 0 and _on_segment(a, b, c)) or (o2 == 0 and _on_segment(a, b, d))
+            or (o3 == 0 and _on_segment(c, d, a)) or (o4 == 0 and _on_segment(c, d, b)))
+
+
+def polygon_problem(points: np.ndarray) -> str | None:
+    """Why `points` (K,2, in order around it) is not a simple polygon with an area — repeated points, no area,
+    edges that cross — or None when it is one."""
+    n = len(points)
+    scale = float(np.abs(points).max()) or 1.0
+    eps = 1e-12 * scale * scale
+    for i in range(n):
+        for j in range(i + 1, n):
+            if np.allclose(points[i], points[j], rtol=0, atol=1e-9 * scale):
+                return f"points {i} and {j} are the same point {points[i].tolist()}"
+    if all(_orientation(points[0], points[1], p, eps) == 0 for p in points[2:]):
+        return "its points lie on one line: the zone has no area"
+    edges = [(i, (i + 1) % n) for i in range(n)]
+    for i, (a, b) in enumerate(edges):
+        for k in range(i + 1, n):
+            c, d = edges[k]
+            if d == a or c == b:  # neighbours share a point: they meet wrongly only when one folds back over the other
+                first, second = (points[b] - points[a], points[d] - points[c]) if c == b else \
+                    (points[d] - points[c], points[b] - points[a])
+                folds = _orientation(np.zeros(2), first, second, eps) == 0 and float(np.dot(first, second)) < 0
+                if not folds:
+                    continue
+            elif not segments_meet(points[a], points[b], points[c], points[d], eps):
+                continue
+            return (f"its edge from point {a} to {b} crosses the edge from point {c} to {d} (a zone's points must go "
+                    "once around it, in order)")
+    return None
+
+
 class Rule:
     """Base of all rules: id, class filter, anchor and geometry scaling; subclasses implement `step`."""
 
@@ -97,6 +149,7 @@ class Rule:
         if unknown:
             raise ParamError(_field(index, unknown[0]), f"unknown key for a {self.kind} rule "
                              f"(known: id, kind, classes, anchor, {', '.join(self.keys)})")
+        self.spec = dict(spec)  # as given: what `GET /streams/{id}/rules` shows
         rid = spec.get("id", f"{self.kind}{index}")
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise ParamError(_field(index, "id"), f"must be a string (got {rid!r})")
@@ -114,6 +167,17 @@ class Rule:
 
     def add_geometry(self, name: str, points: np.ndarray) -> None:
         self.geometry[name] = points
+
+    def polygon(self, spec: dict, index: int) -> np.ndarray:
+        """The rule's `polygon`, checked to be a simple polygon with an area; a closing point equal to the first (as
+        GeoJSON rings repeat it) is dropped."""
+        points = _points(spec, index, "polygon", None, at_least=3)
+        if len(points) > 3 and np.array_equal(points[0], points[-1]):
+            points = points[:-1]
+        problem = polygon_problem(points)
+        if problem is not None:
+            raise ParamError(_field(index, "polygon"), f"rule {self.id!r}: {problem}")
+        return points
 
     def pixels(self, name: str, frame: Frame) -> np.ndarray:
         """Geometry `name` in pixels: normalised geometry (all values ≤ 1) is scaled by the frame size."""
@@ -174,7 +238,7 @@ class ZoneRule(Rule):
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.add_geometry("polygon", _points(spec, index, "polygon", None, at_least=3))
+        self.add_geometry("polygon", self.polygon(spec, index))
         self.inside: dict[int, float] = {}
 
     def transitions(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> tuple[list[dict], np.ndarray]:
@@ -244,7 +308,7 @@ class LineCrossRule(Rule):
         super().__init__(spec, index)
         line = _points(spec, index, "line", 2)
         if np.allclose(line[0], line[1]):
-            raise ParamError(_field(index, "line"), "the two points must differ")
+            raise ParamError(_field(index, "line"), f"rule {self.id!r}: the two points must differ (a line needs a length)")
         self.add_geometry("line", line)
         self.direction = spec.get("direction", "both")
         if self.direction not in self.DIRECTIONS:
@@ -292,7 +356,7 @@ class CrowdingRule(Rule):
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.add_geometry("polygon", _points(spec, index, "polygon", None, at_least=3))
+        self.add_geometry("polygon", self.polygon(spec, index))
         self.min_count = int(_number(spec, index, "min_count", minimum=1))
         self.seconds = _number(spec, index, "seconds", default=0.0)
         self.since: float | None = None
@@ -400,6 +464,26 @@ def parse_rules(specs: list) -> list[Rule]:
     return rules
 
 
+def check_classes(specs: list, known: Mapping[int, str]) -> None:
+    """Raise ParamError at the first class a rule names that the detectors upstream never give (`known`: their
+    class ids to labels), suggesting the closest label: a misspelt class would otherwise match nothing, silently."""
+    labels = list(dict.fromkeys(known[i] for i in sorted(known)))  # in class id order, once each
+    for i, rule in enumerate(parse_rules(specs)):
+        for k, name in enumerate(specs[i].get("classes") or ()):
+            if name in labels or (isinstance(name, int) and name in known):
+                continue
+            if isinstance(name, int):
+                ids = sorted(known)
+                shown = ", ".join(map(str, ids)) if len(ids) <= 8 else f"{ids[0]}-{ids[-1]}"
+                why = f"class id {name} is not one the detectors upstream give (ids: {shown})"
+            else:
+                close = difflib.get_close_matches(name, labels, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else \
+                    "known: " + ", ".join(labels[:8]) + (", …" if len(labels) > 8 else "")
+                why = f"class {name!r} is not one the detectors upstream give ({hint})"
+            raise ParamError(f"{_field(i, 'classes')}[{k}]", f"rule {rule.id!r}: {why}")
+
+
 @dataclass
 class _StreamState:
     rules: list[Rule]
@@ -417,13 +501,32 @@ class RuleSet:
         self.prototype = parse_rules(specs)
         self.forget_after = forget_after
         self.streams: dict[str, _StreamState] = {}
+        self.own: dict[str, list[Rule]] = {}  # streams with rules of their own instead of the prototype
+
+    def set_rules(self, stream: str, specs: list) -> None:
+        """Give `stream` its own rules (checked like the engine's; ParamError naming the field), applied from its
+        next frame: its rule state starts afresh. `None` goes back to the engine's rules."""
+        rules = None if specs is None else parse_rules(specs)
+        if rules is None:
+            self.own.pop(stream, None)
+        else:
+            self.own[stream] = rules
+        self.streams.pop(stream, None)
+
+    def rules_of(self, stream: str) -> list[Rule]:
+        return self.own.get(stream, self.prototype)
+
+    def forget(self, stream: str) -> None:
+        """`stream` ended: drop its state and its own rules."""
+        self.streams.pop(stream, None)
+        self.own.pop(stream, None)
 
     def evaluate(self, stream: str, index: int, time: float, tracks: list[dict],
                  width: int | None = None, height: int | None = None) -> list[dict]:
         """Events produced by one frame of `stream`; `tracks` are dicts with box, track_id, class_id, label."""
         state = self.streams.get(stream)
         if state is None:
-            state = self.streams[stream] = _StreamState(copy.deepcopy(self.prototype))
+            state = self.streams[stream] = _StreamState(copy.deepcopy(self.rules_of(stream)))
         frame = Frame(stream, index, float(time), width, height,
                       ids=np.array([t["track_id"] for t in tracks], np.int64),
                       classes=np.array([t.get("class_id", -1) for t in tracks], np.int64),

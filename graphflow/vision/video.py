@@ -1,7 +1,8 @@
 """Frame sources decoded with PyAV: video files, rtsp:// streams, image folders and single images.
 
 Every source yields `Frame`s (HxWx3 uint8 BGR or RGB, index, pts in seconds, capture wall time) and applies
-the same per-source controls: `start`, `fps` (drop decoded frames evenly by pts), `max_frames`, `loop`.
+the same per-source controls: `start`, `fps` (drop decoded frames evenly by pts), `max_frames`, `loop`, and can
+resume after its first `skip` frames without decoding them where the media allows (`Source.frames(skip)`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "srt://")
 COLORS = {"bgr": "bgr24", "rgb": "rgb24"}
 _FIELD_TYPES = {"uri": (str,), "fps": (int, float), "start": (int, float), "max_frames": (int,), "loop": (bool,),
-                "transport": (str,), "open_timeout": (int, float), "read_timeout": (int, float)}
+                "transport": (str,), "open_timeout": (int, float), "read_timeout": (int, float), "realtime": (bool,),
+                "max_pixels": (int,)}
+# numeric fields: (lowest, lowest allowed itself, highest); bounds keep every value usable by FFmpeg and the clock
+_FIELD_RANGES = {"fps": (0, False, 1000), "start": (0, True, 10_000_000), "open_timeout": (0, False, 3600),
+                 "read_timeout": (0, False, 3600), "max_frames": (0, True, None), "max_pixels": (1, True, None)}
+MAX_PIXELS = 100_000_000  # default largest frame (width × height): 100 MP, above 8K video and most photos
 
 
 class SourceError(GraphflowError, ValueError):
@@ -53,19 +59,26 @@ class SourceSpec:
     open_timeout: float = 10.0
     read_timeout: float = 10.0
     hwaccel: str | None = None
+    realtime: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
                 self._fail(name, f"must be {' or '.join(k.__name__ for k in kinds)}", value)
-        if self.fps is not None and self.fps <= 0:
-            self._fail("fps", "must be > 0", self.fps)
-        if self.start < 0:
-            self._fail("start", "must be ≥ 0 seconds", self.start)
-        if self.max_frames is not None and self.max_frames < 0:
-            self._fail("max_frames", "must be ≥ 0", self.max_frames)
-        for name, allowed in (("color", tuple(COLORS)), ("transport", ("tcp", "udp")), ("hwaccel", (None, "", "cuda"))):
+        for name, (low, inclusive, high) in _FIELD_RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            finite = not isinstance(value, float) or math.isfinite(value)
+            if not finite or value < low or (value == low and not inclusive) or (high is not None and value > high):
+                self._fail(name, f"must be {'≥' if inclusive else '>'} {low}" + (f" and ≤ {high}" if high else ""),
+                           value)
+        if self.realtime and self.is_stream:
+            self._fail("realtime", "is for files and image folders (a network stream is live already)", True)
+        for name, allowed in (("color", tuple(COLORS)), ("transport", ("tcp", "udp")),
+                              ("hwaccel", (None, "", "cuda", "nvdec"))):
             if getattr(self, name) not in allowed:
                 self._fail(name, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, name))
 
@@ -79,12 +92,14 @@ class SourceSpec:
 
 @dataclass
 class Frame:
-    """One decoded frame: image HxWx3 uint8, index among the frames kept, pts (s), capture wall time."""
+    """One decoded frame: image HxWx3 uint8, index among the frames kept, pts (s), capture wall time, and for an
+    image source the file's name within its folder."""
 
     image: np.ndarray
     index: int
     pts: float
     capture: float
+    file: str = ""
 
 
 @dataclass
@@ -103,15 +118,15 @@ class RateGate:
 
     def __init__(self, fps: float | None) -> None:
         self.fps = fps
-        self._last_slot = -math.inf
+        self.last_slot: float = -math.inf
 
     def keep(self, pts: float) -> bool:
         if self.fps is None:
             return True
         slot = math.floor(pts * self.fps + 1e-6)
-        if slot <= self._last_slot:
+        if slot <= self.last_slot:
             return False
-        self._last_slot = slot
+        self.last_slot = slot
         return True
 
 
@@ -126,38 +141,84 @@ class Source:
         self.width = 0
         self.height = 0
 
-    def _decode(self) -> Iterator[tuple[Any, float]]:
-        """One pass over the media: (undecoded frame, pts seconds) pairs from `spec.start` on."""
+    def _decode(self, since: float) -> Iterator[tuple[Any, float]]:
+        """One pass over the media: (undecoded frame, pts seconds) pairs from pts `since` (≥ `spec.start`) on."""
         raise NotImplementedError
 
     def _to_image(self, item: Any) -> np.ndarray | None:
         """The HxWx3 uint8 image of one `_decode` item (only for kept frames), None if unreadable."""
         raise NotImplementedError
 
+    def _file(self, item: Any) -> str:
+        """The file a `_decode` item came from, for sources made of many files ("" otherwise)."""
+        return ""
+
+    def _timeline(self) -> list[float] | None:
+        """The pts of one pass from `spec.start` on, in order, read without decoding; None when unknown."""
+        return None
+
     def __iter__(self) -> Iterator[Frame]:
+        return self.frames()
+
+    def frames(self, skip: int = 0) -> Iterator[Frame]:
+        """The kept frames, from index `skip` on: the first `skip` (after the fps control, counted across loops)
+        are passed over by seeking when the media's timeline is known, else decoded but not converted."""
         spec, gate = self.spec, RateGate(self.spec.fps)
-        offset, index = 0.0, 0
+        offset, index, since = 0.0, 0, spec.start
+        if skip:
+            position = self._position(skip, gate)
+            if position is None:
+                return
+            offset, index, since = position
         while spec.max_frames is None or index < spec.max_frames:
             last = None
-            for item, pts in self._decode():
+            for item, pts in self._decode(since):
                 self.stats.decoded += 1
                 last = pts
                 if not gate.keep(pts + offset):
                     self.stats.dropped += 1
                     continue
+                if index < skip:  # delivered before the resume: counted, never converted
+                    index += 1
+                    continue
                 image = self._to_image(item)
+                index += 1  # an unreadable image keeps its number: index stays the position on the timeline
                 if image is None:
                     continue
                 self.height, self.width = image.shape[:2]
-                index += 1
-                self.stats.kept = index
-                yield Frame(image, index - 1, pts + offset, time.time())
+                self.stats.kept += 1
+                yield Frame(image, index - 1, pts + offset, time.time(), self._file(item))
                 if spec.max_frames is not None and index >= spec.max_frames:
                     return
             if not spec.loop or last is None:
                 return
             self.stats.loops += 1
             offset += last - spec.start + 1.0 / self.rate
+            since = spec.start
+
+    def _position(self, skip: int, gate: RateGate) -> tuple[float, int, float] | None:
+        """Where kept frame `skip` is, found on the timeline through the same fps control and loops as
+        `frames()`: (pts offset of its pass, `skip`, its pts within the pass), with `gate` left just before it.
+        None when the source has no such frame; (0, 0, start) when the timeline is unknown (decode to skip)."""
+        times = self._timeline()
+        if times is None:
+            return 0.0, 0, self.spec.start
+        if not times:
+            return None
+        offset, index = 0.0, 0
+        while True:
+            for pts in times:
+                before = gate.last_slot
+                if not gate.keep(pts + offset):
+                    continue
+                if index == skip:
+                    gate.last_slot = before
+                    return offset, index, pts
+                index += 1
+            if not self.spec.loop:
+                return None
+            self.stats.loops += 1
+            offset += times[-1] - self.spec.start + 1.0 / self.rate
 
     def close(self) -> None:
         """Release what the source holds open."""
@@ -220,8 +281,13 @@ class AVSource(Source):
         if stream.codec_context is None or not stream.codec_context.name:
             container.close()
             raise SourceError(f"source {spec.uri}: unsupported codec")
+        if stream.width * stream.height > spec.max_pixels:
+            container.close()
+            raise SourceError(f"source {spec.uri}: frames of {stream.width}×{stream.height} exceed max_pixels "
+                              f"{spec.max_pixels}")
         stream.thread_type = "AUTO"
         self._container, self._stream = container, stream
+        self._moved = False  # the demuxer has read past the start: the next pass seeks
         self._decoder = self._select_decoder(stream)
         self.rate = float(stream.average_rate or stream.guessed_rate or self.rate)
         # a live stream's start_time is its first timed packet, which may come after frames shown earlier
@@ -240,19 +306,37 @@ class AVSource(Source):
         except av.FFmpegError as exc:
             raise SourceError(f"source {self.spec.uri}: cannot seek ({exc.strerror or exc})") from None
 
-    def _decode(self) -> Iterator[tuple[av.VideoFrame, float]]:
-        start = self.spec.start
-        if start > 0 or self.stats.decoded:
-            self._seek(start)
+    def _timeline(self) -> list[float] | None:
+        """Presentation times of a file's frames from `spec.start` on, from packet headers only (no decoding)."""
+        if self.spec.is_stream:
+            return None
+        self._seek(0.0)
+        self._moved = True
+        base, times = self._stream.time_base, []
+        try:
+            for packet in self._container.demux(self._stream):
+                if packet.size == 0 or packet.is_corrupt:
+                    continue
+                if packet.pts is None or not base:
+                    return None
+                times.append(float(packet.pts * base) - (self._t0 or 0.0))
+        except av.FFmpegError:
+            pass  # a damaged tail: the frames before it are the timeline, as decoding would find
+        return sorted(t for t in times if t + 1e-6 >= self.spec.start)
+
+    def _decode(self, since: float) -> Iterator[tuple[av.VideoFrame, float]]:
+        if since > 0 or self._moved:
+            self._seek(since)
+        self._moved = True
         frames = self._frames()
         first = next(frames, None)
-        if start > 0 and (first is None or first[1] > start + 1.5 / self.rate):
-            log.debug("source %s: seek to %.3f s missed; decoding from the beginning", self.spec.uri, start)
+        if since > 0 and (first is None or first[1] > since + 1.5 / self.rate):
+            log.debug("source %s: seek to %.3f s missed; decoding from the beginning", self.spec.uri, since)
             self._seek(0.0)
             frames = self._frames()
             first = next(frames, None)
         if first is not None:
-            yield from (item for item in itertools.chain([first], frames) if item[1] + 1e-6 >= start)
+            yield from (item for item in itertools.chain([first], frames) if item[1] + 1e-6 >= since)
 
     def _frames(self) -> Iterator[tuple[av.VideoFrame, float]]:
         """Every decodable frame from the current position with its pts; bad packets are counted, not fatal."""
@@ -303,7 +387,9 @@ class AVSource(Source):
 
 
 class ImageSource(Source):
-    """A folder of images (sorted by name) or a single image; pts = position / fps (25 when fps is unset)."""
+    """A folder of images (sorted by name) or a single image; pts = position / fps (25 when fps is unset). An image
+    that cannot be read, or is larger than `max_pixels`, is skipped with a warning and counted as corrupt; its
+    frame number is not reused, so a frame's index always says where its file is in the folder."""
 
     def __init__(self, spec: SourceSpec) -> None:
         super().__init__(spec)
@@ -318,20 +404,39 @@ class ImageSource(Source):
             raise SourceError(f"source {spec.uri}: file or folder not found")
         self.rate = spec.fps or 25.0
 
-    def _decode(self) -> Iterator[tuple[Path, float]]:
-        first = math.ceil(self.spec.start * self.rate - 1e-6)
+    def _first(self, since: float) -> int:
+        return math.ceil(since * self.rate - 1e-6)
+
+    def _decode(self, since: float) -> Iterator[tuple[Path, float]]:
+        first = self._first(since)
         for i, path in enumerate(self.paths[first:], start=first):
             yield path, i / self.rate
 
+    def _timeline(self) -> list[float]:
+        return [i / self.rate for i in range(self._first(self.spec.start), len(self.paths))]
+
+    def _file(self, item: Path) -> str:
+        return item.name
+
     def _to_image(self, item: Path) -> np.ndarray | None:
+        """The image in the colour order asked for; None (counted as corrupt, logged once per file) when it cannot
+        be read or is larger than `max_pixels`, checked from its header before any pixel is decoded."""
         try:
             with Image.open(item) as img:
+                width, height = img.size
+                if width * height > self.spec.max_pixels:
+                    return self._skip_file(item, f"too large: {width}×{height} pixels exceed max_pixels "
+                                                 f"{self.spec.max_pixels}")
                 rgb = np.asarray(img.convert("RGB"))
-        except OSError as exc:
-            self.stats.corrupt += 1
-            log.warning("source %s: skipped unreadable image %s (%s)", self.spec.uri, item.name, exc)
-            return None
+        except Image.DecompressionBombError as exc:  # PIL's own limit, above ~179 MP, refuses it before we can
+            return self._skip_file(item, f"too large: {exc}")
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError… for a damaged file
+            return self._skip_file(item, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return np.ascontiguousarray(rgb[:, :, ::-1]) if self.spec.color == "bgr" else rgb
+
+    def _skip_file(self, item: Path, why: str) -> None:
+        self.stats.corrupt += 1
+        log.warning("source %s: skipped image %s: %s", self.spec.uri, item.name, why)
 
 
 def local_path(uri: str) -> Path | None:
@@ -355,4 +460,7 @@ def open_source(spec: SourceSpec | dict[str, Any]) -> Source:
     local = None if spec.is_stream else local_path(spec.uri)
     if local is not None and (local.is_dir() or local.suffix.lower() in IMAGE_SUFFIXES):
         return ImageSource(spec)
+    if spec.hwaccel == "nvdec":  # frames stay on the GPU as NV12 (imported here: that module builds on this one)
+        from graphflow.vision.gpudecode import NvdecSource
+        return NvdecSource(spec)
     return AVSource(spec)

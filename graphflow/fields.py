@@ -1,0 +1,124 @@
+"""The params an engine declares as file paths, listen addresses or module references, found wherever they sit
+(`sinks[].path`), so the loader resolves relative paths and restricted mode checks values without knowing engines."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine
+
+EACH = None  # a pattern step standing for every item of a list
+KINDS = ("read", "write", "state", "bind", "module")  # state: a folder an engine keeps and reuses
+PATHS = ("read", "write", "state")  # kinds whose values are files or folders
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+STEP = re.compile(r"\[\]|[^.\[\]]+")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One declared field: a pattern such as `sources[].uri`, what it holds, and values that are names, not paths."""
+
+    pattern: str
+    kind: str
+    names: tuple[str, ...] = ()
+
+    @property
+    def steps(self) -> list[str | None]:
+        return [EACH if s == "[]" else s for s in STEP.findall(self.pattern)]
+
+
+@dataclass
+class Found:
+    """A string value at a declared field: where it is (`sinks[0].path`), and the dict or list holding it."""
+
+    where: str
+    holder: dict | list
+    key: str | int
+    spec: FieldSpec
+
+    @property
+    def value(self) -> str:
+        return self.holder[self.key]
+
+
+def declared(cls: type[Engine]) -> list[FieldSpec]:
+    """Every path, bind and module field of an engine class: from its Params and its `path_fields`/`bind_fields`."""
+    specs = [FieldSpec(name, p.path, p.names) for name, p in cls.declared_params().items() if p.path]
+    specs += [FieldSpec(name, "module") for name, p in cls.declared_params().items() if p.module]
+    specs += [FieldSpec(pattern, kind) for pattern, kind in getattr(cls, "path_fields", {}).items()]
+    specs += [FieldSpec(pattern, "bind") for pattern in getattr(cls, "bind_fields", ())]
+    for spec in specs:
+        if spec.kind not in KINDS or not spec.steps:
+            raise ValueError(f"{cls.__name__} declares field {spec.pattern!r} as {spec.kind!r} "
+                             f"(expected a pattern such as 'sinks[].path' of kind {', '.join(KINDS[:4])})")
+    return specs
+
+
+def find(params: dict[str, Any], spec: FieldSpec) -> Iterator[Found]:
+    """The string values of `params` at `spec`'s pattern; values of other types are left to the engine's check."""
+    yield from _walk(params, spec.steps, "", spec)
+
+
+def _walk(node: Any, steps: list[str | None], where: str, spec: FieldSpec) -> Iterator[Found]:
+    step, rest = steps[0], steps[1:]
+    if step is EACH:
+        keys: list[Any] = list(range(len(node))) if isinstance(node, list) else []
+    else:
+        keys = [step] if isinstance(node, dict) and step in node else []
+    for key in keys:
+        here = f"{where}[{key}]" if step is EACH else f"{where}.{key}" if where else key
+        if rest:
+            yield from _walk(node[key], rest, here, spec)
+        elif isinstance(node[key], str):
+            yield Found(here, node, key, spec)
+
+
+def is_path(value: str, spec: FieldSpec) -> bool:
+    """Whether a path field's value names a local file: not empty, not '-' (stdout), not a URL, not a name."""
+    return bool(value) and value != "-" and not URL.match(value) and value not in spec.names
+
+
+def resolve(value: str, base: str) -> str:
+    """`value` (`~` expanded) made absolute against the folder `base`, `.` and `..` folded."""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def resolve_paths(cls: type[Engine], params: dict[str, Any], base: Callable[[str], str]) -> None:
+    """Make every relative path in `params` (changed in place) absolute, a path Param's default included (added to
+    `params`), so engines never depend on the current folder; `base(kind)` gives the folder per kind."""
+    for name, p in cls.declared_params().items():
+        spec = FieldSpec(name, p.path or "", p.names)
+        if p.path and name not in params and isinstance(p.default, str) and is_path(p.default, spec):
+            params[name] = p.default
+    for spec in declared(cls):
+        if spec.kind in PATHS:
+            for found in list(find(params, spec)):
+                if is_path(found.value, spec):
+                    found.holder[found.key] = resolve(found.value, base(spec.kind))
+
+
+def resolve_value(cls: type[Engine], keys: list[str | int], value: Any, base: Callable[[str], str]) -> Any:
+    """`value` about to be set at `keys` inside params (a `--set`), with the paths it holds made absolute."""
+    holder = {"value": value}
+    for spec in declared(cls):
+        if spec.kind not in PATHS:
+            continue
+        rest = _remainder(spec.steps, keys)
+        if rest is not None:
+            for found in list(_walk(holder, ["value", *rest], "", spec)):
+                if is_path(found.value, spec):
+                    found.holder[found.key] = resolve(found.value, base(spec.kind))
+    return holder["value"]
+
+
+def _remainder(steps: list[str | None], keys: list[str | int]) -> list[str | None] | None:
+    """The pattern steps left below `keys`, or None when `keys` do not lead into the pattern."""
+    if len(keys) > len(steps):
+        return None
+    for step, key in zip(steps, keys):
+        if (step is EACH and not isinstance(key, int)) or (step is not EACH and step != key):
+            return None
+    return steps[len(keys):]

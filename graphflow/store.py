@@ -1,0 +1,97 @@
+"""The service's state on disk: streams, their rules and recent events in one SQLite file.
+
+A restart of `graphflow serve` reads the streams and rules back and starts them again; events are kept for a
+bounded time and count, so `GET /events` still answers after a restart. SQLite in WAL mode: the HTTP side reads
+while the event writer appends, and a crash loses at most the last uncommitted batch of events."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (id TEXT PRIMARY KEY, spec TEXT NOT NULL, rules TEXT, added REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (n INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, stream TEXT NOT NULL,
+                                   kind TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_stream_ts ON events (stream, ts);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+"""
+
+
+class Store:
+    """Streams, rules and events of one service; safe to use from several threads."""
+
+    def __init__(self, path: str | Path, keep_events_s: float = 7 * 86400, keep_events: int = 100_000) -> None:
+        self.path = str(path)
+        self.keep_events_s, self.keep_events = keep_events_s, keep_events
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._added_since_prune = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # streams and their rules -----------------------------------------------------------------------------
+    def put_stream(self, spec: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO streams (id, spec, rules, added) VALUES (?, ?, "
+                             "(SELECT rules FROM streams WHERE id = ?), ?)",
+                             (spec["id"], json.dumps(spec), spec["id"], time.time()))
+
+    def delete_stream(self, stream: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM streams WHERE id = ?", (stream,)).rowcount > 0
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Every stored stream as {"spec", "rules"} in the order they were added."""
+        with self._lock:
+            rows = self._db.execute("SELECT spec, rules FROM streams ORDER BY added, id").fetchall()
+        return [{"spec": json.loads(spec), "rules": None if rules is None else json.loads(rules)} for spec, rules in rows]
+
+    def set_rules(self, stream: str, rules: list[dict[str, Any]] | None) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE streams SET rules = ? WHERE id = ?",
+                                   (None if rules is None else json.dumps(rules), stream))
+            return cur.rowcount > 0
+
+    # events ----------------------------------------------------------------------------------------------
+    def add_events(self, events: list[tuple[float, str, str, dict[str, Any]]]) -> None:
+        """Append (ts, stream, kind, body) rows in one transaction; prunes by age and count now and then."""
+        if not events:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO events (ts, stream, kind, body) VALUES (?, ?, ?, ?)",
+                                 [(ts, s, k, json.dumps(b, default=str)) for ts, s, k, b in events])
+            self._db.execute("COMMIT")
+            self._added_since_prune += len(events)
+            if self._added_since_prune >= 1000:
+                self._prune()
+
+    def _prune(self) -> None:
+        self._added_since_prune = 0
+        self._db.execute("DELETE FROM events WHERE ts < ?", (time.time() - self.keep_events_s,))
+        self._db.execute("DELETE FROM events WHERE n <= (SELECT MAX(n) FROM events) - ?", (self.keep_events,))
+
+    def events(self, stream: str | None = None, kind: str | None = None, since: float | None = None,
+               limit: int = 100) -> list[dict[str, Any]]:
+        """The newest events first, filtered by stream, kind and time (epoch seconds)."""
+        where, args = [], []
+        for clause, value in (("stream = ?", stream), ("kind = ?", kind), ("ts >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = "SELECT n, ts, stream, kind, body FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY n DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [{"n": n, "ts": ts, "stream": s, "kind": k, "event": json.loads(body)} for n, ts, s, k, body in rows]
