@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-import sys
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
