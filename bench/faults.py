@@ -94,14 +94,20 @@ class Outcome:
 
 
 def counted(stats: dict[str, Any]) -> int:
-    """Messages the run itself reports as not delivered: per engine `lost`, `dropped` and `discarded`, and the
-    `lost` figures engines put in their metrics."""
-    total = 0
+    """Messages the run itself reports as not delivered: the run's `lost` (every reason, engines' own counts
+    included), what drop policies dropped, and frames a source skipped as unreadable (`corrupt`)."""
+    total = int(stats.get("lost") or 0)
     for s in stats.get("engines", {}).values():
-        total += sum(int(s.get(k) or 0) for k in ("lost", "dropped", "discarded"))
+        total += int(s.get("dropped") or 0)
         metrics = s.get("metrics") or {}
-        total += int(metrics.get("lost") or 0) if isinstance(metrics.get("lost"), (int, float)) else 0
+        total += int(metrics.get("corrupt") or 0) if isinstance(metrics.get("corrupt"), int) else 0
     return total
+
+
+def sent_by(stats: dict[str, Any], engine: str, planned: int) -> int:
+    """What the source engine says it sent (a stopped run sends less than planned), else what was planned."""
+    reported = (stats.get("engines", {}).get(engine) or {}).get("sent")
+    return int(reported) if isinstance(reported, int) and reported > 0 else planned
 
 
 def recorded(path: Path) -> list[tuple[str, int]]:
@@ -153,11 +159,14 @@ class Run:
         except json.JSONDecodeError:
             stats = {}
         o.counted_lost = counted(stats)
+        o.extra["stats"] = stats
         return o
 
     def finish(self, o: Outcome, sent: int, got: list[tuple[str, int]] | None = None) -> Outcome:
         got = recorded(self.out) if got is None else got
         unique = set(got)
+        stats = o.extra.pop("stats", {})
+        sent = sent_by(stats, "src", sent) if o.extra.pop("sent_from_stats", False) else sent
         o.sent, o.delivered, o.duplicated = sent, len(unique), len(got) - len(unique)
         o.silent_lost = max(0, sent - o.delivered - o.counted_lost)
         o.extra["stderr_tail"] = (self.dir / "stderr.txt").read_text()[-400:] if (self.dir / "stderr.txt").exists() else ""
@@ -250,7 +259,9 @@ def stalled(guard: float) -> Outcome:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     try:
-        o = run.finish(run.launch(doc, term_later), 100)
+        o = run.launch(doc, term_later)
+        o.extra["sent_from_stats"] = True  # the stop ends the source early: what it sent is what counts
+        o = run.finish(o, 100)
         err = (run.dir / "stderr.txt").read_text() if (run.dir / "stderr.txt").exists() else ""
         o.extra["stall_reported"] = "stall" in err.lower() or "watchdog" in err.lower() or "holds" in err.lower()
         return o

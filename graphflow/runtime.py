@@ -1015,11 +1015,30 @@ class Launcher:
             if timed_out and not child.ended:
                 self.errlog.add(f"{child.what} (process {child.proc.pid}) had not finished "
                                 f"{self.timeout:g}s after the stop began: killed")
+            for node in child.nodes:
+                self.tally.add_lost(node.id, self._unfinished(node.id), "queued or held when the stop was forced")
         if timed_out:
             for actor in self.local.actors:
                 if actor.thread.is_alive() and actor.stats.state not in ("done", "failed"):
                     self.errlog.add(f"engine {actor.node.id!r} had not finished {self.timeout:g}s after the "
                                     "stop began: left behind")
+
+    def _unfinished(self, engine: str) -> int:
+        """Messages sent to `engine` that it had not finished, as far as the counters tell: what its producers sent
+        (those whose only consumer it is) beyond what it finished; else what it held at its last report."""
+        s = self.tally[engine]
+        held = max(0, s["received"] - s["finished"]) + s["depth"]
+        producers = {e.src for e in self.graph.edges if e.dst == engine}
+        if not producers or any(sum(1 for x in self.graph.edges if x.src == p) != 1 for p in producers):
+            return held
+        finished = s["finished"]
+        consumers = {e.dst for e in self.graph.edges if e.src == engine}
+        if consumers and all({e.src for e in self.graph.edges if e.dst == c} == {engine} for c in consumers) \
+                and len(self.graph.nodes[engine].cls.outputs) == 1:
+            # what its own consumers received from it is newer than its last report (a stopped process reports
+            # nothing): one message out per message in, as most engines do, at most
+            finished = max(finished, max(self.tally[c]["received"] for c in consumers))
+        return max(held, sum(self.tally[p]["sent"] for p in producers) - finished)
 
     def _final_reports(self, alive: list[Child]) -> None:
         """Ask each live child for its final counters (SIGUSR2) and wait for them a little, so the summary does
