@@ -17,7 +17,8 @@ import numpy as np
 
 from graphflow import Message, Param, ParamError, StreamEnd
 from graphflow.channel import Closed
-from graphflow.vision.batching import DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
+from graphflow.vision.batching import (DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler,
+                                       WorkerFailures)
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.frames import FrameEngine
 from graphflow.vision.gpudecode import is_gpu_frame, letterbox_nv12_batch
@@ -142,8 +143,7 @@ class Infer(FrameEngine):
         policy = BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, queue=self.queue,
                              drop=self.drop, target_latency_s=self.target_latency_ms / 1e3)
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
-        self.failures: list[str] = []
-        self.failures_lock = threading.Lock()
+        self.failures = WorkerFailures()
         self._order_lock = threading.Lock()  # per-stream order of frames and passed-through messages
         self._queued: dict[str, int] = {}  # per stream: ticket of the last frame queued
         self._left: dict[str, int] = {}  # per stream: ticket of the last frame sent on
@@ -183,7 +183,7 @@ class Infer(FrameEngine):
         msg = self._framed(msg) if self.letterbox else self._checked(msg)
         ticket = self._queued[msg.stream] = self._queued.get(msg.stream, 0) + 1
         self.scheduler.put(msg.stream, Ticketed(msg, ticket), msg.times.get("capture"), self.stopping)
-        self._raise_failures()
+        self.failures.raise_any()
 
     def pass_on(self, msg: Message) -> None:
         """Send a message that is not a frame now, or hold it until the frames of its stream queued before it have
@@ -249,7 +249,7 @@ class Infer(FrameEngine):
             with self._order_lock:  # frames dropped or failed last leave nothing to wait for
                 for stream in list(self._held):
                     self._release(stream, float("inf"))
-        self._raise_failures()
+        self.failures.raise_any()
 
     def teardown(self) -> None:
         if getattr(self, "pipeline", None) is not None:
@@ -321,8 +321,7 @@ class Infer(FrameEngine):
         """A worker stage failed: log it with its frames and keep it for the next process()/flush() to raise."""
         text = f"{self.id}: {frame_names(batch)} failed: {type(exc).__name__}: {exc}"
         self.log.error("%s", text, exc_info=exc)
-        with self.failures_lock:
-            self.failures.append(text)
+        self.failures.add(text)
         with self._order_lock:  # failed frames leave nothing to wait for: what waits behind them may go
             for entry in batch:
                 stream, ticket = entry.item.msg.stream, entry.item.ticket
@@ -330,10 +329,3 @@ class Infer(FrameEngine):
                     self._left[stream] = ticket
                     self._release(stream, ticket)
 
-    def _raise_failures(self) -> None:
-        """Re-raise worker failures on the engine's own thread, so the runtime counts them and applies on_error."""
-        with self.failures_lock:
-            failures, self.failures = self.failures, []
-        if failures:
-            more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
-            raise RuntimeError(failures[0] + more)

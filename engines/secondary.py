@@ -19,7 +19,7 @@ import numpy as np
 from graphflow import Message, Param, ParamError, StreamEnd
 from graphflow.channel import Closed
 from graphflow.modeltools import image_layout, input_size, inspect_model, metadata_names
-from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
+from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
 from graphflow.vision.crops import NORMALIZE_MODES, RESIZE_MODES, CropSpec, Reuse, classify, crop_tensor
 from graphflow.vision.frames import FrameEngine
 from graphflow.vision.models import open_session, read_labels
@@ -134,7 +134,7 @@ class Secondary(FrameEngine):
         self.reuse = Reuse(self.interval, self.grow, forget=max(100, 4 * self.interval))
         self.reuse_lock = threading.Lock()  # decisions on the engine thread, results on the finishing thread
         self.counts = {"objects": 0, "crops_inferred": 0, "crops_reused": 0, "crops_skipped": 0}
-        self.failures: list[str] = []
+        self.failures = WorkerFailures()
         policy = BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3)
         self.scheduler = Scheduler(policy, BatchStats(self.max_batch))
         self.pipeline = BatchPipeline(self.scheduler, self._counted(self._assemble), [self._counted(self._run)],
@@ -177,7 +177,7 @@ class Secondary(FrameEngine):
                     self.counts["crops_reused"] += 1
         self.counts["crops_inferred"] += len(picks)
         self.scheduler.put(msg.stream, Job(msg, name, picks), msg.times.get("capture"), self.stopping)
-        self._raise_failures()
+        self.failures.raise_any()
 
     def pass_on(self, msg: Message) -> None:
         """A message that is not a frame queues behind its stream's frames, and leaves unchanged."""
@@ -249,18 +249,12 @@ class Secondary(FrameEngine):
         """A pipeline stage failed: log it and keep it for the engine thread to raise (the runtime counts it)."""
         text = f"{self.id}: {len(batch)} frames failed: {type(exc).__name__}: {exc}"
         self.log.error("%s", text, exc_info=exc)
-        with self.reuse_lock:
-            self.failures.append(text)
+        self.failures.add(text)
 
-    def _raise_failures(self) -> None:
-        with self.reuse_lock:
-            failures, self.failures = self.failures, []
-        if failures:
-            raise RuntimeError(failures[0] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
 
     def flush(self) -> None:
         self.pipeline.drain(self.stopping)
-        self._raise_failures()
+        self.failures.raise_any()
 
     def teardown(self) -> None:
         if getattr(self, "pipeline", None) is not None:

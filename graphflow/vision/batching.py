@@ -493,6 +493,27 @@ class Scheduler:
 ErrorHandler = Callable[[list[Queued], BaseException], None]
 
 
+class WorkerFailures:
+    """Failures of a pipeline's worker threads, kept for the engine's own thread to raise: the runtime then counts
+    them and applies the engine's on_error, as for a failure in process()."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.texts: list[str] = []
+
+    def add(self, text: str) -> None:
+        with self.lock:
+            self.texts.append(text)
+
+    def raise_any(self) -> None:
+        """Raise the first kept failure (counting the others) and forget them; nothing if none."""
+        with self.lock:
+            texts, self.texts = self.texts, []
+        if texts:
+            more = f" (and {len(texts) - 1} more failures)" if len(texts) > 1 else ""
+            raise RuntimeError(texts[0] + more)
+
+
 class Ewma:
     """Exponentially weighted mean of a duration, None until the first sample."""
 
