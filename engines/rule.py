@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from graphflow import Message, Param
@@ -11,6 +12,7 @@ from graphflow.vision.frames import FrameEngine
 from graphflow.vision.rules import RuleSet, check_classes
 
 log = logging.getLogger(__name__)
+ENDED_KEEP = 256  # ended streams whose event counts stay in the metrics
 
 
 class Rule(FrameEngine):
@@ -47,11 +49,17 @@ class Rule(FrameEngine):
     def setup(self) -> None:
         self.ruleset = RuleSet(self.rules, forget_after=self.forget_after)
         self.counts: dict[str, dict[str, int]] = {}  # stream → event name ("door cross A->B") → count
+        self.ended: OrderedDict[str, dict[str, int]] = OrderedDict()  # the same, of streams that ended
         self.lock = threading.Lock()  # commands (another thread) change the rules between frames
 
     def on_stream_end(self, stream: str) -> None:
+        """Free the stream's rule state; its event counts stay for the summary among the last ENDED_KEEP ended."""
         self.ruleset.forget(stream)
-        self.counts.pop(stream, None)
+        counts = self.counts.pop(stream, None)
+        if counts:
+            self.ended[stream] = counts
+            while len(self.ended) > ENDED_KEEP:
+                self.ended.popitem(last=False)
 
     def on_command(self, op: str, args: dict[str, Any]) -> Any:
         """`set_rules` {"stream", "rules"}: that stream's own rules, applied live (None: the engine's again);
@@ -87,5 +95,6 @@ class Rule(FrameEngine):
     def metrics(self) -> dict[str, Any]:
         """Events so far per stream ("door cross A->B": 3), for the run summary, and messages passed on."""
         ruleset = getattr(self, "ruleset", None)
-        return {**super().metrics(), "events": {s: dict(c) for s, c in getattr(self, "counts", {}).items()},
+        counts = {**getattr(self, "ended", {}), **getattr(self, "counts", {})}
+        return {**super().metrics(), "events": {s: dict(c) for s, c in counts.items()},
                 "streams_held": len(ruleset.streams.keys() | ruleset.own.keys()) if ruleset is not None else 0}
