@@ -11,6 +11,7 @@ camera. Sources can be added and removed while the engine runs (`add_source`, `r
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import queue
 import threading
@@ -26,8 +27,27 @@ from graphflow.vision.video import (MAX_PIXELS, Frame, Source, SourceError, Sour
 
 SOURCE_FIELDS = {"id"} | set(SourceSpec.__dataclass_fields__) - {"color", "max_pixels"}  # engine-wide, not per source
 HEARTBEAT_S = 0.1
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 JOIN_S = 2.0  # how long shutdown waits for a thread stuck in a network read (it ends at its read_timeout)
 COUNTERS = ("decoded", "fps_dropped", "kept", "discarded", "corrupt", "disconnects", "reconnects", "failed_attempts")
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim) once a source's decoder is closed:
+    each decoding thread allocates in its own malloc arena, and without this the pages a closed decoder freed
+    stay with the process, so a service whose cameras come and go grows for a long while before it levels off."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 @dataclass
@@ -297,6 +317,7 @@ class Decode(Engine):
             self.log.debug("%s: decoding thread failed", stream, exc_info=True)
         finally:
             self._put(frames, _Done(stream, feed), halt)
+            release_free_memory()
 
     def _give_up(self, stream: str, feed: _Feed, why: str) -> None:
         feed.state, feed.error = "failed", f"stream {stream!r}: {why}"

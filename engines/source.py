@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from graphflow import Engine, Message, Param, ParamError
+from graphflow import Engine, Message, Param, ParamError, StreamEnd
 
 
 class Source(Engine):
@@ -24,7 +24,7 @@ class Source(Engine):
         if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.shape):
             raise ParamError("shape", f"must be a list of positive integers (got {self.shape!r})")
 
-    def generate(self) -> Iterator[Message | None]:
+    def generate(self) -> Iterator[Message | StreamEnd | None]:
         """Message `seq` of every stream in turn; after a restart, each stream goes on after its `resume` seq."""
         rng = np.random.default_rng(self.seed)
         start = time.monotonic()
@@ -47,3 +47,5 @@ class Source(Engine):
                     msg.arrays["image"] = frame
                 yield msg
             seq += 1
+        for name in names:  # the count reached: each stream's end goes downstream
+            yield StreamEnd(name)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ from .message import EOS, Message, StreamEnd
 from .supervise import MAIN, Child, ErrorLog, Supervisor, Tally, Throttle, make_rundir
 
 log = logging.getLogger(__name__)
+ENDED_KEEP = 256  # ended streams whose per-stream counters stay in the stats
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Actor:
         self._last_failure = ""  # what and where the last error happened, for the throttle's summary lines
         self.end_sources: list[frozenset[str]] = []  # per input: the sources upstream of it (set by the Host)
         self._ends: dict[tuple[str, str], set[int]] = {}  # stream ends seen on some inputs, not yet on all
+        self._ended: OrderedDict[str, None] = OrderedDict()  # streams that ended, oldest first (see _retire)
 
     def _send(self, msg: Message, port: str) -> None:
         links = self.outlets.get(port)
@@ -291,6 +294,8 @@ class Actor:
                         self._send(msg, "out")
                     except Closed:
                         break
+                    if isinstance(msg, StreamEnd):
+                        self._retire(msg.stream)
             else:  # stopped: one more step, so a source that ends on `stopping` raises what failed meanwhile
                 self.engine.stopping.set()
                 self._enter()
@@ -355,6 +360,21 @@ class Actor:
         del self._ends[key]
         self._guarded("on_stream_end", self.engine.on_stream_end, end.stream)
         self._guarded("pass_end", self.engine.pass_end, end)
+        self._retire(end.stream)
+
+    def _retire(self, stream: str) -> None:
+        """An ended stream's counters stay for the summary among the last ENDED_KEEP ended streams, then go, so
+        streams coming and going all day do not grow the stats."""
+        self._ended[stream] = None
+        self._ended.move_to_end(stream)
+        while len(self._ended) > ENDED_KEEP:
+            old, _ = self._ended.popitem(last=False)
+            self.stats.streams.pop(old, None)
+            for seen in self.stats.last_seq.values():
+                seen.pop(old, None)
+            if self.inbox is not None:
+                with self.inbox.cond:
+                    self.inbox.dropped_streams.pop(old, None)
 
     def command(self, op: str, args: dict[str, Any]) -> Any:
         """Run a launcher command on the engine (from the calling thread); its exception is the caller's."""

@@ -97,3 +97,18 @@ def test_the_scheduler_forgets_ended_streams_and_keeps_a_bounded_record_of_them(
     scheduler.put("s10", 0)  # an id used again is live again: no longer among the retired
     scheduler.completed(scheduler.take()[0])
     assert "s10" in scheduler.stats.streams and "s10" not in scheduler.stats._retired
+
+
+def test_the_runtime_forgets_the_counters_of_streams_long_ended(monkeypatch):
+    """Per-stream counters of every engine stay bounded while streams come and go (the last ENDED_KEEP stay)."""
+    from graphflow import graph, runtime
+
+    monkeypatch.setattr(runtime, "ENDED_KEEP", 3)
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 2, "streams": 10}},
+                       "out": {"type": "sink", "params": {"path": "/dev/null"}}},
+           "connections": [["src.out", "out.in"]]}
+    summary = runtime.run(graph.build(doc, "ends"), handle_signals=False)
+    assert summary.exit_code == 0
+    for engine in ("src", "out"):
+        assert len(summary.stats[engine]["streams"]) == 3, summary.stats[engine]["streams"]
+    assert summary.stats["out"]["received"] == 20
