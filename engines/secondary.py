@@ -251,7 +251,6 @@ class Secondary(FrameEngine):
         self.log.error("%s", text, exc_info=exc)
         self.failures.add(text)
 
-
     def flush(self) -> None:
         self.pipeline.drain(self.stopping)
         self.failures.raise_any()

@@ -25,6 +25,7 @@ from .graph import Graph
 from .message import Message
 from .preview import Previews, graph_png
 from .store import Store
+from .vision.batching import StreamRecord
 
 log = logging.getLogger(__name__)
 TAP = "_service"
@@ -41,21 +42,22 @@ def is_loopback(host: str) -> bool:
 
 
 class StreamMeter:
-    """Frames, fps (over the last 5 s) and capture→tap latency of one stream, as the tap sees them."""
+    """Frames, fps (over the last 5 s), events and capture→tap latency of one stream, as the tap sees them: the
+    latency percentiles from the batching stage's StreamRecord, plus cumulative buckets for Prometheus."""
 
     def __init__(self) -> None:
         self.frames = 0
-        self.recent: deque[float] = deque(maxlen=512)  # arrival times (monotonic)
-        self.latency: deque[float] = deque(maxlen=512)  # seconds
         self.events = 0
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # cumulative-by-bucket counts for Prometheus (last: +Inf)
+        self.recent: deque[float] = deque(maxlen=512)  # arrival times (monotonic)
+        self.latency = StreamRecord()
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # counts per bucket for Prometheus (last: +Inf)
         self.latency_sum = 0.0
 
     def add(self, now: float, latency: float | None) -> None:
         self.frames += 1
         self.recent.append(now)
         if latency is not None:
-            self.latency.append(latency)
+            self.latency.add(latency)
             self.latency_sum += latency
             self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
 
@@ -66,11 +68,8 @@ class StreamMeter:
         return (len(window) - 1) / max(window[-1] - window[0], 1e-6)
 
     def percentiles(self) -> dict[str, float | None]:
-        if not self.latency:
-            return {"p50": None, "p95": None}
-        values = sorted(self.latency)
-        pick = lambda q: round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2)  # noqa: E731
-        return {"p50": pick(0.50), "p95": pick(0.95)}
+        p50, p95 = self.latency.percentiles_ms()
+        return {"p50": p50, "p95": p95}
 
 
 class Tap(Engine):
