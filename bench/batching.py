@@ -37,7 +37,7 @@ from skimage import data as photos
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from graphflow import Engine, Message, Param, graph, runtime  # noqa: E402
-from graphflow.vision.batching import BatchStats  # noqa: E402
+from graphflow.batching import BatchStats  # noqa: E402
 from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
 from graphflow.vision.letterbox import letterbox, letterbox_cupy  # noqa: E402
 from graphflow.vision.models import make_backend, resolve_model  # noqa: E402

@@ -235,7 +235,7 @@ def frame_messages(images: dict[str, np.ndarray]) -> list[Message]:
 
 def preprocess_on_gpu(msgs: list[Message]) -> tuple[dict, list[Message], list[Message]]:
     """The preprocess engine on cuda against the CPU one: host tensors and kept-on-GPU (CuPy) tensors."""
-    from engines.preprocess import Preprocess
+    from graphflow.engines.preprocess import Preprocess
 
     cpu = run_engine(Preprocess, {}, msgs)["out"]
     host = run_engine(Preprocess, {"device": "cuda"}, msgs)["out"]
@@ -250,7 +250,7 @@ def preprocess_on_gpu(msgs: list[Message]) -> tuple[dict, list[Message], list[Me
 
 def infer_engine(reference: list[Message], msgs: list[Message], max_batch: int) -> dict:
     """The infer engine on torch over `msgs`, its detections matched against `reference` (infer's output)."""
-    from engines.infer import Infer
+    from graphflow.engines.infer import Infer
 
     out = run_engine(Infer, {"backend": "torch", "max_batch": max_batch}, msgs)["out"]
     pairs = [match_detections(a.data["detections"], b.data["detections"]) for a, b in zip(reference, out)]
@@ -360,7 +360,7 @@ def main() -> None:
     section(results, "threaded_dlpack", lambda: threaded_dlpack(images))
     result, cpu, kept = preprocess_on_gpu(frame_messages(images))
     section(results, "preprocess_engine", lambda: result)
-    from engines.infer import Infer
+    from graphflow.engines.infer import Infer
 
     reference = run_engine(Infer, {"backend": "onnxruntime"}, cpu)["out"]
     section(results, "infer_engine_host", lambda: infer_engine(reference, cpu, 4))

@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.decode import Decode  # noqa: E402
-from engines.secondary import Secondary  # noqa: E402
-from engines.textdet import TextDet  # noqa: E402
-from engines.track import Track  # noqa: E402
+from graphflow.engines.decode import Decode  # noqa: E402
+from graphflow.engines.secondary import Secondary  # noqa: E402
+from graphflow.engines.textdet import TextDet  # noqa: E402
+from graphflow.engines.track import Track  # noqa: E402
 from graphflow.testing import run_engine, run_source  # noqa: E402
 from graphflow.vision.crops import crop_tensor  # noqa: E402
 from graphflow.vision.ocr import read_signs, text_accuracy  # noqa: E402

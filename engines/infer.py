@@ -1,6 +1,6 @@
 """Infer engine: batches frames from all streams, runs a detector and writes data["detections"] in frame pixels.
 
-The batching (per-stream queues, round-robin, deadline, drops, pipelining, records) is graphflow.vision.batching;
+The batching (per-stream queues, round-robin, deadline, drops, pipelining, records) is graphflow.batching;
 this engine validates frames, queues them, and turns each model output into the contract's detections. Messages
 that are not frames pass through (graphflow.vision.frames), behind the frames of their stream queued before them.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from graphflow import Message, Param, ParamError, StreamEnd
 from graphflow.channel import Closed
-from graphflow.vision.batching import (DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler,
+from graphflow.batching import (DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler,
                                        WorkerFailures)
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.frames import FrameEngine

@@ -1,7 +1,7 @@
 """Secondary engine: a second model on the objects a detector found — a classifier (vehicle type, colour) or a CTC
 text recogniser (plates, signs) — whose result is attached to each object as `attributes`.
 
-Frames are queued in the batching scheduler infer uses (graphflow.vision.batching: per-stream queues, round-robin
+Frames are queued in the batching scheduler infer uses (graphflow.batching: per-stream queues, round-robin
 batches across streams, a wait deadline, assemble/run/finish threads); a batch's crops, from all its frames, go
 through the model together. Messages that are not frames take the same queue, so they leave behind the frames of
 their stream that came before them.
@@ -19,7 +19,7 @@ import numpy as np
 from graphflow import Message, Param, ParamError, StreamEnd
 from graphflow.channel import Closed
 from graphflow.modeltools import image_layout, input_size, inspect_model, metadata_names
-from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
+from graphflow.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
 from graphflow.vision.crops import NORMALIZE_MODES, RESIZE_MODES, CropSpec, Reuse, classify, crop_tensor
 from graphflow.vision.frames import FrameEngine
 from graphflow.vision.models import open_session, read_labels

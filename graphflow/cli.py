@@ -242,7 +242,7 @@ def _doc(obj: Any) -> str:
 
 def _sink_kinds() -> dict[str, list[str]]:
     """Each sink kind of `publish` with its keys described, from the sinks' own declarations."""
-    from engines.publish import sink_kinds
+    from graphflow.engines.publish import sink_kinds
 
     return {kind: [f"{k}: {p.describe()}" for k, p in keys.items()] for kind, keys in sink_kinds().items()}
 

@@ -19,7 +19,7 @@ from . import fields, registry
 from .engine import Engine, Param
 from .errors import GraphError, ParamError
 from .policy import Policy
-from .vision.batching import DROP_POLICIES
+from .batching import DROP_POLICIES
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("thread", "process")

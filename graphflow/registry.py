@@ -11,18 +11,18 @@ from importlib.metadata import entry_points
 from .engine import Engine
 
 BUILTINS = {
-    "source": "engines.source:Source",
-    "map": "engines.map:Map",
-    "sink": "engines.sink:Sink",
-    "decode": "engines.decode:Decode",
-    "preprocess": "engines.preprocess:Preprocess",
-    "infer": "engines.infer:Infer",
-    "track": "engines.track:Track",
-    "rule": "engines.rule:Rule",
-    "publish": "engines.publish:Publish",
-    "detfile": "engines.detfile:DetFile",
-    "secondary": "engines.secondary:Secondary",
-    "textdet": "engines.textdet:TextDet",
+    "source": "graphflow.engines.source:Source",
+    "map": "graphflow.engines.map:Map",
+    "sink": "graphflow.engines.sink:Sink",
+    "decode": "graphflow.engines.decode:Decode",
+    "preprocess": "graphflow.engines.preprocess:Preprocess",
+    "infer": "graphflow.engines.infer:Infer",
+    "track": "graphflow.engines.track:Track",
+    "rule": "graphflow.engines.rule:Rule",
+    "publish": "graphflow.engines.publish:Publish",
+    "detfile": "graphflow.engines.detfile:DetFile",
+    "secondary": "graphflow.engines.secondary:Secondary",
+    "textdet": "graphflow.engines.textdet:TextDet",
 }
 
 

@@ -25,7 +25,7 @@ from .graph import Graph
 from .message import Message
 from .preview import Previews, graph_png
 from .store import Store
-from .vision.batching import StreamRecord
+from .batching import StreamRecord
 
 log = logging.getLogger(__name__)
 TAP = "_service"

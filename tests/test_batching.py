@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from skimage import data
 
-from engines.infer import Infer
-from engines.preprocess import Preprocess
+from graphflow.engines.infer import Infer
+from graphflow.engines.preprocess import Preprocess
 from graphflow import Message
 from graphflow.testing import _start, run_engine
-from graphflow.vision.batching import BatchPipeline, BatchPolicy, BatchStats, Scheduler
+from graphflow.batching import BatchPipeline, BatchPolicy, BatchStats, Scheduler
 from graphflow.vision import models
 from graphflow.vision.models import resolve_model
 
@@ -190,7 +190,7 @@ def test_infer_message_copies_keep_every_field():
     """infer builds its per-frame copies field by field (for speed): a field added to Message must be carried."""
     import dataclasses
 
-    from engines.infer import without_tensor
+    from graphflow.engines.infer import without_tensor
 
     image = np.zeros((4, 6, 3), np.uint8)
     msg = Message(stream="s", seq=7, pts=1.5, data={"a": 1}, arrays={"image": image, "tensor": image},

@@ -129,8 +129,8 @@ def test_version_and_verbose_before_or_after_the_subcommand():
 
 
 def test_engines_prints_whole_descriptions_sink_and_rule_kinds():
-    from engines.publish import sink_kinds
-    from engines.rule import Rule
+    from graphflow.engines.publish import sink_kinds
+    from graphflow.engines.rule import Rule
 
     out = gf("engines")
     assert out.returncode == 0, out.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.decode import Decode
+from graphflow.engines.decode import Decode
 from graphflow import Message, ParamError
 from graphflow.testing import run_source
 from graphflow.vision.osd import VideoWriter, draw

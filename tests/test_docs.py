@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.publish import SINKS, sink_kinds
+from graphflow.engines.publish import SINKS, sink_kinds
 from graphflow import cli, graph
 from graphflow.vision.models import BACKENDS
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from skimage import data as photo_data
 
-from engines.infer import Infer
-from engines.preprocess import Preprocess
+from graphflow.engines.infer import Infer
+from graphflow.engines.preprocess import Preprocess
 from graphflow import ParamError
 from graphflow.testing import run_engine
 from graphflow.vision import models

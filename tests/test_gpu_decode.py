@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from engines.infer import Infer
+from graphflow.engines.infer import Infer
 from graphflow import Message, graph
 from graphflow.testing import run_engine
 from graphflow.vision.detect import box_iou

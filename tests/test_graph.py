@@ -383,3 +383,16 @@ def test_bad_field_declaration_is_one_line(write_graph, user_module):
                                          r"\(expected a pattern such as 'sinks\[\].path' of kind read, write, state, "
                                          r"bind\)"):
         graph.load(write_graph(doc))
+
+
+def test_a_users_own_engines_package_does_not_shadow_the_built_in_ones(tmp_path):
+    """Built-in engines import as graphflow.engines, so a project folder with an `engines` package of its own
+    still gets both: its Echo and the built-in source and sink."""
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "__init__.py").write_text("")
+    (tmp_path / "engines" / "source.py").write_text(ECHO)
+    (tmp_path / "g.json").write_text(json.dumps(echo_doc("engines.source")))
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", "g.json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 5

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.detfile import DetFile
-from engines.publish import Publish
+from graphflow.engines.detfile import DetFile
+from graphflow.engines.publish import Publish
 from graphflow import Message, ParamError
 from graphflow.registry import resolve
 from graphflow.testing import run_engine, run_source

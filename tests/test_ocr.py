@@ -56,7 +56,7 @@ def test_ocr_graph_reads_the_known_strings_of_the_made_video(tmp_path):
 
 
 def test_textdet_refuses_a_model_that_is_not_a_text_detector():
-    from engines.textdet import TextDet
+    from graphflow.engines.textdet import TextDet
     from graphflow import ParamError
 
     with pytest.raises(ParamError, match="^model: yolox_nano.onnx looks like a yolox model, not a DB text detector"):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.infer import Infer
-from engines.preprocess import Preprocess
-from engines.rule import Rule
-from engines.track import Track
+from graphflow.engines.infer import Infer
+from graphflow.engines.preprocess import Preprocess
+from graphflow.engines.rule import Rule
+from graphflow.engines.track import Track
 from graphflow import Message, graph, runtime
 from graphflow.testing import run_engine
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from engines.infer import Infer
-from engines.preprocess import Preprocess
+from graphflow.engines.infer import Infer
+from graphflow.engines.preprocess import Preprocess
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
 

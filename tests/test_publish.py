@@ -21,8 +21,8 @@ import redis
 import zmq
 from PIL import Image
 
-from engines.publish import Publish, ZmqSink
-from engines.rule import Rule
+from graphflow.engines.publish import Publish, ZmqSink
+from graphflow.engines.rule import Rule
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
 from graphflow.vision.osd import FLASH_ALPHA, FLASH_COLOR, LINE_COLOR, ZONE_COLOR, Overlay, color_for, draw

@@ -218,7 +218,7 @@ def test_a_state_folder_may_exist_but_stays_inside_the_output_root(site, tmp_pat
 
 def test_a_stream_added_over_the_network_is_resolved_and_checked(site):
     """The service adds streams to a running decode: the entry alone goes through the same checks."""
-    from engines.decode import Decode
+    from graphflow.engines.decode import Decode
     from graphflow.errors import ParamError
 
     tmp, policy = site

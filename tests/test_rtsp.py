@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.decode import Decode
+from graphflow.engines.decode import Decode
 from graphflow import Message
 from graphflow.testing import run_source
 from graphflow.vision.video import SourceError, open_source

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.rule import Rule
+from graphflow.engines.rule import Rule
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
 from graphflow.vision.rules import RuleSet, points_in_polygon
@@ -148,7 +148,7 @@ def test_rule_engine_times_and_normalised_needs_size():
 
 def test_track_then_rule_counts_line_crossings():
     """Detections -> track engine -> rule engine: two people crossing a line in opposite directions."""
-    from engines.track import Track
+    from graphflow.engines.track import Track
 
     def det(x: float, y: float) -> dict:
         return {"box": [x - 20, y - 80, x + 20, y], "score": 0.9, "class_id": 0, "label": "person"}
@@ -209,9 +209,9 @@ def test_rule_classes_are_checked_against_the_labels_of_the_detector_upstream():
 
 
 def test_check_upstream_uses_what_each_upstream_engine_declares():
-    from engines.decode import Decode
-    from engines.detfile import DetFile
-    from engines.infer import Infer
+    from graphflow.engines.decode import Decode
+    from graphflow.engines.detfile import DetFile
+    from graphflow.engines.infer import Infer
 
     def check(classes: list, upstream: list) -> None:
         Rule.check_upstream({"rules": [{"id": "door", "kind": "zone", "polygon": FULL, "classes": classes}]}, upstream)
@@ -232,7 +232,7 @@ def test_a_model_files_class_names_come_from_its_metadata_or_a_labels_file(tmp_p
     """Class names of a model file: its metadata `names` (as Ultralytics writes them), else a labels file given."""
     import onnx
 
-    from engines.infer import Infer
+    from graphflow.engines.infer import Infer
     from graphflow.vision.models import MODELS_DIR
 
     model = onnx.load(str(MODELS_DIR / "yolox_nano.onnx"))

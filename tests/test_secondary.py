@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.decode import Decode
-from engines.infer import Infer
-from engines.secondary import Secondary
-from engines.track import Track
+from graphflow.engines.decode import Decode
+from graphflow.engines.infer import Infer
+from graphflow.engines.secondary import Secondary
+from graphflow.engines.track import Track
 from graphflow import Message, ParamError, cli, graph, runtime
 from graphflow.testing import run_engine, run_source
 from graphflow.vision.crops import CropSpec, Reuse, crop_region, crop_tensor

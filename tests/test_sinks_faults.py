@@ -22,7 +22,7 @@ import pytest
 import redis
 import zmq
 
-from engines.publish import Publish, sink_kinds
+from graphflow.engines.publish import Publish, sink_kinds
 from graphflow import Message, Param, ParamError
 from graphflow.spool import MemoryQueue, Spool
 from graphflow.testing import run_engine
@@ -109,7 +109,7 @@ def test_jsonl_past_a_file_size_limit_keeps_whole_lines(tmp_path):
     child = textwrap.dedent(f"""
         import json, resource, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from engines.publish import Publish
+        from graphflow.engines.publish import Publish
         from graphflow import Message
         from graphflow.testing import run_engine
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG instead
@@ -167,7 +167,7 @@ def test_a_killed_recording_still_plays(tmp_path):
         import os, signal, sys
         import numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from engines.publish import Publish
+        from graphflow.engines.publish import Publish
         from graphflow import Message
         engine = Publish("out", {{"sinks": [{{"kind": "video", "path": {str(tmp_path / "v.mp4")!r}, "fps": 10}}]}})
         engine.check()

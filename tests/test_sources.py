@@ -16,8 +16,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from engines.decode import Decode
-from engines.source import Source
+from graphflow.engines.decode import Decode
+from graphflow.engines.source import Source
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_source
 from graphflow.vision.video import SourceError, open_source

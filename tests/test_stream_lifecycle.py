@@ -5,12 +5,12 @@ import av
 import numpy as np
 import pytest
 
-from engines.publish import Publish
-from engines.rule import Rule
-from engines.track import Track
+from graphflow.engines.publish import Publish
+from graphflow.engines.rule import Rule
+from graphflow.engines.track import Track
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_engine
-from graphflow.vision.batching import RETIRED_KEEP, BatchPolicy, Scheduler
+from graphflow.batching import RETIRED_KEEP, BatchPolicy, Scheduler
 
 W, H = 640, 360
 LINE = [[0.5, 0.0], [0.5, 1.0]]

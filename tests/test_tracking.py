@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.track import Track
+from graphflow.engines.track import Track
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
 from graphflow.vision.tracking import ByteTracker, IoUTracker, TrackedObject, Tracks, greedy_match, iou_matrix, linear_match
