@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from graphflow import Engine, Message, Param, graph, runtime  # noqa: E402
 from graphflow.batching import BatchStats  # noqa: E402
+from graphflow.vision.backends import make_backend  # noqa: E402
 from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
 from graphflow.vision.letterbox import letterbox, letterbox_cupy  # noqa: E402
-from graphflow.vision.models import make_backend, resolve_model  # noqa: E402
+from graphflow.vision.models import resolve_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -2,29 +2,44 @@
 crash, hang, fail or leak, and the steady streams must not slow down.
 
 Usage: python bench/churn.py [--cycles 500] [--quick] [--fps 2.5] [--keep]
-Builds its own graph (decode → infer (YOLOX-Nano, letterbox, 1 thread) → track → rule (a line) → publish events
-to JSON lines) in a temporary folder, starts `graphflow serve` on a free 127.0.0.1 port with a temporary state file
-and a real RTSP server (gst-rtsp-server run by the system Python, serving graphs/data/demo.mp4; left out with a note
-when it is not installed). Phases:
-- steady: 8 streams (files played in real time and looped at `--fps`; one of them RTSP); a warm-up that includes
-  `--warmup-cycles` add/remove cycles (one-time costs such as the RTSP demuxer, ONNX Runtime's buffers for larger
-  batches and the allocator's pools belong in the baseline), then a baseline window:
-  RSS, open fds and threads of the service's process tree, steady streams' latency.
-- churn: `--cycles` add/remove cycles, alternating a file and the RTSP source, two churned streams alive at a time;
-  every request has a timeout (a timeout counts as hung); after each POST the stream is polled until its first
-  frame reaches the end of the graph (time to first frame, every 40 ms for files, 100 ms for RTSP); the steady
-  streams' p95 is sampled throughout.
+Builds its own graph (decode → infer (YOLOX-Nano, letterbox, 1 thread) → track → rule (a line) → publish: events
+to JSON lines, and each frame's record with its per-engine times to a second file) in a temporary folder, starts
+`graphflow serve` on a free 127.0.0.1 port with a temporary state file and a real RTSP server (gst-rtsp-server run by
+the system Python, serving graphs/data/demo.mp4; left out with a note when it is not installed).
+
+The 8 steady streams are files played in real time and looped (one of them from the RTSP server), as cameras are, at
+`--fps` 2.5: enough for counting people, and 20 detections a second take about a fifth of one core, so the 2-core
+machine the figures come from keeps headroom for the churned streams and its other jobs, and a latency measured is the
+pipeline's, not a backlog's.
+
+Phases:
+- warm-up: the steady streams and `--warmup-cycles` add/remove cycles (one-time costs such as the RTSP demuxer, ONNX
+  Runtime's buffers for larger batches and the allocator's pools belong in the baseline), then a `--baseline` window
+  without churn: RSS, open fds and threads of the service's process tree.
+- rounds, until `--cycles` cycles are done and at least `--rounds` rounds, each of three windows in an order that
+  rotates from round to round, with `--gap` s after each window left out of the figures:
+  - steady (`--window`/2 s): the 8 streams alone;
+  - churn (`--window` s): add/remove cycles, alternating a file and the RTSP source, two churned streams alive at a
+    time: POST, poll the stream every 0.1 s until its first frame reaches the end of the graph, DELETE the oldest;
+  - static (`--window`/2 s): the same extra load kept still: a file and an RTSP stream added before the window (once
+    both delivered a frame) and removed after it.
+  Every request has a timeout (a timeout counts as hung).
 - settle: waits until every engine's `streams_held` is back to what it held with the steady streams only, then
   samples resources again (RSS also along the churn: its slope over the second half tells a leak from warm-up).
 - metrics: 24 more streams (32 in all, at a low fps), 50 timed scrapes of `GET /metrics`.
-The steady latency of a window is the p95 of the capture → end-of-graph histogram's increase over that window
-(`graphflow_stream_latency_seconds`, interpolated within a bucket as Prometheus' histogram_quantile does); `GET
-/streams`' own p95 (over each stream's last 512 frames, so it mixes windows) is sampled too; the window after the
-churn shows how much the machine's other load moved the figures. Prints a table and a final `RESULT {json}`.
+
+A steady frame's latency runs from its capture to its last engine stamp (the end of the graph), read from the frames
+file; a window holds the frames captured in it. The ratio held against the target is the median over rounds of a
+round's churn p95 over its steady p95: the three windows of a round lie within a minute, so they share the machine's
+other load, and a round in which that load changed does not move the median. Also printed: the p95 over all frames of
+each kind, the service's own histogram (`graphflow_stream_latency_seconds`, interpolated within its buckets), churn vs
+static (the cost of adding and removing, apart from the cost of two more streams), where the time goes per engine, and
+POST → first frame at the end of the graph (from the frames file). Prints a table and a final `RESULT {json}`.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import select
@@ -39,6 +54,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "graphs" / "data" / "demo.mp4"
 STEADY = 8
 EXTRA = 24  # streams added for the /metrics measurement (32 in all)
-POOL = 2  # churned streams alive at once
+POOL = 2  # churned streams alive at once (and extra streams of a static window)
+POLL_S = 0.1  # how often a new stream is polled for its first frame
+FRAMES = "frames.jsonl"  # every frame's record with its per-engine times, written by the graph
 SYSTEM_PYTHON = "/usr/bin/python3"  # python3-gi (GstRtspServer) is installed for Debian's Python
 RTSP_SERVER = '''
 import sys
@@ -83,7 +102,8 @@ def churn_graph() -> dict[str, Any]:
         "trk": {"type": "track"},
         "zone": {"type": "rule", "params": {"rules": [
             {"id": "door", "kind": "line_cross", "line": [[0.5, 0.0], [0.5, 1.0]], "classes": ["person"]}]}},
-        "out": {"type": "publish", "params": {"sinks": [{"kind": "jsonl", "path": "events.jsonl", "what": "events"}]}}},
+        "out": {"type": "publish", "params": {"sinks": [{"kind": "jsonl", "path": "events.jsonl", "what": "events"},
+                                                        {"kind": "jsonl", "path": FRAMES, "what": "frames"}]}}},
         "connections": [["src.out", "det.in"], ["det.out", "trk.in"], ["trk.out", "zone.in"], ["zone.out", "out.in"]],
         "settings": {"shutdown_timeout": 20}}
 
@@ -230,6 +250,52 @@ def pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
+def frame_log(path: Path, steady: set[str]) -> tuple[list[tuple[float, float, dict[str, float]]], dict[str, float]]:
+    """From the frames file: (capture, latency, time per engine) of each steady frame, sorted by capture; and each
+    other stream's first frame's time at the end of the graph (wall clock)."""
+    frames, first = [], {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            times = rec.get("times") or {}
+            capture = times.get("capture")
+            if capture is None:
+                continue
+            stamps = sorted((t, e) for e, t in times.items() if e != "capture")
+            if not stamps:
+                continue
+            if rec["stream"] in steady:
+                spent, before = {}, capture
+                for t, e in stamps:
+                    spent[e], before = t - before, t
+                frames.append((capture, stamps[-1][0] - capture, spent))
+            elif stamps[-1][0] < first.get(rec["stream"], float("inf")):
+                first[rec["stream"]] = stamps[-1][0]
+    frames.sort(key=lambda x: x[0])
+    return frames, first
+
+
+def in_window(frames: list[tuple[float, float, dict[str, float]]], t0: float, t1: float) -> list[float]:
+    """Latencies of the frames captured in [t0, t1)."""
+    captures = [c for c, _, _ in frames]
+    return [lat for _, lat, _ in frames[bisect.bisect_left(captures, t0):bisect.bisect_left(captures, t1)]]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to two decimals, None when either is missing."""
+    return round(a / b, 2) if a and b else None
+
+
+@dataclass
+class ChurnState:
+    """The churned streams: those alive (oldest first), cycles done, POST times and first frames over the limit."""
+
+    pool: deque[str] = field(default_factory=deque)
+    cycles: int = 0
+    posted: dict[str, tuple[str, float]] = field(default_factory=dict)  # stream → (file|rtsp, wall time of the POST)
+    slow: dict[str, int] = field(default_factory=lambda: {"file": 0, "rtsp": 0})
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, folder: Path) -> None:
         self.args, self.folder = args, folder
@@ -246,7 +312,7 @@ class Bench:
                                      cwd=folder, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         self.client = Client(f"http://127.0.0.1:{self.port}", args.timeout)
         self.steady = {f"steady{i}" for i in range(STEADY)}
-        self.p95_samples: dict[str, list[float]] = {"baseline": [], "churn": []}
+        self.windows: list[dict[str, Any]] = []
 
     def spec(self, sid: str, rtsp: bool, fps: float) -> dict[str, Any]:
         if rtsp:
@@ -264,11 +330,6 @@ class Bench:
     def streams(self) -> dict[str, dict[str, Any]]:
         got = self.client.call("GET", "/streams")
         return {s["id"]: s for s in got} if isinstance(got, list) else {}
-
-    def sample_p95(self, phase: str) -> None:
-        for sid, s in self.streams().items():
-            if sid in self.steady and (s.get("latency_ms") or {}).get("p95") is not None:
-                self.p95_samples[phase].append(s["latency_ms"]["p95"])
 
     def steady_buckets(self) -> dict[float, float]:
         text = self.client.call("GET", "/metrics")
@@ -289,30 +350,41 @@ class Bench:
                 return held, time.monotonic() - t0
             time.sleep(0.5)
 
-    def first_frame(self, sid: str, t0: float, limit: float, every: float) -> float | None:
-        """Seconds from `t0` (before the POST) until `sid` has a frame at the end of the graph, polled every `every`
-        s (each poll is a request the service answers under the same GIL as its engines: not too often)."""
-        while time.perf_counter() - t0 < limit:
+    def first_frame(self, sid: str, limit: float) -> bool:
+        """Polls `sid` every POLL_S s until it has a frame at the end of the graph (False after `limit` s); each poll
+        is a request the service answers under the same GIL as its engines, so not more often."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
             got = self.client.call("GET", f"/streams/{sid}")
             if got and got.get("frames", 0) > 0:
-                return time.perf_counter() - t0
-            time.sleep(every)
-        return None
+                return True
+            time.sleep(POLL_S)
+        return False
 
-    def cycle(self, i: int, pool: deque[str], ttff: dict[str, list[float]], slow: dict[str, int]) -> None:
+    def cycle(self, st: ChurnState) -> None:
+        """Add a churned stream (a file, then the RTSP source, alternately), wait for its first frame, remove the
+        oldest while more than POOL are alive."""
+        i = st.cycles
+        st.cycles += 1
         rtsp = bool(self.rtsp_url) and i % 2 == 1
-        kind = "rtsp" if rtsp else "file"
-        sid = f"churn{i}"
-        t0 = time.perf_counter()
+        kind, sid = ("rtsp" if rtsp else "file"), f"churn{i}"
+        posted = time.time()
         if self.client.call("POST", "/streams", self.spec(sid, rtsp, self.args.fps)) is not None:
-            took = self.first_frame(sid, t0, 5.0, 0.1) if rtsp else self.first_frame(sid, t0, 3.0, 0.04)
-            if took is None:
-                slow[kind] += 1
-            else:
-                ttff[kind].append(1000 * took)
-            pool.append(sid)
-        while len(pool) > POOL:
-            self.client.call("DELETE", f"/streams/{pool.popleft()}")
+            if not self.first_frame(sid, 5.0 if rtsp else 3.0):
+                st.slow[kind] += 1
+            st.posted[sid] = (kind, posted)
+            st.pool.append(sid)
+        while len(st.pool) > POOL:
+            self.client.call("DELETE", f"/streams/{st.pool.popleft()}")
+
+    def measured(self, kind: str, rnd: int, work: Callable[[], None]) -> None:
+        """Run one window's `work` and record it: wall-clock span, service CPU, load average, latency histogram."""
+        h0, cpu0, t0, wall0 = self.steady_buckets(), cpu_seconds(self.proc.pid), time.monotonic(), time.time()
+        work()
+        seconds, wall1 = time.monotonic() - t0, time.time()
+        self.windows.append({"kind": kind, "round": rnd, "t0": wall0, "t1": wall1, "s": seconds,
+                             "cpu": cpu_seconds(self.proc.pid) - cpu0, "load": os.getloadavg()[0],
+                             "h0": h0, "h1": self.steady_buckets()})
 
     def run(self) -> dict[str, Any]:
         a = self.args
@@ -320,14 +392,11 @@ class Bench:
         started = time.monotonic()
         for i, sid in enumerate(sorted(self.steady)):
             self.client.call("POST", "/streams", self.spec(sid, bool(self.rtsp_url) and i == 0, a.fps))
-        pool: deque[str] = deque()
-        ttff: dict[str, list[float]] = {"file": [], "rtsp": []}
-        slow = {"file": 0, "rtsp": 0}
-        for i in range(a.warmup_cycles):  # warm-up: one-time loads happen before the baseline
-            self.cycle(-1 - i, pool, ttff, slow)
-        while pool:
-            self.client.call("DELETE", f"/streams/{pool.popleft()}")
-        ttff, slow = {"file": [], "rtsp": []}, {"file": 0, "rtsp": 0}
+        warm = ChurnState()
+        while warm.cycles < a.warmup_cycles:  # one-time loads happen before the baseline
+            self.cycle(warm)
+        while warm.pool:
+            self.client.call("DELETE", f"/streams/{warm.pool.popleft()}")
         time.sleep(max(0.0, a.warmup - (time.monotonic() - started)))
         warm_held = self.held()
         deadline = time.monotonic() + 30
@@ -335,47 +404,62 @@ class Bench:
             time.sleep(0.5)  # the warm-up's churned streams are still being freed
             warm_held = self.held()
 
-        # baseline: no churn
-        b0 = self.steady_buckets()
-        t_base, cpu0 = time.monotonic(), cpu_seconds(self.proc.pid)
+        # baseline resources: no churn
+        t_base = time.monotonic()
         base_res: list[dict[str, int]] = []
         while time.monotonic() - t_base < a.baseline:
             base_res.append(resources(self.proc.pid))
-            self.sample_p95("baseline")
             time.sleep(2.0)
-        b1 = self.steady_buckets()
-        cpu1, base_load = cpu_seconds(self.proc.pid), os.getloadavg()[0]
-        base_cpu = cpu1 - cpu0
         baseline = {k: statistics.median(r[k] for r in base_res) for k in base_res[0]}
 
-        # churn
-        t_churn = time.monotonic()
-        last_sample, peak = t_churn, resources(self.proc.pid)
+        # rounds of steady, churn and static windows
+        st = ChurnState()
+        peak = resources(self.proc.pid)
         rss_track: list[tuple[int, float]] = [(0, round(peak["rss"] / 2**20, 1))]
-        for i in range(a.cycles):
-            self.cycle(i, pool, ttff, slow)
-            if time.monotonic() - last_sample > 2.0:
-                self.sample_p95("churn")
-                now = resources(self.proc.pid)
-                peak = {k: max(peak[k], now[k]) for k in peak}
-                rss_track.append((i + 1, round(now["rss"] / 2**20, 1)))
-                last_sample = time.monotonic()
-            if self.proc.poll() is not None:
-                break
-        while pool:
-            self.client.call("DELETE", f"/streams/{pool.popleft()}")
-        churn_s = time.monotonic() - t_churn
-        c1 = self.steady_buckets()
-        churn_cpu, churn_load = cpu_seconds(self.proc.pid) - cpu1, os.getloadavg()[0]
+
+        def steady() -> None:
+            time.sleep(a.window / 2)
+
+        def churn() -> None:
+            nonlocal peak
+            end = last_sample = time.monotonic()
+            end += a.window
+            while time.monotonic() < end and self.proc.poll() is None:
+                self.cycle(st)
+                if time.monotonic() - last_sample > 2.0:
+                    now = resources(self.proc.pid)
+                    peak = {k: max(peak[k], now[k]) for k in peak}
+                    rss_track.append((st.cycles, round(now["rss"] / 2**20, 1)))
+                    last_sample = time.monotonic()
+            while st.pool:
+                self.client.call("DELETE", f"/streams/{st.pool.popleft()}")
+
+        kinds = ("steady", "churn", "static")
+        rounds = 0
+        while (st.cycles < a.cycles or rounds < a.rounds) and self.proc.poll() is None:
+            for k in range(len(kinds)):
+                kind = kinds[(rounds + k) % len(kinds)]
+                if kind == "static":
+                    extra = [f"static{rounds}{j}" for j in range(POOL)]
+                    for j, sid in enumerate(extra):
+                        self.client.call("POST", "/streams", self.spec(sid, bool(self.rtsp_url) and j % 2 == 1, a.fps))
+                    for sid in extra:
+                        self.first_frame(sid, 5.0)
+                    self.measured(kind, rounds, steady)
+                    for sid in extra:
+                        self.client.call("DELETE", f"/streams/{sid}")
+                else:
+                    self.measured(kind, rounds, churn if kind == "churn" else steady)
+                time.sleep(a.gap)
+            rounds += 1
+        churn_s = sum(w["s"] for w in self.windows if w["kind"] == "churn")
 
         # settle: every engine back to the live set, then resources again
         alive_after_churn = self.proc.poll() is None
         held, settle_s = self.wait_held(warm_held, 60)
         live_ids = set(self.streams())
-        a0 = self.steady_buckets()
         time.sleep(a.settle)
         after = median_resources(self.proc.pid, a.settle_window) if alive_after_churn else baseline
-        a1 = self.steady_buckets()
 
         # /metrics with 32 streams
         for i in range(EXTRA):
@@ -396,11 +480,15 @@ class Bench:
             self.client.call("DELETE", f"/streams/extra{i}")
         healthy = self.client.call("GET", "/healthz") is not None and self.proc.poll() is None
 
-        base_p95 = window_quantile(b0, b1, 0.95)
-        churn_p95 = window_quantile(b1, c1, 0.95)
+        latency = self.latency(rounds)
+        frames, first = frame_log(self.folder / FRAMES, self.steady)
+        ttff: dict[str, list[float]] = {"file": [], "rtsp": []}
+        for sid, (kind, posted) in st.posted.items():
+            if sid in first:
+                ttff[kind].append(1000 * (first[sid] - posted))
         change = {k: round(100 * (after[k] - baseline[k]) / baseline[k], 2) for k in baseline}
         result = {
-            "cycles": a.cycles, "churn_s": round(churn_s, 1), "rtsp": bool(self.rtsp_url),
+            "cycles": st.cycles, "rounds": rounds, "churn_s": round(churn_s, 1), "rtsp": bool(self.rtsp_url),
             "crashes": 0 if healthy and alive_after_churn else 1, "hung": self.client.hung,
             "failed": len(self.client.failed), "requests": self.client.requests,
             "baseline": {"rss_mb": round(baseline["rss"] / 2**20, 1), "fds": baseline["fds"],
@@ -412,31 +500,70 @@ class Bench:
             "rss_mb_by_cycle": [rss_track[round(k * (len(rss_track) - 1) / 10)] for k in range(11)],
             "streams_held_warm": warm_held, "streams_held_after": held, "settle_s": round(settle_s, 1),
             "live_after": len(live_ids),
-            "service_cpu_share": {"baseline": round(base_cpu / (t_churn - t_base), 2),
-                                  "churn": round(churn_cpu / churn_s, 2)},
-            "loadavg_1m": {"baseline": round(base_load, 2), "churn": round(churn_load, 2), "cores": os.cpu_count()},
             "rss_mb_per_100_cycles_2nd_half": slope_per_100(rss_track[len(rss_track) // 2:]),
-            "steady_p95_ms": {"baseline": base_p95, "churn": churn_p95, "after": window_quantile(a0, a1, 0.95),
-                              "ratio": round(churn_p95 / base_p95, 2) if base_p95 and churn_p95 else None},
-            "streams_p95_ms_median": {k: round(statistics.median(v), 1) if v else None
-                                      for k, v in self.p95_samples.items()},
-            "first_frame_ms": {k: {"n": len(v), "median": pct(v, 0.5), "p95": pct(v, 0.95), "over_limit": slow[k]}
+            **latency,
+            "first_frame_ms": {k: {"n": len(v), "median": pct(v, 0.5), "p95": pct(v, 0.95), "over_limit": st.slow[k]}
                                for k, v in ttff.items()},
             "metrics_ms": {"streams": metrics_streams, "median": pct(scrape_ms, 0.5), "p95": pct(scrape_ms, 0.95)},
             "failures": self.client.failed[:5],
         }
         result["checks"] = {
             "no_crash": result["crashes"] == 0, "no_hung": result["hung"] == 0, "no_failed": result["failed"] == 0,
+            "cycles_done": st.cycles >= a.cycles,
             "resources_within_5pct": all(abs(v) <= 5 for v in change.values()),
             "streams_held_back": held_back(held, warm_held) and len(live_ids) == STEADY,
             "steady_p95_le_1.25x": result["steady_p95_ms"]["ratio"] is not None
             and result["steady_p95_ms"]["ratio"] <= 1.25,
             "first_frame_file_p95_lt_1s": bool(ttff["file"]) and pct(ttff["file"], 0.95) < 1000
-            and slow["file"] == 0,
+            and st.slow["file"] == 0,
             "metrics_p95_lt_50ms": metrics_streams >= STEADY + EXTRA and pct(scrape_ms, 0.95) < 50,
         }
         result["ok"] = all(result["checks"].values())
         return result
+
+    def latency(self, rounds: int) -> dict[str, Any]:
+        """The steady streams' latency per kind of window: over all its frames, per round, from the service's
+        histogram, where the time goes per engine; the service's CPU and the machine's load average."""
+        frames, _ = frame_log(self.folder / FRAMES, self.steady)
+        kinds = ("steady", "churn", "static")
+        pooled: dict[str, list[float]] = {k: [] for k in kinds}
+        spent: dict[str, dict[str, float]] = {k: {} for k in kinds}
+        hist: dict[str, dict[float, float]] = {k: {} for k in kinds}
+        per_round: list[dict[str, float | None]] = [{} for _ in range(rounds)]
+        captures = [c for c, _, _ in frames]
+        for w in self.windows:
+            lats = [1000 * x for x in in_window(frames, w["t0"], w["t1"])]
+            pooled[w["kind"]] += lats
+            per_round[w["round"]][w["kind"]] = pct(lats, 0.95)
+            for _, _, by_engine in frames[bisect.bisect_left(captures, w["t0"]):bisect.bisect_left(captures, w["t1"])]:
+                for e, s in by_engine.items():
+                    spent[w["kind"]][e] = spent[w["kind"]].get(e, 0.0) + s
+            for b, n in w["h1"].items():
+                hist[w["kind"]][b] = hist[w["kind"]].get(b, 0.0) + n - w["h0"].get(b, 0.0)
+
+        def median_ratio(a: str, b: str) -> float | None:
+            got = [r for r in (ratio(p.get(a), p.get(b)) for p in per_round) if r is not None]
+            return round(statistics.median(got), 2) if got else None
+
+        p95 = {k: pct(v, 0.95) for k, v in pooled.items()}
+        windows = {k: [w for w in self.windows if w["kind"] == k] for k in kinds}
+        return {
+            "steady_p95_ms": {**p95, "ratio": median_ratio("churn", "steady"),
+                              "ratio_vs_static": median_ratio("churn", "static"),
+                              "static_vs_steady": median_ratio("static", "steady"),
+                              "pooled_ratio": ratio(p95["churn"], p95["steady"]),
+                              "pooled_ratio_vs_static": ratio(p95["churn"], p95["static"]),
+                              "by_round": [[p.get(k) for k in kinds] for p in per_round],
+                              "histogram": {k: window_quantile({}, h, 0.95) for k, h in hist.items()}},
+            "steady_latency_ms": {k: {"frames": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99),
+                                      "mean_by_engine": {e: round(1000 * s / max(len(v), 1), 1)
+                                                         for e, s in spent[k].items()}}
+                                  for k, v in pooled.items()},
+            "service_cpu_cores": {k: round(sum(w["cpu"] for w in ws) / sum(w["s"] for w in ws), 2) if ws else None
+                                  for k, ws in windows.items()},
+            "loadavg_1m": {**{k: round(statistics.mean(w["load"] for w in ws), 2) if ws else None
+                              for k, ws in windows.items()}, "cores": os.cpu_count()},
+        }
 
     def close(self) -> int | None:
         code = None
@@ -455,11 +582,18 @@ class Bench:
         return code
 
 
+def cols(values: Any) -> str:
+    """One table cell per window kind."""
+    return " ".join(f"{v!s:>36}" for v in values)
+
+
 def print_table(r: dict[str, Any]) -> None:
-    p95 = r["steady_p95_ms"]
+    p95, lat = r["steady_p95_ms"], r["steady_latency_ms"]
+    kinds = ("steady", "churn", "static")
     rows = [
         ("churn cycles (file/rtsp alternating)",
-         f"{r['cycles']} in {r['churn_s']} s" + ("" if r["rtsp"] else " (no RTSP server: files only)")),
+         f"{r['cycles']} in {r['churn_s']} s of churn, {r['rounds']} rounds"
+         + ("" if r["rtsp"] else " (no RTSP server: files only)")),
         ("requests / hung / failed (non-2xx)", f"{r['requests']} / {r['hung']} / {r['failed']}"),
         ("crashes", r["crashes"]),
         ("RSS MB baseline → after (peak)", f"{r['baseline']['rss_mb']} → {r['after']['rss_mb']} "
@@ -473,13 +607,19 @@ def print_table(r: dict[str, Any]) -> None:
         ("RSS slope, 2nd half of churn", f"{r['rss_mb_per_100_cycles_2nd_half']} MB per 100 cycles"),
         ("streams_held warm → after settle", f"{r['streams_held_warm']} → {r['streams_held_after']} "
                                              f"(live {r['live_after']}, {r['settle_s']} s)"),
-        ("steady p95 ms baseline → churn → after",
-         f"{p95['baseline']} → {p95['churn']} (×{p95['ratio']}) → {p95['after']}"),
-        ("GET /streams p95 ms (median of samples)", r["streams_p95_ms_median"]),
-        ("service CPU (cores) baseline → churn", f"{r['service_cpu_share']['baseline']} → "
-                                                 f"{r['service_cpu_share']['churn']}"),
-        ("load average (1 min) baseline → churn", f"{r['loadavg_1m']['baseline']} → {r['loadavg_1m']['churn']} "
-                                                  f"({r['loadavg_1m']['cores']} cores)"),
+        ("steady latency ms, window:", cols(kinds)),
+        ("  frames", cols(lat[k]["frames"] for k in kinds)),
+        ("  p50 / p95 / p99", cols(f"{lat[k]['p50']} / {p95[k]} / {lat[k]['p99']}" for k in kinds)),
+        ("  p95, service histogram", cols(p95["histogram"][k] for k in kinds)),
+        ("  service CPU (cores)", cols(r["service_cpu_cores"][k] for k in kinds)),
+        ("  load average (1 min)", cols(r["loadavg_1m"][k] for k in kinds) + f"  ({r['loadavg_1m']['cores']} cores)"),
+        ("  mean ms per engine", cols(" ".join(f"{e}:{v}" for e, v in lat[k]["mean_by_engine"].items())
+                                      for k in kinds)),
+        ("steady p95 churn / steady", f"×{p95['ratio']} (median of rounds; all frames: ×{p95['pooled_ratio']})"),
+        ("steady p95 churn / static", f"×{p95['ratio_vs_static']} (median of rounds; all frames: "
+                                      f"×{p95['pooled_ratio_vs_static']})"),
+        ("steady p95 static / steady", f"×{p95['static_vs_steady']} (median of rounds)"),
+        ("steady p95 ms by round (steady, churn, static)", " ".join(f"{s}/{c}/{t}" for s, c, t in p95["by_round"])),
         ("POST → first frame ms, file", r["first_frame_ms"]["file"]),
         ("POST → first frame ms, rtsp", r["first_frame_ms"]["rtsp"]),
         ("GET /metrics ms", r["metrics_ms"]),
@@ -493,20 +633,23 @@ def print_table(r: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cycles", type=int, default=500, help="add/remove cycles during churn")
+    p.add_argument("--cycles", type=int, default=500, help="add/remove cycles in the churn windows, at least")
+    p.add_argument("--rounds", type=int, default=6, help="rounds of steady, churn and static windows, at least")
+    p.add_argument("--window", type=float, default=20.0, help="seconds of a churn window (steady, static: half)")
+    p.add_argument("--gap", type=float, default=2.0, help="seconds left out after each window")
     p.add_argument("--quick", action="store_true", help="60 cycles and short windows")
     p.add_argument("--fps", type=float, default=2.5, help="frames per second of each stream")
     p.add_argument("--warmup", type=float, default=40.0, help="seconds from the first stream to the baseline")
     p.add_argument("--warmup-cycles", type=int, default=50, help="add/remove cycles inside the warm-up")
-    p.add_argument("--baseline", type=float, default=60.0, help="seconds of the baseline window")
+    p.add_argument("--baseline", type=float, default=20.0, help="seconds of resource samples before any churn")
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait after streams_held is back")
     p.add_argument("--settle-window", type=float, default=20.0, help="seconds of resource samples after settling")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds after which a request counts as hung")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (service log, state, events)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (service log, state, frames)")
     args = p.parse_args()
     if args.quick:
-        args.cycles, args.warmup, args.baseline, args.warmup_cycles = min(args.cycles, 60), 25.0, 25.0, 10
-        args.settle, args.settle_window = 5.0, 5.0
+        args.cycles, args.rounds, args.window, args.warmup, args.warmup_cycles = min(args.cycles, 60), 3, 12.0, 25.0, 10
+        args.baseline, args.settle, args.settle_window = 10.0, 5.0, 5.0
     folder = Path(tempfile.mkdtemp(prefix="graphflow-churn-"))
     bench = Bench(args, folder)
     if bench.rtsp_url is None:

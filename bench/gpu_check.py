@@ -23,9 +23,10 @@ import numpy as np
 
 from graphflow import Message
 from graphflow.testing import run_engine
+from graphflow.vision.backends import make_backend, stack_batch
 from graphflow.vision.detect import DetectParams, box_iou, postprocess
 from graphflow.vision.letterbox import LetterboxSpec, letterbox, letterbox_cupy
-from graphflow.vision.models import REGISTRY, make_backend, stack_batch
+from graphflow.vision.models import REGISTRY
 from graphflow.vision.video import open_source
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def throughput(batches: tuple[int, ...], seconds: float) -> list[dict]:
     import cupy
     import torch
 
-    from graphflow.vision.models import TorchBackend
+    from graphflow.vision.backends import TorchBackend
 
     rows = []
     width, height = MODEL.preprocess.size

@@ -24,11 +24,12 @@ import numpy as np
 import onnxruntime  # noqa: F401  imported before any timing so that no in-process variant pays for it
 
 from graphflow import graph, runtime
+from graphflow.vision.backends import make_backend
 from graphflow.vision.detect import DetectParams, postprocess
 from graphflow.vision.letterbox import LetterboxSpec, letterbox
-from graphflow.vision.models import make_backend, resolve_model
+from graphflow.vision.models import resolve_model
 from graphflow.vision.rules import RuleSet
-from graphflow.vision.tracking import make_tracker
+from graphflow.vision.tracking import follow, make_tracker
 from graphflow.vision.video import SourceSpec, open_source
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def naive_loop(streams: int, max_frames: int | None) -> Outcome:
                     detections = postprocess(runner.infer(tensor[None])[0], model.output_format, info, (width, height),
                                              model.labels, detect)
                     t = stamp(busy, "infer", t)
-                    tracks = track(tracker, detections)
+                    tracks = follow(tracker, detections)
                     t = stamp(busy, "track", t)
                     rules.evaluate(stream, frame.index, frame.pts, tracks, width, height)
                     t = stamp(busy, "rule", t)
@@ -172,15 +173,6 @@ def stamp(busy: dict[str, float], stage: str, since: float) -> float:
     now = time.perf_counter()
     busy[stage] += now - since
     return now
-
-
-def track(tracker: Any, detections: list[dict]) -> list[dict]:
-    """Detections (the contract's dicts) through one tracker update, as the track engine does."""
-    boxes = np.array([d["box"] for d in detections], np.float64).reshape(-1, 4)
-    scores = np.array([d["score"] for d in detections], np.float64)
-    classes = np.array([d["class_id"] for d in detections], np.int64)
-    return [{**detections[t.det_index], "box": [float(v) for v in t.box], "score": t.score, "track_id": t.track_id}
-            for t in tracker.update(boxes, scores, classes)]
 
 
 def print_stages(outcome: Outcome) -> None:

@@ -3,10 +3,13 @@
 Usage: python bench/quantize.py [--model yolox-nano] [--video graphs/data/demo.mp4] [--int8 FILE] [--repeat 20]
        [--every 5] [--calib-frames 64]
 Makes the INT8 copy with `graphflow model quantize`'s function (calibrated on --calib-frames frames of the video,
-unless --int8 names one), then (a) ms/image of each model with onnxruntime at 1 and 2 threads, batch 1 and 4, the
-two models' runs interleaved so load on a shared machine hits both alike (median of --repeat runs); (b) agreement of
-INT8 detections with fp32 ones at conf 0.3 on every --every-th frame of the video: recall and precision of IoU ≥ 0.5
-class matches (fp32 as reference). Prints a table and a final `RESULT {json}` line.
+unless --int8 names one), then (a) ms/image of each model with onnxruntime at 1 and 2 threads, batch 1 and 4, both
+through infer's own backend (same session options: onnxruntime's full graph optimisation, inter-op 1 thread), five
+warm-up runs each, the two models' runs interleaved so load on a shared machine hits both alike (median of --repeat
+runs); (b) fp32 at 1 thread, batch 1, per graph optimisation level: what the fp32 figure owes to onnxruntime's
+layout optimisation (NCHWc convolutions, level "all"); (c) agreement of INT8 detections with fp32 ones at conf 0.3
+on every --every-th frame of the video: recall and precision of IoU ≥ 0.5 class matches (fp32 as reference).
+Prints tables and a final `RESULT {json}` line.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from graphflow.modeltools import calibration_frames, detection_agreement, quantize_model  # noqa: E402
+from graphflow.vision.backends import OnnxRuntimeBackend  # noqa: E402
 from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
 from graphflow.vision.letterbox import letterbox, letterbox_batch  # noqa: E402
-from graphflow.vision.models import OnnxRuntimeBackend, resolve_model  # noqa: E402
+from graphflow.vision.models import resolve_model  # noqa: E402
 from graphflow.vision.video import SourceSpec, open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +40,7 @@ def time_models(paths: dict[str, Path], batch: np.ndarray, threads: int, repeat:
     for name, path in paths.items():
         runners[name] = OnnxRuntimeBackend(threads)
         runners[name].load(path)
-        for _ in range(2):  # warm-up: first runs allocate and pick kernels
+        for _ in range(5):  # warm-up: first runs allocate and pick kernels
             runners[name].infer(batch)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):
@@ -45,6 +49,30 @@ def time_models(paths: dict[str, Path], batch: np.ndarray, threads: int, repeat:
             runner.infer(batch)
             times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) * 1e3 / len(batch) for name, t in times.items()}
+
+
+def fp32_levels(path: Path, image: np.ndarray, repeat: int) -> dict[str, float]:
+    """Median ms of one image through `path` with one thread at each onnxruntime graph optimisation level."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    out = {}
+    for name, level in levels.items():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: image}
+        for _ in range(5):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(float(np.median(times)) * 1e3, 2)
+    return out
 
 
 def detections(path: Path, frames: list[np.ndarray], spec, conf: float) -> list[list[dict]]:
@@ -74,10 +102,12 @@ def main() -> None:
     spec = resolve_model(args.model)
     tmp = tempfile.TemporaryDirectory()
     int8 = Path(args.int8) if args.int8 else Path(tmp.name) / "model.int8.onnx"
+    sensitive = None
     if not args.int8:
         t0 = time.perf_counter()
-        quantize_model(args.model, args.video, int8, frames=args.calib_frames)
-        print(f"quantized on {args.calib_frames} frames in {time.perf_counter() - t0:.1f} s")
+        sensitive = quantize_model(args.model, args.video, int8, frames=args.calib_frames).sensitive
+        print(f"quantized on {args.calib_frames} frames in {time.perf_counter() - t0:.1f} s; kept float: "
+              f"{', '.join(sensitive) or 'none'} and the head's tail")
     paths = {"fp32": spec.path, "int8": int8}
 
     src = open_source(SourceSpec(uri=args.video))
@@ -94,6 +124,10 @@ def main() -> None:
                          "int8_ms": round(ms["int8"], 2), "speedup": round(ms["fp32"] / ms["int8"], 2)})
             print(f"{threads:>7} {batch:>5} {ms['fp32']:>12.2f} {ms['int8']:>12.2f} {ms['fp32'] / ms['int8']:>8.2f}x")
 
+    levels = fp32_levels(spec.path, four[:1], args.repeat)
+    print("fp32, 1 thread, batch 1, by graph optimisation level (ms): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in levels.items()))
+
     ref = detections(spec.path, frames, spec, args.conf)
     got = detections(int8, frames, spec, args.conf)
     agreement = {}
@@ -107,7 +141,8 @@ def main() -> None:
                                                                   "precision": round(precision, 4)}
     result = {"model": args.model, "int8_bytes": int8.stat().st_size, "fp32_bytes": spec.path.stat().st_size,
               "timing": rows, "frames": len(frames), "fp32_detections": n_ref, "int8_detections": n_got,
-              "calibration_frames": args.calib_frames if not args.int8 else None, **agreement}
+              "calibration_frames": args.calib_frames if not args.int8 else None, "kept_float": sensitive,
+              "fp32_ms_by_level": levels, **agreement}
     print("RESULT " + json.dumps(result))
     tmp.cleanup()
 

@@ -118,6 +118,20 @@ class _Pace:
         return delay <= 0 or not halt.wait(delay)
 
 
+@dataclass
+class _Playback:
+    """Where one source's playback stands across its sessions: what to skip and add to seq, the retry counts, the
+    last frame passed on and when frames stopped or last came (monotonic)."""
+
+    skip: int  # frames of a file already delivered before a restart
+    base: int  # added to each frame's index, so seq numbers carry on across sessions
+    tries: int = 0  # waits since the last frame
+    failures: int = 0  # failed attempts in a row
+    last: tuple[float, float] | None = None  # (pts, capture) of the last frame passed on
+    lost_at: float = 0.0
+    last_frame_at: float = 0.0
+
+
 class Decode(Engine):
     """Decodes video files, rtsp:// streams and image folders into BGR/RGB frame messages, one stream per source."""
 
@@ -329,72 +343,90 @@ class Decode(Engine):
         row or `give_up_s` without a frame; seq numbers carry on and pts are shifted to follow on in wall-clock
         time. After a restart (`resume`), a file goes on after its last delivered frame and a live stream's seq
         carries on from it."""
-        spec = feed.spec
-        delivered = self.resume.get(stream)
-        skip = 0 if delivered is None or spec.is_stream else int(delivered) + 1
-        base = int(delivered) + 1 if delivered is not None and spec.is_stream else 0
-        tries, failures = 0, 0  # waits since the last frame; failed attempts in a row
-        last: tuple[float, float] | None = None  # (pts, capture) of the last frame passed on
-        lost_at = last_frame_at = time.monotonic()
-        pace = _Pace() if spec.realtime else None
+        at = self._start_point(stream, feed.spec)
+        pace = _Pace() if feed.spec.realtime else None
         while not halt.is_set():
-            got, shift, error = 0, 0.0, ""
-            try:
-                feed.begin(open_source(spec))
-                for frame in feed.source.frames(skip):
-                    if got == 0 and last is not None:
-                        shift = last[0] + max(frame.capture - last[1], 1e-3) - frame.pts
-                    got += 1
-                    frame.index += base
-                    frame.pts += shift
-                    if (pace is not None and not pace.release(frame, halt)) or \
-                            not self._put(frames, (stream, frame), halt):
-                        feed.discarded += 1
-                        return
-                    last, last_frame_at = (frame.pts, frame.capture), time.monotonic()
-                    if got == 1:
-                        feed.state = "running"
-                    if got == 1 and feed.disconnects:
-                        feed.reconnects += 1
-                        self.log.warning("%s: stream resumed after %.1f s (reconnect %d)", stream,
-                                         time.monotonic() - lost_at, feed.reconnects)
-            except SourceError as exc:
-                error = str(exc)
-            finally:
-                ended = feed.end()
-                base += ended.stats.kept if ended is not None else 0
-            if halt.is_set():
+            result = self._session(stream, feed, at, frames, halt, pace)
+            if result is None or halt.is_set():
                 return
-            if not (spec.is_stream and self.reconnect):
-                if error:
-                    self._give_up(stream, feed, error)
-                else:
-                    feed.state = "ended"
+            wait = self._retry_wait(stream, feed, at, *result)
+            if wait is None:
                 return
-            why = error or (ended.lost if ended is not None else "") or "end of stream"
-            if got:
-                feed.disconnects += 1
-                lost_at, tries, failures = time.monotonic(), 1, 0
-                wait = backoff(tries, self.retry, self.retry_max)
-                self.log.warning("%s: stream lost (%s) after %d frames; reconnecting in %.3g s",
-                                 stream, why, got, wait)
-            else:
-                feed.failed_attempts += 1
-                tries, failures = tries + 1, failures + 1
-                silent = time.monotonic() - last_frame_at
-                if self.attempts and failures >= self.attempts:
-                    self._give_up(stream, feed, f"{why}; gave up after {failures} failed attempts")
-                    return
-                if self.give_up_s and silent >= self.give_up_s:
-                    self._give_up(stream, feed, f"{why}; gave up after {silent:.1f} s without a frame "
-                                                f"(give_up_s {self.give_up_s:g})")
-                    return
-                wait = backoff(tries, self.retry, self.retry_max)
-                wait = min(wait, self.give_up_s - silent) if self.give_up_s else wait  # one last try at the limit
-                self.log.warning("%s: %s; retry %d in %.3g s", stream, why, failures, wait)
             feed.state = "reconnecting" if feed.disconnects else "connecting"
             if halt.wait(wait):
                 return
+
+    def _start_point(self, stream: str, spec: SourceSpec) -> _Playback:
+        """Where playback starts: from the beginning, or after a restart past the frames already delivered."""
+        delivered = self.resume.get(stream)
+        skip = 0 if delivered is None or spec.is_stream else int(delivered) + 1
+        base = int(delivered) + 1 if delivered is not None and spec.is_stream else 0
+        now = time.monotonic()
+        return _Playback(skip, base, lost_at=now, last_frame_at=now)
+
+    def _session(self, stream: str, feed: _Feed, at: _Playback, frames: queue.Queue, halt: threading.Event,
+                 pace: _Pace | None) -> tuple[int, str, str] | None:
+        """Open the source once and pass its frames on (seq carried on, pts following the last frame passed on)
+        until it ends or fails: (frames passed on, the error, what the source says it lost); None when `halt`
+        came while a frame waited to go."""
+        got, shift, error, lost = 0, 0.0, "", ""
+        try:
+            feed.begin(open_source(feed.spec))
+            for frame in feed.source.frames(at.skip):
+                if got == 0 and at.last is not None:
+                    shift = at.last[0] + max(frame.capture - at.last[1], 1e-3) - frame.pts
+                got += 1
+                frame.index += at.base
+                frame.pts += shift
+                if (pace is not None and not pace.release(frame, halt)) or \
+                        not self._put(frames, (stream, frame), halt):
+                    feed.discarded += 1
+                    return None
+                at.last, at.last_frame_at = (frame.pts, frame.capture), time.monotonic()
+                if got == 1:
+                    feed.state = "running"
+                if got == 1 and feed.disconnects:
+                    feed.reconnects += 1
+                    self.log.warning("%s: stream resumed after %.1f s (reconnect %d)", stream,
+                                     time.monotonic() - at.lost_at, feed.reconnects)
+        except SourceError as exc:
+            error = str(exc)
+        finally:
+            ended = feed.end()
+            at.base += ended.stats.kept if ended is not None else 0
+            lost = ended.lost if ended is not None else ""
+        return got, error, lost
+
+    def _retry_wait(self, stream: str, feed: _Feed, at: _Playback, got: int, error: str, lost: str) -> float | None:
+        """After a session: seconds to wait before reopening a network stream, or None when the source is done (a
+        file ended or failed, reconnects are off, or `attempts` / `give_up_s` ran out)."""
+        if not (feed.spec.is_stream and self.reconnect):
+            if error:
+                self._give_up(stream, feed, error)
+            else:
+                feed.state = "ended"
+            return None
+        why = error or lost or "end of stream"
+        if got:
+            feed.disconnects += 1
+            at.lost_at, at.tries, at.failures = time.monotonic(), 1, 0
+            wait = backoff(at.tries, self.retry, self.retry_max)
+            self.log.warning("%s: stream lost (%s) after %d frames; reconnecting in %.3g s", stream, why, got, wait)
+            return wait
+        feed.failed_attempts += 1
+        at.tries, at.failures = at.tries + 1, at.failures + 1
+        silent = time.monotonic() - at.last_frame_at
+        if self.attempts and at.failures >= self.attempts:
+            self._give_up(stream, feed, f"{why}; gave up after {at.failures} failed attempts")
+            return None
+        if self.give_up_s and silent >= self.give_up_s:
+            self._give_up(stream, feed, f"{why}; gave up after {silent:.1f} s without a frame "
+                                        f"(give_up_s {self.give_up_s:g})")
+            return None
+        wait = backoff(at.tries, self.retry, self.retry_max)
+        wait = min(wait, self.give_up_s - silent) if self.give_up_s else wait  # one last try at the limit
+        self.log.warning("%s: %s; retry %d in %.3g s", stream, why, at.failures, wait)
+        return wait
 
     def _join(self, threads: list[threading.Thread], frames: queue.Queue) -> None:
         """Wait for the decoding threads, discarding (and counting) frames they still queue; a thread blocked

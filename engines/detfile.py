@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from graphflow import Engine, Message, Param, ParamError
+from graphflow import Detections, Engine, Message, Param, ParamError
+from graphflow.detections import BOX_DECIMALS
 from graphflow.vision.mot import MotFormatError, MotTable, read_mot
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,11 @@ class _Sequence:
     size: dict[str, int]
 
 
-def detections(table: MotTable, rows: slice) -> list[dict[str, Any]]:
+def detections(table: MotTable, rows: slice) -> Detections:
     """The data-contract detections of one frame's rows (label "person", class 0)."""
-    boxes = np.round(table.boxes[rows], 2).tolist()
-    return [{"box": box, "score": score, "class_id": CLASS_ID, "label": LABEL}
-            for box, score in zip(boxes, table.conf[rows].tolist())]
+    n = rows.stop - rows.start
+    return Detections(np.round(table.boxes[rows], BOX_DECIMALS), table.conf[rows], np.full(n, CLASS_ID, np.int32),
+                      [LABEL] * n)
 
 
 class DetFile(Engine):
@@ -108,4 +109,4 @@ class DetFile(Engine):
                               data={"detections": detections(seq.table, rows), **seq.size})
 
     def metrics(self) -> dict[str, Any]:
-        return {"rows": sum(len(s.table) for s in getattr(self, "_sequences", ()))}
+        return {"rows": sum(len(s.table) for s in self._sequences)}

@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from graphflow import Message, Param, ParamError, StreamEnd
-from graphflow.channel import Closed
+from graphflow import Message, Param, ParamError, Stopped, StreamEnd
 from graphflow.batching import (DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler,
                                        WorkerFailures)
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.frames import FrameEngine
 from graphflow.vision.gpudecode import is_gpu_frame, letterbox_nv12_batch
 from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
-from graphflow.vision.models import (BACKENDS, REGISTRY, ModelSpec, make_backend, powers_of_two, resolve_model,
-                                     stack_batch)
+from graphflow.vision.backends import BACKENDS, make_backend, powers_of_two, stack_batch
+from graphflow.vision.models import REGISTRY, ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,6 @@ class Infer(FrameEngine):
         return frozenset(ids)
 
     def setup(self) -> None:
-        self.check()  # again: with process placement the engine may be rebuilt after validation
         self.runners = [make_backend(self.backend, self.threads, self.max_batch) for _ in range(self.instances)]
         for runner in self.runners:
             runner.load(self.spec.path)
@@ -160,7 +158,7 @@ class Infer(FrameEngine):
                 for size in powers_of_two(self.max_batch):
                     run(np.zeros((size, 3, height, width), np.float32))
             if self.letterbox:  # and the batch letterbox: CuPy, its kernel and the pinned upload buffer load on first
-                # use, which held a fresh process's first batch long enough for live streams to drop frames
+                # use, which would hold a fresh process's first batch long enough for live streams to drop frames
                 frames = [np.zeros((height, width, 3), np.uint8)] * self.max_batch
                 for runner in self.runners:
                     runner.prepare(letterbox_batch_cupy(frames, self.spec.preprocess, ["bgr"] * len(frames),
@@ -252,15 +250,11 @@ class Infer(FrameEngine):
         self.failures.raise_any()
 
     def teardown(self) -> None:
-        if getattr(self, "pipeline", None) is not None:
-            self.pipeline.stop()
+        self.pipeline.stop()
 
     def metrics(self) -> dict[str, Any]:
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is None:
-            return super().metrics()
-        return {**scheduler.metrics(), **super().metrics(),
-                "streams_held": len(scheduler.queues.keys() | self._queued.keys() | self._held.keys())}
+        return {**self.scheduler.metrics(), **super().metrics(),
+                "streams_held": len(self.scheduler.queues.keys() | self._queued.keys() | self._held.keys())}
 
     def _counted(self, work: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """`work` for a worker thread, its time counted as this engine's busy time (the model runs off process())."""
@@ -314,7 +308,7 @@ class Infer(FrameEngine):
             with self._order_lock:
                 self._left[msg.stream] = ticket
                 self._release(msg.stream, ticket)
-        except Closed:  # the graph is shutting down: nothing downstream takes frames any more
+        except Stopped:  # the graph is shutting down: nothing downstream takes frames any more
             self.pipeline.stop(timeout=0)
 
     def _failed(self, batch: list[Queued], exc: BaseException) -> None:

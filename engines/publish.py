@@ -21,10 +21,10 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from graphflow import Engine, Message, Param, ParamError
+from graphflow import Detections, Engine, Message, Param, ParamError
 from graphflow.backoff import backoff
 from graphflow.spool import MemoryQueue, Outbox, Spool
-from graphflow.vision.mot import mot_lines
+from graphflow.vision.mot import track_lines
 from graphflow.vision.osd import Overlay, VideoWriter
 
 from .sink import message_record
@@ -62,6 +62,11 @@ def records(msg: Message, what: str) -> list[dict[str, Any]]:
     if what == "frames":
         return [message_record(msg)]
     return [{"stream": msg.stream, "frame": msg.seq, **event} for event in msg.data.get("events", ())]
+
+
+def record_count(msg: Message, what: str) -> int:
+    """How many records `records(msg, what)` gives, without making them."""
+    return 1 if what == "frames" else len(msg.data.get("events", ()))
 
 
 def _check_dir(field: str, path: str) -> None:
@@ -209,7 +214,7 @@ class JsonlSink(Output):
                 raise ParamError(self.field("path"), f"cannot open {self.path!r} ({exc.strerror})") from None
 
     def units(self, msg: Message) -> int:
-        return len(records(msg, self.what))
+        return record_count(msg, self.what)
 
     def write(self, msg: Message) -> None:
         lines = [_dump(r) + "\n" for r in records(msg, self.what)]
@@ -371,7 +376,7 @@ class BrokerSink(BufferedSink):
         return [{"id": uuid.uuid4().hex, **r} for r in records(msg, self.what)]
 
     def units(self, msg: Message) -> int:
-        return len(records(msg, self.what))
+        return record_count(msg, self.what)
 
     def start(self) -> None:
         self.thread.start()
@@ -631,10 +636,11 @@ class SnapshotSink(BufferedSink):
             return []
         image = msg.image
         rgb = msg.data.get("color", "bgr") == "rgb"
-        boxes = {t.get("track_id"): t["box"] for t in msg.data.get("tracks", ())}
+        tracks = Detections.of(msg.data.get("tracks"), "data['tracks']")
+        boxes = dict(zip(tracks.track_ids.tolist(), tracks.rounded_boxes().tolist()))
         if self.mode == "annotated":
             overlay = self.overlays.setdefault(msg.stream, Overlay(trail=0))
-            image = overlay.render(image, msg.seq, msg.data.get("tracks", ()), msg.data.get("rules", ()), events,
+            image = overlay.render(image, msg.seq, tracks, msg.data.get("rules", ()), events,
                                    msg.data.get("color", "bgr"))
         out = []
         for event in events:
@@ -764,8 +770,7 @@ class MotSink(Output):
         if file is None:
             file = self.files[msg.stream] = open(stream_path(self.path, msg.stream), "w")
         if tracks:
-            file.write(mot_lines(msg.seq + 1, [t["track_id"] for t in tracks], [t["box"] for t in tracks],
-                                 [t.get("score", 1.0) for t in tracks]))
+            file.write(track_lines(msg.seq + 1, Detections.of(tracks, "data['tracks']")))
         self.written += 1
 
     def flush(self) -> None:
@@ -828,7 +833,7 @@ class Publish(Engine):
             out.start()
 
     def _buffered(self) -> list[BufferedSink]:
-        return [out for out in getattr(self, "outs", ()) if isinstance(out, BufferedSink)]
+        return [out for out in self.outs if isinstance(out, BufferedSink)]
 
     @property
     def failures(self) -> int:
@@ -843,7 +848,7 @@ class Publish(Engine):
     @property
     def lost(self) -> int:
         """Items the sinks did not write: dropped, undelivered at shutdown, or refused by a failed sink."""
-        return sum(out.lost for out in getattr(self, "outs", ()))
+        return sum(out.lost for out in self.outs)
 
     def process(self, msg: Message) -> None:
         for out in self.outs:
@@ -859,15 +864,14 @@ class Publish(Engine):
             out.ended(stream)
 
     def metrics(self) -> dict[str, Any]:
-        outs = getattr(self, "outs", ())
         held = set().union(*(getattr(out, "writers", {}).keys() | getattr(out, "files", {}).keys()
-                             | getattr(out, "overlays", {}).keys() for out in outs))
+                             | getattr(out, "overlays", {}).keys() for out in self.outs))
         return {"lost": self.lost, "failures": self.failures, "dropped": self.dropped, "streams_held": len(held),
-                "sinks": {f"{out.index}:{out.kind}": out.metrics() for out in outs}}
+                "sinks": {f"{out.index}:{out.kind}": out.metrics() for out in self.outs}}
 
     def _close(self, outs: list[Output]) -> None:
         for out in outs:
             out.finish()
 
     def teardown(self) -> None:
-        self._close(getattr(self, "outs", []))
+        self._close(self.outs)

@@ -94,7 +94,6 @@ class Rule(FrameEngine):
 
     def metrics(self) -> dict[str, Any]:
         """Events so far per stream ("door cross A->B": 3), for the run summary, and messages passed on."""
-        ruleset = getattr(self, "ruleset", None)
-        counts = {**getattr(self, "ended", {}), **getattr(self, "counts", {})}
+        counts = {**self.ended, **self.counts}
         return {**super().metrics(), "events": {s: dict(c) for s, c in counts.items()},
-                "streams_held": len(ruleset.streams.keys() | ruleset.own.keys()) if ruleset is not None else 0}
+                "streams_held": len(self.ruleset.streams.keys() | self.ruleset.own.keys())}

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from graphflow import Message, Param, ParamError, StreamEnd
-from graphflow.channel import Closed
+from graphflow import Detections, Message, Param, ParamError, Stopped, StreamEnd
 from graphflow.modeltools import image_layout, input_size, inspect_model, metadata_names
 from graphflow.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
 from graphflow.vision.crops import NORMALIZE_MODES, RESIZE_MODES, CropSpec, Reuse, classify, crop_tensor
@@ -124,7 +123,6 @@ class Secondary(FrameEngine):
     def setup(self) -> None:
         import onnxruntime as ort
 
-        self.check()  # again: with process placement the engine may be rebuilt after validation
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -148,12 +146,12 @@ class Secondary(FrameEngine):
                 return work(arg)
         return counted
 
-    def _objects(self, msg: Message) -> tuple[str | None, list[dict]]:
+    def _objects(self, msg: Message) -> tuple[str | None, Detections]:
         """(field, objects) of a frame: tracks or detections as `field` says."""
         name = self.field
         if name == "auto":
             name = "tracks" if "tracks" in msg.data else "detections"
-        return (name, msg.data[name]) if name in msg.data else (None, [])
+        return (name, Detections.of(msg.data[name], f"data['{name}']")) if name in msg.data else (None, Detections())
 
     def process(self, msg: Message) -> None:
         name, objects = self._objects(msg)
@@ -161,21 +159,25 @@ class Secondary(FrameEngine):
                           "data['detections']", "put secondary after infer (or track), on decoded frames"):
             return
         picks = []
+        boxes = objects.rounded_boxes()
+        wanted = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= self.min_size
+        if self.classes:
+            wanted &= np.array([label in self.classes for label in objects.labels.tolist()], bool)
         with self.reuse_lock:
             self.reuse.forget_old(msg.stream, msg.seq)
-            for i, obj in enumerate(objects):
-                box = obj["box"]
-                if (self.classes and obj.get("label") not in self.classes) or \
-                        min(box[2] - box[0], box[3] - box[1]) < self.min_size:
+            for i, box, track, ok in zip(range(len(boxes)), boxes.tolist(), objects.track_ids.tolist(),
+                                         wanted.tolist()):
+                if not ok:
                     self.counts["crops_skipped"] += 1
                     continue
                 self.counts["objects"] += 1
-                track = obj.get("track_id")
-                if track is None or self.reuse.due(msg.stream, track, msg.seq, box):
+                if track < 0 or self.reuse.due(msg.stream, track, msg.seq, box):
                     picks.append(i)
                 else:
                     self.counts["crops_reused"] += 1
         self.counts["crops_inferred"] += len(picks)
+        if name is not None and not isinstance(msg.data[name], Detections):  # the typed form from here on
+            msg = Message(msg.stream, msg.seq, msg.pts, {**msg.data, name: objects}, msg.arrays, msg.times, msg.port)
         self.scheduler.put(msg.stream, Job(msg, name, picks), msg.times.get("capture"), self.stopping)
         self.failures.raise_any()
 
@@ -196,10 +198,10 @@ class Secondary(FrameEngine):
             job = q.item
             if not job.picks:  # a message passed on, a stream's end: nothing to crop
                 continue
-            image, objects = job.msg.arrays.get("image"), job.msg.data.get(job.field, [])
+            image, boxes = job.msg.arrays.get("image"), job.msg.data[job.field].rounded_boxes().tolist()
             color = job.msg.data.get("color", "bgr")
             for i in job.picks:
-                crop_tensor(image, objects[i]["box"], self.crop, color, out=crops[k])
+                crop_tensor(image, boxes[i], self.crop, color, out=crops[k])
                 k += 1
         return crops, [len(q.item.picks) for q in batch]
 
@@ -223,26 +225,26 @@ class Secondary(FrameEngine):
                     self.reuse.end(msg.stream)
                 self.scheduler.forget(msg.stream)
             return
-        objects = [dict(o) for o in msg.data[job.field]]
+        objects = msg.data[job.field]
+        attributes = objects.attributes.copy()
         decode = ctc_decode if self.task_kind == "text" else classify
         results = dict(zip(job.picks, (decode(row, self.names) for row in output)))
         with self.reuse_lock:
-            for i, obj in enumerate(objects):
-                track = obj.get("track_id")
+            for i, track in enumerate(objects.track_ids.tolist()):
                 if i in results:
-                    obj["attributes"] = results[i]
-                    if track is not None:
+                    attributes[i] = results[i]
+                    if track >= 0:
                         self.reuse.store(msg.stream, track, results[i])
-                elif track is not None and (carried := self.reuse.carried(msg.stream, track)) is not None:
-                    obj["attributes"] = carried
-        self._send_on(Message(msg.stream, msg.seq, msg.pts, {**msg.data, job.field: objects}, msg.arrays, msg.times,
-                              msg.port))
+                elif track >= 0 and (carried := self.reuse.carried(msg.stream, track)) is not None:
+                    attributes[i] = carried
+        data = {**msg.data, job.field: objects.replace(attributes=attributes)}
+        self._send_on(Message(msg.stream, msg.seq, msg.pts, data, msg.arrays, msg.times, msg.port))
 
     def _send_on(self, msg: Message | StreamEnd) -> None:
         """Send from the finishing thread; a closed output means the graph is stopping."""
         try:
             self.send(msg)
-        except Closed:  # the graph is shutting down: nothing downstream takes frames any more
+        except Stopped:  # the graph is shutting down: nothing downstream takes frames any more
             self.pipeline.stop(timeout=0)
 
     def _failed(self, batch: list[Queued], exc: BaseException) -> None:
@@ -256,11 +258,7 @@ class Secondary(FrameEngine):
         self.failures.raise_any()
 
     def teardown(self) -> None:
-        if getattr(self, "pipeline", None) is not None:
-            self.pipeline.stop()
+        self.pipeline.stop()
 
     def metrics(self) -> dict[str, Any]:
-        counts = dict(getattr(self, "counts", {}))
-        scheduler = getattr(self, "scheduler", None)
-        extra = scheduler.metrics() if scheduler is not None else {}
-        return {**extra, **counts, **super().metrics()}
+        return {**self.scheduler.metrics(), **self.counts, **super().metrics()}

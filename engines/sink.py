@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from graphflow import Engine, Message, Param, ParamError
+from graphflow.detections import plain
 
 
 def message_record(msg: Message, arrays: bool = False) -> dict[str, Any]:
     """A message as a JSON-ready dict: stream, seq, pts, data, times (and array shapes if asked)."""
-    record: dict[str, Any] = {"stream": msg.stream, "seq": msg.seq, "pts": msg.pts, **msg.data}
+    record: dict[str, Any] = {"stream": msg.stream, "seq": msg.seq, "pts": msg.pts, **plain(msg.data)}
     if arrays:
         record["arrays"] = {k: [list(a.shape), a.dtype.str] for k, a in msg.arrays.items()}
     record["times"] = msg.times
@@ -42,7 +43,7 @@ class Sink(Engine):
         self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def teardown(self) -> None:
-        if getattr(self, "file", None) is not None and self.file is not sys.stdout:
-            self.file.close()
-        elif getattr(self, "file", None) is sys.stdout:
+        if self.file is sys.stdout:
             sys.stdout.flush()
+        else:
+            self.file.close()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphflow import Message, Param, ParamError
+from graphflow import Detections, Message, Param, ParamError
+from graphflow.detections import BOX_DECIMALS, SCORE_DECIMALS
 from graphflow.modeltools import inspect_model
 from graphflow.vision.crops import CropSpec, crop_tensor
 from graphflow.vision.frames import FrameEngine
@@ -41,7 +42,6 @@ class TextDet(FrameEngine):
     def setup(self) -> None:
         import onnxruntime as ort
 
-        self.check()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         self.session = open_session(Path(self.path), options)
@@ -58,7 +58,8 @@ class TextDet(FrameEngine):
         prob = self.session.run(None, {self.input_name: tensor[None]})[0][0, 0]
         sx, sy = width / size[0], height / size[1]
         found = db_boxes(prob, self.thresh, self.box_thresh, self.unclip, self.min_size)
-        detections = [{"box": [round(b[0] * sx, 2), round(b[1] * sy, 2), round(b[2] * sx, 2), round(b[3] * sy, 2)],
-                       "score": round(score, 4), "class_id": 0, "label": "text"} for b, score in found]
+        boxes = np.array([box for box, _ in found], np.float64).reshape(-1, 4) * [sx, sy, sx, sy]
+        detections = Detections(np.round(boxes, BOX_DECIMALS), np.round([score for _, score in found], SCORE_DECIMALS),
+                                np.zeros(len(found), np.int32), ["text"] * len(found))
         self.send(Message(msg.stream, msg.seq, msg.pts, {**msg.data, "detections": detections}, msg.arrays,
                           msg.times, msg.port))

@@ -6,11 +6,9 @@ import logging
 
 from typing import Any
 
-import numpy as np
-
-from graphflow import Message, Param
+from graphflow import Detections, Message, Param
 from graphflow.vision.frames import FrameEngine
-from graphflow.vision.tracking import ByteTracker, IoUTracker, make_tracker
+from graphflow.vision.tracking import ByteTracker, IoUTracker, follow, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ class Track(FrameEngine):
         self.trackers.pop(stream, None)
 
     def metrics(self) -> dict[str, Any]:
-        return {**super().metrics(), "streams_held": len(getattr(self, "trackers", {}))}
+        return {**super().metrics(), "streams_held": len(self.trackers)}
 
     def process(self, msg: Message) -> None:
         dets = msg.data.get("detections")
@@ -56,9 +54,5 @@ class Track(FrameEngine):
         tracker = self.trackers.get(msg.stream)
         if tracker is None:
             tracker = self.trackers[msg.stream] = self._new_tracker()
-        boxes = np.array([d["box"] for d in dets], np.float64).reshape(-1, 4)
-        scores = np.array([d["score"] for d in dets], np.float64)
-        classes = np.array([d.get("class_id", 0) for d in dets], np.int64)
-        tracks = [{**dets[t.det_index], "box": [round(float(v), 2) for v in t.box], "score": round(t.score, 4),
-                   "track_id": t.track_id} for t in tracker.update(boxes, scores, classes)]
+        tracks = follow(tracker, Detections.of(dets, "data['detections']"))
         self.send(dataclasses.replace(msg, data={**msg.data, "tracks": tracks}))

@@ -105,91 +105,134 @@ OPENAPI: dict[str, Any] = {
 def create_app(controller: Controller, token: str | None = None) -> Any:
     """The Starlette app serving `controller`; `token`, when set, is required on POST/PUT/DELETE."""
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    wrap = _guarded(token)
+    routes = [*_stream_routes(controller, wrap), *_service_routes(controller, wrap),
+              *dashboard_routes(controller, wrap, _call)]
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+
+
+def _error(status: int, message: str) -> Any:
+    """The API's error answer: one line of JSON."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": _one_line(message)}, status_code=status)
+
+
+async def _body(request: Any) -> Any:
+    """The request's JSON body, refused over MAX_BODY bytes (declared or streamed) or when it does not parse."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except ValueError as exc:
+        raise ApiError(400, f"body is not JSON: {exc}") from None
+
+
+def _authorise(request: Any, token: str | None) -> None:
+    """Refuse a mutating request without the service token (when one is set)."""
+    if token is None or request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Controller calls may wait on engines: run them off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _failure(request: Any, exc: Exception) -> Any:
+    """The answer to what a handler raised: a status per kind of error, or 500 for a bug of ours (one line for the
+    client, the traceback in the server's log). Call it from the `except` block."""
+    if isinstance(exc, ApiError):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, KeyError):
+        return _error(404, f"no stream {exc.args[0]!r}")
+    if isinstance(exc, FileExistsError):
+        return _error(409, str(exc))
+    if isinstance(exc, (GraphflowError, ValueError)):
+        return _error(400, str(exc))
+    if isinstance(exc, TimeoutError):
+        return _error(503, str(exc))
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _guarded(token: str | None) -> Any:
+    """A wrapper for handlers: the token check first, and every error answered as one line of JSON."""
+    def wrap(handler: Any) -> Any:
+        async def endpoint(request: Any) -> Any:
+            try:
+                _authorise(request, token)
+                return await handler(request)
+            except Exception as exc:
+                return _failure(request, exc)
+        return endpoint
+    return wrap
+
+
+async def _not_found(request: Any, exc: Exception) -> Any:
+    return _error(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: "
+                  f"{getattr(exc, 'detail', 'not found')}")
+
+
+def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
+    """Streams (list, add, get, remove), a stream's rules, and the events (recent, and live)."""
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": _one_line(message)}, status_code=status)
-
-    async def body(request: Request) -> Any:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        try:
-            return json.loads(raw or b"null")
-        except ValueError as exc:
-            raise ApiError(400, f"body is not JSON: {exc}") from None
-
-    def authorised(request: Request) -> None:
-        if token is None or request.method in ("GET", "HEAD", "OPTIONS"):
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
-
-    async def call(fn: Any, *args: Any) -> Any:
-        """Controller calls may wait on engines: run them off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    def wrap(handler: Any) -> Any:
-        async def endpoint(request: Request) -> Response:
-            try:
-                authorised(request)
-                return await handler(request)
-            except ApiError as exc:
-                return error(exc.status, str(exc))
-            except KeyError as exc:
-                return error(404, f"no stream {exc.args[0]!r}")
-            except FileExistsError as exc:
-                return error(409, str(exc))
-            except (GraphflowError, ValueError) as exc:
-                return error(400, str(exc))
-            except TimeoutError as exc:
-                return error(503, str(exc))
-            except Exception as exc:  # a bug of ours: one line for the client, the traceback in the server's log
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error(500, f"internal error: {type(exc).__name__}: {exc}")
-        return endpoint
-
-    async def list_streams(request: Request) -> Response:
+    async def list_streams(request: Any) -> Response:
         if request.method == "POST":
-            spec = await body(request)
+            spec = await _body(request)
             if not isinstance(spec, dict):
                 raise ApiError(400, "body must be a JSON object with at least 'id' and 'uri'")
-            return JSONResponse(await call(controller.add_stream, spec), status_code=201)
-        return JSONResponse(await call(controller.streams))
+            return JSONResponse(await _call(controller.add_stream, spec), status_code=201)
+        return JSONResponse(await _call(controller.streams))
 
-    async def one_stream(request: Request) -> Response:
+    async def one_stream(request: Any) -> Response:
         stream = request.path_params["id"]
         if request.method == "DELETE":
-            await call(controller.remove_stream, stream)
+            await _call(controller.remove_stream, stream)
             return Response(status_code=204)
-        return JSONResponse(await call(controller.stream, stream))
+        return JSONResponse(await _call(controller.stream, stream))
 
-    async def rules(request: Request) -> Response:
+    async def rules(request: Any) -> Response:
         stream = request.path_params["id"]
         if request.method == "PUT":
-            new = await body(request)
+            new = await _body(request)
             if not isinstance(new, list):
                 raise ApiError(400, "body must be a JSON list of rules")
-            return JSONResponse(await call(controller.set_rules, stream, new))
-        return JSONResponse(await call(controller.rules, stream))
+            return JSONResponse(await _call(controller.set_rules, stream, new))
+        return JSONResponse(await _call(controller.rules, stream))
 
-    async def events(request: Request) -> Response:
+    async def events(request: Any) -> Response:
         q = request.query_params
         try:
             since = float(q["since"]) if "since" in q else None
             limit = min(max(int(q.get("limit", 100)), 1), 10_000)
         except ValueError:
             raise ApiError(400, "since must be a number (epoch seconds) and limit an integer") from None
-        return JSONResponse(await call(controller.events, q.get("stream"), q.get("kind"), since, limit))
+        return JSONResponse(await _call(controller.events, q.get("stream"), q.get("kind"), since, limit))
 
-    async def live(request: Request) -> Response:
+    return [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
+            Route("/streams/{id}", wrap(one_stream), methods=["GET", "DELETE"]),
+            Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
+            Route("/events", wrap(events)), Route("/events/live", _live_events(controller))]
+
+
+def _live_events(controller: Controller) -> Any:
+    """The endpoint of `/events/live[?stream=ID]`: events as Server-Sent Events while the client stays, with a
+    keep-alive comment every second without one."""
+    from starlette.responses import Response, StreamingResponse
+
+    async def live(request: Any) -> Response:
         queue = controller.subscribe()
         stream_filter = request.query_params.get("stream")
 
@@ -208,37 +251,34 @@ def create_app(controller: Controller, token: str | None = None) -> Any:
             finally:
                 controller.unsubscribe(queue)
         return StreamingResponse(feed(), media_type="text/event-stream")
+    return live
 
-    async def graph(request: Request) -> Response:
-        return JSONResponse(await call(controller.graph))
 
-    async def metrics(request: Request) -> Response:
-        data, content_type = await call(controller.metrics)
+def _service_routes(controller: Controller, wrap: Any) -> list[Any]:
+    """The service as a whole: its graph, metrics, health, readiness and this API's OpenAPI description."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def graph(request: Any) -> Response:
+        return JSONResponse(await _call(controller.graph))
+
+    async def metrics(request: Any) -> Response:
+        data, content_type = await _call(controller.metrics)
         return Response(data, media_type=content_type)
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(request: Any) -> Response:
         ok = controller.healthy()
         return JSONResponse({"ok": ok}, status_code=200 if ok else 503)
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: Any) -> Response:
         ok = controller.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    async def openapi(request: Request) -> Response:
+    async def openapi(request: Any) -> Response:
         return JSONResponse(OPENAPI)
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return error(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: "
-                     f"{getattr(exc, 'detail', 'not found')}")
-
-    routes = [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
-              Route("/streams/{id}", wrap(one_stream), methods=["GET", "DELETE"]),
-              Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
-              Route("/events", wrap(events)), Route("/events/live", live), Route("/graph", wrap(graph)),
-              Route("/metrics", wrap(metrics)), Route("/healthz", healthz), Route("/readyz", readyz),
-              Route("/openapi.json", openapi)]
-    routes += dashboard_routes(controller, wrap, call)
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    return [Route("/graph", wrap(graph)), Route("/metrics", wrap(metrics)), Route("/healthz", healthz),
+            Route("/readyz", readyz), Route("/openapi.json", openapi)]
 
 
 def _take(queue: Any, timeout: float) -> list[dict[str, Any]] | None:
@@ -290,22 +330,37 @@ def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
     first numbered above N, its number in X-Preview; 204 while there is none), its rule figures
     (`preview.json`), the picture of an event's frame (`events/{frame}.jpg`) and the graph picture (`/graph.png`).
     Previews come from `controller.previews` (graphflow.preview.Previews); without it they answer 404."""
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import FileResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
-
-    def previews_of(stream: str) -> Any:
-        previews = getattr(controller, "previews", None)
-        if previews is None:
-            raise ApiError(404, "live previews are off in this service")
-        return previews
 
     async def index(request: Any) -> Response:
         return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
 
+    return [Route("/", index), Mount("/web", StaticFiles(directory=WEB), name="web"),
+            Route("/streams/{id}/preview.mjpg", wrap(_mjpeg(controller, call))),
+            Route("/streams/{id}/preview.jpg", wrap(_snapshot(controller, call))),
+            Route("/streams/{id}/preview.json", wrap(_figures(controller, call))),
+            Route("/streams/{id}/events/{frame:int}.jpg", wrap(_event_picture(controller))),
+            Route("/graph.png", wrap(_graph_picture(controller, call)))]
+
+
+def _previews(controller: Controller) -> Any:
+    """The controller's live previews; ApiError 404 when the service keeps none."""
+    previews = getattr(controller, "previews", None)
+    if previews is None:
+        raise ApiError(404, "live previews are off in this service")
+    return previews
+
+
+def _mjpeg(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.mjpg`: a multipart JPEG stream, the stream watched while the client stays; it ends
+    when the stream is removed."""
+    from starlette.responses import Response, StreamingResponse
+
     async def mjpeg(request: Any) -> Response:
         stream = request.path_params["id"]
-        previews = previews_of(stream)
+        previews = _previews(controller)
         await call(controller.stream, stream)
 
         async def feed() -> Any:
@@ -324,10 +379,17 @@ def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
                            f"\r\nX-Frame: {preview.frame}\r\n\r\n").encode() + preview.jpeg + b"\r\n"
         return StreamingResponse(feed(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
                                  headers={"Cache-Control": "no-cache, no-store"})
+    return mjpeg
+
+
+def _snapshot(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.jpg[?after=N]`: one JPEG, fresh or the first numbered above N, waiting for it up to
+    SNAPSHOT_WAIT_S; the stream's previews then keep coming SNAPSHOT_HOLD_S for the page's next poll."""
+    from starlette.responses import Response
 
     async def snapshot(request: Any) -> Response:
         stream = request.path_params["id"]
-        previews = previews_of(stream)
+        previews = _previews(controller)
         await call(controller.stream, stream)
         try:
             after = int(request.query_params.get("after", -1))
@@ -343,29 +405,42 @@ def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
         return Response(preview.jpeg, media_type="image/jpeg", headers={
             "Cache-Control": "no-store", "X-Preview": str(preview.n), "X-Frame": str(preview.frame)})
+    return snapshot
+
+
+def _figures(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.json`: the stream's rule figures and frame size, and how many watch it."""
+    from starlette.responses import JSONResponse, Response
 
     async def figures(request: Any) -> Response:
         stream = request.path_params["id"]
-        previews = previews_of(stream)
+        previews = _previews(controller)
         await call(controller.stream, stream)
         return JSONResponse({"viewers": previews.viewers(stream), **previews.info(stream)})
+    return figures
+
+
+def _event_picture(controller: Controller) -> Any:
+    """The endpoint of `events/{frame}.jpg`: the kept picture of an event's frame, 404 when it was not kept."""
+    from starlette.responses import Response
 
     async def event_picture(request: Any) -> Response:
         stream, frame = request.path_params["id"], request.path_params["frame"]
-        preview = previews_of(stream).picture(stream, frame)
+        preview = _previews(controller).picture(stream, frame)
         if preview is None:
             raise ApiError(404, f"no picture of frame {frame} of stream {stream!r} "
                                 "(only the last ones watched are kept)")
         return Response(preview.jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    return event_picture
+
+
+def _graph_picture(controller: Controller, call: Any) -> Any:
+    """The endpoint of `/graph.png`: the controller's drawing of the graph, 404 when it draws none."""
+    from starlette.responses import Response
 
     async def graph_picture(request: Any) -> Response:
         draw = getattr(controller, "graph_png", None)
         if draw is None:
             raise ApiError(404, "this service draws no graph picture")
         return Response(await call(draw), media_type="image/png")
-
-    return [Route("/", index), Mount("/web", StaticFiles(directory=WEB), name="web"),
-            Route("/streams/{id}/preview.mjpg", wrap(mjpeg)), Route("/streams/{id}/preview.jpg", wrap(snapshot)),
-            Route("/streams/{id}/preview.json", wrap(figures)),
-            Route("/streams/{id}/events/{frame:int}.jpg", wrap(event_picture)),
-            Route("/graph.png", wrap(graph_picture))]
+    return graph_picture

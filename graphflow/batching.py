@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .engine import Param
+from .fields import schema
+
 log = logging.getLogger(__name__)
 
 DROP_POLICIES = ("block", "latest", "drop_oldest")
@@ -27,24 +30,29 @@ RETIRED_KEEP = 256  # ended streams whose records stay for the summary
 POLL_S = 0.1  # how often blocked threads look at stop requests
 
 
+BATCH_POLICY = schema(
+    max_batch=Param(int, 1, ge=1, doc="most frames in one batch"),
+    max_wait_s=Param(float, 0.0, ge=0.0, doc="seconds the oldest queued frame waits for its batch to fill"),
+    queue=Param(int, 8, ge=1, doc="frames queued per stream before the drop policy applies"),
+    drop=Param(str, "block", choices=DROP_POLICIES,
+               doc="a full stream queue: block the sender, keep only the newest frame, or drop the oldest"),
+    target_latency_s=Param(float, 0.0, ge=0.0, doc="worst per-stream p95 latency the batch cap adapts to (0: off)"))
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How frames become batches: size and wait limits, per-stream queue bound, drop policy, latency target."""
+    """How frames become batches: size and wait limits, per-stream queue bound, drop policy, latency target; each
+    field checked by its Param in BATCH_POLICY (ParamError naming the field)."""
 
-    max_batch: int = 1
-    max_wait_s: float = 0.0
-    queue: int = 8
-    drop: str = "block"
-    target_latency_s: float = 0.0
+    max_batch: int = BATCH_POLICY["max_batch"].default
+    max_wait_s: float = BATCH_POLICY["max_wait_s"].default
+    queue: int = BATCH_POLICY["queue"].default
+    drop: str = BATCH_POLICY["drop"].default
+    target_latency_s: float = BATCH_POLICY["target_latency_s"].default
 
     def __post_init__(self) -> None:
-        checks = (("max_batch", self.max_batch >= 1, "≥ 1"), ("max_wait_s", self.max_wait_s >= 0, "≥ 0"),
-                  ("queue", self.queue >= 1, "≥ 1"), ("target_latency_s", self.target_latency_s >= 0, "≥ 0"))
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"batch policy {name}: must be {rule} (got {getattr(self, name)!r})")
-        if self.drop not in DROP_POLICIES:
-            raise ValueError(f"batch policy drop: must be one of {', '.join(DROP_POLICIES)} (got {self.drop!r})")
+        for name, p in BATCH_POLICY.items():
+            object.__setattr__(self, name, p.coerce(getattr(self, name)))
 
 
 @dataclass
@@ -407,6 +415,16 @@ class Scheduler:
                     return batch
                 self.cond.wait(delay)
             return None
+
+    def poll(self) -> list[Queued] | None:
+        """The batch `take` would return now, or None at once when none is due: for a caller that keeps its own
+        time (a simulation on a fake clock)."""
+        with self.cond:
+            if self.aborted or self._due() != 0.0:
+                return None
+            batch = self._form()
+            self.cond.notify_all()
+            return batch
 
     def close(self) -> None:
         """End of input: queued frames are dispatched at once, then `take` returns None."""

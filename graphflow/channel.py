@@ -13,14 +13,19 @@ import msgpack
 import numpy as np
 import zmq
 
-from .message import EOS, EndOfStream, Message, StreamEnd
+from .message import EOS, EndOfStream, Message, StreamEnd, pack, unpack
 from .shm import ShmContext, ShmError
 
 log = logging.getLogger(__name__)
 BURST = 64  # messages a pump takes from one socket before it looks at the others
 
 
-class Closed(Exception):
+class Stopped(Exception):
+    """The graph is shutting down: nothing downstream takes messages any more. `Engine.send` raises it; an engine
+    that sends from its own threads catches it and stops them (public as `graphflow.Stopped`)."""
+
+
+class Closed(Stopped):
     """The channel was shut down while waiting."""
 
 
@@ -217,7 +222,7 @@ class LocalLink:
         if isinstance(msg, Message):
             _freeze(msg)
             if self.isolate:  # fan-out: each consumer gets its own metadata, as across processes
-                msg = Message(msg.stream, msg.seq, msg.pts, msgpack.unpackb(msgpack.packb(msg.data)),
+                msg = Message(msg.stream, msg.seq, msg.pts, unpack(pack(msg.data)),
                               dict(msg.arrays), dict(msg.times))
         self.inbox.put(self.index, msg, stop)
 
@@ -250,7 +255,7 @@ def encode(msg: Message | EndOfStream, shm: ShmContext | None = None, holder: st
     head = {"s": msg.stream, "q": msg.seq, "p": msg.pts, "d": msg.data, "t": msg.times, "a": specs}
     if dropped:
         head["x"] = dropped
-    return [msgpack.packb(head)] + frames
+    return [pack(head)] + frames
 
 
 def decode(frames: list[Any], shm: ShmContext | None = None) -> Message | EndOfStream:
@@ -261,7 +266,7 @@ def decode(frames: list[Any], shm: ShmContext | None = None) -> Message | EndOfS
 
 def _decode(frames: list[Any], shm: ShmContext | None) -> tuple[Message | StreamEnd | EndOfStream, dict[str, int]]:
     """`decode`, with what the producer reports it dropped before this message (per stream)."""
-    head = msgpack.unpackb(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    head = unpack(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
     dropped = head.get("x") or {}
     if head.get("eos"):
         return EOS, dropped

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,9 +73,49 @@ class Param:
         return f"{self.type.__name__} ({default}{rng}{choices}{kind}){' — ' + self.doc if self.doc else ''}"
 
 
+class EngineContext:
+    """An engine's one link to what runs it: `send` and `alloc` on its output ports, the `stopping` flag, its logger,
+    and the busy time its own threads report. The runtime (or `graphflow.testing.Harness`) makes one per running
+    engine and hands it over with `Engine.attach` before `setup()`; an engine not attached has one that cannot send."""
+
+    def __init__(self, engine_id: str, send: Callable[[Message | StreamEnd, str], None] | None = None,
+                 alloc: Callable[[tuple[int, ...], np.dtype, str], np.ndarray | None] | None = None,
+                 stopping: threading.Event | None = None, log: logging.Logger | None = None) -> None:
+        self.engine_id = engine_id
+        self._deliver = send
+        self._slot = alloc  # a writable array for a port (a shared-memory slot), or None: a plain array will do
+        self.stopping = stopping if stopping is not None else threading.Event()
+        self.log = log if log is not None else logging.getLogger(f"graphflow.engine.{engine_id}")
+        self.busy_s = 0.0  # wall time inside `busy()` blocks
+        self._busy_lock = threading.Lock()
+
+    def send(self, msg: Message | StreamEnd, port: str = "out") -> None:
+        """Deliver `msg` on an output port; raises Stopped once the graph shuts down."""
+        if self._deliver is None:
+            raise RuntimeError(f"engine {self.engine_id!r} is not running, it cannot send")
+        self._deliver(msg, port)
+
+    def alloc(self, shape: tuple[int, ...], dtype: Any = np.uint8, port: str = "out") -> np.ndarray:
+        """A writable array that `send` passes on without a copy where the port crosses processes."""
+        shape, dtype = tuple(shape), np.dtype(dtype)
+        arr = self._slot(shape, dtype, port) if self._slot is not None else None
+        return arr if arr is not None else np.empty(shape, dtype)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count the enclosed wall time as the engine's busy time (work on a thread the engine started)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self.busy_s += time.perf_counter() - t0
+
+
 class Engine:
     """A node of the graph. Subclasses declare `inputs`, `outputs` and `Param`s, then implement `process`
-    (or `generate` for a source). The runtime calls check → setup → process… → flush → teardown."""
+    (or `generate` for a source). The runtime calls check → setup → process… → flush → teardown; teardown only
+    when setup returned, so a setup that raises releases what it opened itself."""
 
     inputs: ClassVar[tuple[str, ...]] = ("in",)
     outputs: ClassVar[tuple[str, ...]] = ("out",)
@@ -85,15 +125,10 @@ class Engine:
 
     def __init__(self, engine_id: str = "", params: dict[str, Any] | None = None) -> None:
         self.id = engine_id or type(self).__name__.lower()
-        self.log = logging.getLogger(f"graphflow.engine.{self.id}")
-        self.stopping = threading.Event()
+        self._context = EngineContext(self.id)
         # set by the runtime before setup(): stream → seq of the last frame already delivered downstream; a
         # restarted source skips frames up to it instead of replaying them (empty on a first start)
         self.resume: dict[str, int] = {}
-        self._busy_s = 0.0  # wall time inside `busy()` blocks, from the engine's own threads
-        self._busy_lock = threading.Lock()
-        self._send: Callable[[Message, str], None] | None = None
-        self._alloc: Callable[[tuple, Any, str], np.ndarray] | None = None
         declared = self.declared_params()
         for name, value in (params or {}).items():
             if name not in declared:
@@ -124,8 +159,28 @@ class Engine:
     def check(self) -> None:
         """Deep validation of params before anything starts; raise ParamError(field, message)."""
 
+    def attach(self, context: EngineContext) -> None:
+        """Connect the engine to what runs it (the runtime, or a test harness); called before `setup()`."""
+        self._context = context
+
+    @property
+    def context(self) -> EngineContext:
+        """The link to what runs this engine: hand it to helper objects that send or count busy time."""
+        return self._context
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when the engine should stop: a source ends its `generate()`, worker threads stop waiting."""
+        return self._context.stopping
+
+    @property
+    def log(self) -> logging.Logger:
+        """This engine's logger (`graphflow.engine.<id>`)."""
+        return self._context.log
+
     def setup(self) -> None:
-        """Open what `process` needs (models, files, sockets)."""
+        """Open what `process` needs (models, files, sockets). If it raises, it must release what it opened:
+        `teardown()` runs only after a `setup()` that returned."""
 
     def process(self, msg: Message) -> Any:
         """Handle one input message; may send zero, one or many messages. May be `async def`."""
@@ -139,10 +194,11 @@ class Engine:
         """End of stream on every input: send what is still held back."""
 
     def teardown(self) -> None:
-        """Release what `setup` opened; always called once."""
+        """Release what `setup` opened; called once, after a `setup()` that returned."""
 
     def metrics(self) -> dict[str, Any]:
-        """Engine-specific figures (JSON-able) for progress, the launch summary and `--stats FILE`."""
+        """Engine-specific figures (JSON-able) for progress, the launch summary and `--stats FILE`; called only
+        after a `setup()` that returned."""
         return {}
 
     def on_stream_end(self, stream: str) -> None:
@@ -163,24 +219,14 @@ class Engine:
 
     def send(self, msg: Message, port: str = "out") -> None:
         """Send `msg` on an output port (from any thread of the engine). Do not modify `msg` or its
-        arrays after sending it."""
-        if self._send is None:
-            raise RuntimeError(f"engine {self.id!r} is not running, it cannot send")
-        self._send(msg, port)
+        arrays after sending it. Raises `graphflow.Stopped` when the graph is shutting down."""
+        self._context.send(msg, port)
 
-    @contextmanager
-    def busy(self) -> Iterator[None]:
+    def busy(self) -> AbstractContextManager[None]:
         """Count the enclosed work, done in a thread the engine started (e.g. a model run), as this engine's busy
         time; work in `process`/`generate` is counted already. Keep sends outside the block."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            with self._busy_lock:
-                self._busy_s += time.perf_counter() - t0
+        return self._context.busy()
 
     def alloc(self, shape: tuple[int, ...], dtype: Any = np.uint8, port: str = "out") -> np.ndarray:
         """A writable array that `send` passes on without a copy (a shared-memory slot across processes)."""
-        if self._alloc is None:
-            return np.empty(shape, dtype)
-        return self._alloc(tuple(shape), np.dtype(dtype), port)
+        return self._context.alloc(shape, dtype, port)

@@ -8,13 +8,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import Engine
+from .engine import Engine, Param
 
 EACH = None  # a pattern step standing for every item of a list
 KINDS = ("read", "write", "state", "bind", "module")  # state: a folder an engine keeps and reuses
 PATHS = ("read", "write", "state")  # kinds whose values are files or folders
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 STEP = re.compile(r"\[\]|[^.\[\]]+")
+
+
+def schema(**params: Param) -> dict[str, Param]:
+    """Named Params declaring the fields of a structure that is not an engine (graph settings, nodes, edges, batch
+    policy), so they are checked, documented and listed like engine params."""
+    for name, p in params.items():
+        p.name = name
+    return params
 
 
 @dataclass(frozen=True)

@@ -31,19 +31,13 @@ MAX_DIGITS = 30  # longer integers in a graph file are a mistake (and slow to pa
 MAX_QUEUE = 10_000  # messages queued on one connection; frame slots per connection
 
 
-def _schema(**params: Param) -> dict[str, Param]:
-    """Named Params describing the fields of one part of a graph file."""
-    for name, p in params.items():
-        p.name = name
-    return params
-
-
-TOP = _schema(name=Param(str, "", doc="graph name (default: the file name without .json)"),
-              description=Param(str, "", doc="free text for people"),
-              engines=Param(dict, {}, doc="engine id → engine"),
-              connections=Param(list, [], doc='["a.out", "b.in"] or {"from", "to", ...}'),
-              settings=Param(dict, {}, doc="run settings"))
-SETTINGS = _schema(
+TOP = fields.schema(
+    name=Param(str, "", doc="graph name (default: the file name without .json)"),
+    description=Param(str, "", doc="free text for people"),
+    engines=Param(dict, {}, doc="engine id → engine"),
+    connections=Param(list, [], doc='["a.out", "b.in"] or {"from", "to", ...}'),
+    settings=Param(dict, {}, doc="run settings"))
+SETTINGS = fields.schema(
     queue_capacity=Param(int, 8, ge=1, le=MAX_QUEUE, doc="default capacity of a connection, in messages"),
     shutdown_timeout=Param(float, 10.0, ge=0.1, le=3600.0, doc="seconds engines get to drain and stop"),
     stats_interval=Param(float, 0.5, ge=0.01, le=3600.0, doc="seconds between statistics reports"),
@@ -51,19 +45,22 @@ SETTINGS = _schema(
                          doc="seconds without a death after which an engine's max_restarts budget is whole again"),
     watchdog_s=Param(float, 30.0, ge=0.0, le=86400.0,
                      doc="report an engine holding one message, or a process silent, longer than this (0: off)"))
-NODE = _schema(type=Param(str, doc="built-in engine name or package.module:Class"),
-               placement=Param(str, "thread", doc="thread, process or process:NAME"),
-               params=Param(dict, {}, doc="the engine's params"),
-               on_error=Param(str, "skip", choices=ON_ERROR, doc="an error in process(): skip the message or stop"),
-               restart=Param(str, "never", choices=RESTART, doc="restart a process engine that dies"),
-               max_restarts=Param(int, 3, ge=0, le=1000, doc="restarts before the engine is given up"),
-               max_rss_mb=Param(int, 0, ge=0, le=10_000_000,
-                                doc="a process engine using more memory (MB) is killed and reported (0: no limit)"))
-EDGE = _schema(**{"from": Param(str, doc="engine.port sending"), "to": Param(str, doc="engine.port receiving"),
-                  "policy": Param(str, "block", choices=DROP_POLICIES, doc="what a full queue does"),
-                  "capacity": Param(int, 8, ge=1, le=MAX_QUEUE, doc="messages queued (default: queue_capacity)"),
-                  "feedback": Param(bool, False, doc="an intended cycle"),
-                  "slots": Param(int, 0, ge=0, le=MAX_QUEUE, doc="shared-memory frame slots (0: 2 × capacity + 8)")})
+NODE = fields.schema(
+    type=Param(str, doc="built-in engine name or package.module:Class"),
+    placement=Param(str, "thread", doc="thread, process or process:NAME"),
+    params=Param(dict, {}, doc="the engine's params"),
+    on_error=Param(str, "skip", choices=ON_ERROR, doc="an error in process(): skip the message or stop"),
+    restart=Param(str, "never", choices=RESTART, doc="restart a process engine that dies"),
+    max_restarts=Param(int, 3, ge=0, le=1000, doc="restarts before the engine is given up"),
+    max_rss_mb=Param(int, 0, ge=0, le=10_000_000,
+                     doc="a process engine using more memory (MB) is killed and reported (0: no limit)"))
+EDGE = fields.schema(**{
+    "from": Param(str, doc="engine.port sending"),
+    "to": Param(str, doc="engine.port receiving"),
+    "policy": Param(str, "block", choices=DROP_POLICIES, doc="what a full queue does"),
+    "capacity": Param(int, 8, ge=1, le=MAX_QUEUE, doc="messages queued (default: queue_capacity)"),
+    "feedback": Param(bool, False, doc="an intended cycle"),
+    "slots": Param(int, 0, ge=0, le=MAX_QUEUE, doc="shared-memory frame slots (0: 2 × capacity + 8)")})
 
 
 @dataclass

@@ -4,12 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
+
+from .detections import Detections
 
 
 @dataclass
 class Message:
-    """One frame (or event) of one stream; `data` stays msgpack-able so it can cross processes."""
+    """One frame (or event) of one stream; `data` holds plain msgpack-able values and Detections (packed by `pack`),
+    so it can cross processes."""
 
     stream: str = "0"
     seq: int = 0
@@ -47,3 +51,27 @@ class StreamEnd:
 
     stream: str
     source: str = ""
+
+
+EXT_DETECTIONS = 1  # msgpack extension type of a packed Detections
+
+
+def _to_ext(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, Detections):
+        return msgpack.ExtType(EXT_DETECTIONS, obj.pack())
+    raise TypeError(f"cannot send a {type(obj).__name__} in a message's data (plain values, lists, dicts and "
+                    "Detections go; put arrays in msg.arrays)")
+
+
+def _from_ext(code: int, body: bytes) -> Any:
+    return Detections.unpack(body) if code == EXT_DETECTIONS else msgpack.ExtType(code, body)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack of message metadata, Detections included (as one extension value each)."""
+    return msgpack.packb(obj, default=_to_ext)
+
+
+def unpack(buf: Any) -> Any:
+    """Inverse of `pack`."""
+    return msgpack.unpackb(buf, ext_hook=_from_ext)

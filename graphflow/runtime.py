@@ -26,10 +26,11 @@ import zmq
 from .channel import Closed, Inbox, LocalLink, ZmqLink, ZmqPump, ack_path, encode
 from .backoff import backoff
 from .shm import MIN_BYTES, ShmContext, SlotPool
-from .engine import Engine
+from .engine import Engine, EngineContext
 from .errors import GraphflowError
 from .graph import Graph, Node
 from .message import EOS, Message, StreamEnd
+from .meter import Meter
 from .supervise import MAIN, Child, ErrorLog, Supervisor, Tally, Throttle, make_rundir
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class Stats:
 
 
 class Actor:
-    """One engine instance and the thread that feeds it: setup → process… → flush → EOS → teardown."""
+    """One engine instance and the thread that feeds it: check → setup → process… → flush → EOS → teardown
+    (only after a setup that returned). The engine reaches the actor only through its EngineContext."""
 
     def __init__(self, node: Node, inbox: Inbox | None, outlets: dict[str, list[Any]],
                  report: Callable[[str, str], None], stop: threading.Event, go: threading.Event,
@@ -78,21 +80,18 @@ class Actor:
         self.ready = threading.Event()
         self.stats = Stats(node.id)
         self.engine: Engine = node.cls(node.id, node.params)
-        self.engine._send = self._send
-        self.engine._alloc = self._alloc
+        self.context = EngineContext(node.id, self._emit, self._slot)
+        self.engine.attach(self.context)
+        self.set_up = False  # setup() returned: metrics() may be read, teardown() is due
         self.pools = pools or {}  # port → (shared-memory pool, how long to wait for a slot; None: until closing)
         self.closing = closing or threading.Event()
         self.shm_drops = 0
         self._setup_tries_left = node.max_restarts if node.restart == "on-failure" else 0
         self.thread = threading.Thread(target=self.run, name=f"engine:{node.id}", daemon=True)
         self._loop: Any = None
-        self._send_lock = threading.Lock()  # engines may send from their own worker threads
-        self._engine_cpu = 0.0  # CPU of this actor's thread inside engine calls (sends included)
-        self._send_cpu = 0.0    # CPU of sends not already counted outside engine calls
-        self._send_wall = 0.0   # wall time of sends and slot waits inside engine calls (taken off busy_s)
-        self._in_engine = False
-        self._thread_cpu = 0.0  # the actor thread's CPU when it ended
-        self._busy_own = 0.0  # busy wall time of this actor's thread (the engine's own threads add theirs)
+        self._out_lock = threading.Lock()  # one send at a time: engines may send from their own worker threads
+        self.meter = Meter()
+        self.meter.owner = self.thread
         self._held: tuple[float, str, int] | None = None  # (since, stream, seq) of the message in process()
         self.throttle = Throttle()
         self._last_failure = ""  # what and where the last error happened, for the throttle's summary lines
@@ -100,7 +99,8 @@ class Actor:
         self._ends: dict[tuple[str, str], set[int]] = {}  # stream ends seen on some inputs, not yet on all
         self._ended: OrderedDict[str, None] = OrderedDict()  # streams that ended, oldest first (see _retire)
 
-    def _send(self, msg: Message, port: str) -> None:
+    def _emit(self, msg: Message | StreamEnd, port: str) -> None:
+        """The engine's send: stamp and count a message, place its arrays in shared memory, put it on each link."""
         links = self.outlets.get(port)
         if links is None:
             raise ValueError(f"engine {self.node.id!r} has no output port {port!r} "
@@ -108,13 +108,8 @@ class Actor:
         frame = isinstance(msg, Message)  # else a stream's end marker: passed on, not stamped nor counted
         if frame:
             msg.times[self.node.id] = time.time()
-        # a send from inside engine code or from another thread is runtime work not counted elsewhere
-        # (a source's sends, between its engine calls, already are): only then is it timed
-        mine = threading.current_thread() is self.thread
-        timed = self._in_engine or not mine
-        if timed:
-            t0, c0 = time.perf_counter(), time.thread_time()
-        with self._send_lock:
+        started = self.meter.send_started()
+        with self._out_lock:
             try:
                 remote = self._to_shared_memory(msg, port)
                 for link in links:
@@ -122,13 +117,14 @@ class Actor:
                         self.shm_drops += 1
                         link.skip(msg)  # counted as a drop of that edge, reported to its consumer
                         continue
-                    link.send(msg, self.engine.stopping)
+                    link.send(msg, self.context.stopping)
                 self.stats.sent += frame
             finally:
-                if timed:
-                    self._send_cpu += time.thread_time() - c0
-                    if mine:
-                        self._send_wall += time.perf_counter() - t0
+                self.meter.send_ended(started)
+
+    def hold_sends(self, timeout: float) -> None:
+        """Take the send lock and keep it: no send goes out any more (the process is about to be killed)."""
+        self._out_lock.acquire(timeout=timeout)
 
     def _to_shared_memory(self, msg: Message, port: str) -> bool:
         """Put the message's large arrays into the port's pool (once for every consumer process);
@@ -145,16 +141,15 @@ class Actor:
             msg.arrays[name] = placed
         return True
 
-    def _alloc(self, shape: tuple, dtype: np.dtype, port: str) -> np.ndarray:
+    def _slot(self, shape: tuple[int, ...], dtype: np.dtype, port: str) -> np.ndarray | None:
+        """The engine's alloc: a shared-memory slot of the port's pool, or None when a plain array will do."""
         entry = self.pools.get(port)
-        if entry is not None and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
-            t0 = time.perf_counter()
-            arr = entry[0].acquire(shape, dtype, self.closing, entry[1])
-            if self._in_engine and threading.current_thread() is self.thread:
-                self._send_wall += time.perf_counter() - t0  # waiting for a free slot is back-pressure, not work
-            if arr is not None:
-                return arr
-        return np.empty(shape, dtype)
+        if entry is None or math.prod(shape) * dtype.itemsize < MIN_BYTES:
+            return None
+        t0 = time.perf_counter()
+        arr = entry[0].acquire(shape, dtype, self.closing, entry[1])
+        self.meter.slot_waited(time.perf_counter() - t0)
+        return arr
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*args)
@@ -196,7 +191,7 @@ class Actor:
             self.report("error", f"engine {self.node.id!r}: {held} more errors (last: in {self._last_failure})")
 
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any, msg: Message | None = None) -> bool:
-        self._enter()
+        self.meter.enter()
         try:
             self._call(fn, *args)
             return True
@@ -206,25 +201,16 @@ class Actor:
             self._fail(what, msg)
             return False
         finally:
-            self._leave()
-
-    def _enter(self) -> None:
-        self._t0, self._c0, self._sent0 = time.perf_counter(), time.thread_time(), self._send_wall
-        self._in_engine = True
-
-    def _leave(self, busy: bool = True) -> None:
-        self._in_engine = False
-        self._engine_cpu += time.thread_time() - self._c0
-        if busy:
-            self._busy_own += time.perf_counter() - self._t0 - (self._send_wall - self._sent0)
+            self.meter.leave()
 
     def run(self) -> None:
         self.stats.state = "setup"
         ended = "failed"
         try:
-            ok = self._guarded("check", self.engine.check) and self._setup()
+            # the engine built here is not the one the graph's loader validated: it is checked once, now
+            self.set_up = self._guarded("check", self.engine.check) and self._setup()
             self.ready.set()
-            if ok:
+            if self.set_up:
                 self.stats.state = "running"
                 if self.node.cls.is_source():
                     self._run_source()
@@ -245,10 +231,11 @@ class Actor:
             self.ready.set()
             self._held = None
             self._close_outputs()
-            self._guarded("teardown", self.engine.teardown)
+            if self.set_up:
+                self._guarded("teardown", self.engine.teardown)
             if self._loop is not None:
                 self._loop.__exit__(None, None, None)
-            self._thread_cpu = time.thread_time()
+            self.meter.ended()
             self._report_held(force=True)
             self.stats.state = ended
 
@@ -268,22 +255,22 @@ class Actor:
 
     def _run_source(self) -> None:
         while not self.go.wait(0.05):
-            if self.engine.stopping.is_set() or self.graph_stop.is_set():
+            if self.context.stopping.is_set() or self.graph_stop.is_set():
                 return
         gen = self.engine.generate()
         try:
-            while not self.engine.stopping.is_set() and not self.graph_stop.is_set():
-                self._enter()
+            while not self.context.stopping.is_set() and not self.graph_stop.is_set():
+                self.meter.enter()
                 try:
                     msg = next(gen)
                 except StopIteration:
-                    self._leave()
+                    self.meter.leave()
                     break
                 except Exception:
-                    self._leave()
+                    self.meter.leave()
                     self._fail("generate")
                     break
-                self._leave(busy=msg is not None)  # a heartbeat (None) is time spent waiting for input, not work
+                self.meter.leave(busy=msg is not None)  # a heartbeat (None) is time spent waiting for input, not work
                 if msg is not None:
                     if isinstance(msg, Message):  # a frame or event; a stream's end marker is passed on as it is
                         msg.times.setdefault("capture", time.time())
@@ -291,24 +278,24 @@ class Actor:
                     elif isinstance(msg, StreamEnd) and not msg.source:
                         msg = StreamEnd(msg.stream, self.node.id)
                     try:
-                        self._send(msg, "out")
+                        self._emit(msg, "out")
                     except Closed:
                         break
                     if isinstance(msg, StreamEnd):
                         self._retire(msg.stream)
             else:  # stopped: one more step, so a source that ends on `stopping` raises what failed meanwhile
-                self.engine.stopping.set()
-                self._enter()
+                self.context.stopping.set()
+                self.meter.enter()
                 try:
                     next(gen)
                 except StopIteration:
                     pass
                 except Exception:
-                    self._leave(busy=False)
+                    self.meter.leave(busy=False)
                     self._fail("generate")
                 finally:
-                    if self._in_engine:
-                        self._leave(busy=False)
+                    if self.meter.inside:
+                        self.meter.leave(busy=False)
         finally:
             gen.close()
 
@@ -398,20 +385,13 @@ class Actor:
             self.stats.depth = self.inbox.depth()
             if self.inbox.lost:  # arrived, but the frame could not be mapped: its producer was killed
                 self.stats.lost_reasons["frame gone with its killed producer"] = self.inbox.lost
-        total = self._thread_cpu
-        if self.thread.is_alive() and self.thread.ident is not None:
-            try:
-                total = time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
-            except OSError:  # the thread ended just now
-                total = self._thread_cpu
-        pump = self.inbox.pump_cpu if self.inbox is not None else 0.0
-        self.stats.runtime_cpu_s = max(0.0, total - self._engine_cpu) + self._send_cpu + pump
-        self.stats.busy_s = self._busy_own + self.engine._busy_s
+        self.stats.runtime_cpu_s = self.meter.runtime_cpu(self.inbox.pump_cpu if self.inbox is not None else 0.0)
+        self.stats.busy_s = self.meter.busy_own + self.context.busy_s
         held = self._held
         self.stats.holding = ({"stream": held[1], "seq": held[2], "s": round(time.monotonic() - held[0], 3)}
                               if held is not None else {})
         try:
-            self.stats.metrics = dict(self.engine.metrics())
+            self.stats.metrics = dict(self.engine.metrics()) if self.set_up else {}
         except Exception as exc:  # a metrics bug must not stop the graph
             self.stats.metrics = {"error": f"metrics() failed: {exc}"}
         if self.pools:
@@ -491,7 +471,7 @@ class Host:
         """Drain: sources stop producing and send end-of-stream; the rest finishes what it holds."""
         for actor in self.actors:
             if actor.node.cls.is_source():
-                actor.engine.stopping.set()
+                actor.context.stopping.set()
 
     def ready(self) -> bool:
         """Every actor has finished (or failed) setup."""
@@ -513,7 +493,7 @@ class Host:
     def close(self) -> None:
         self.closing.set()
         for actor in self.actors:
-            actor.engine.stopping.set()
+            actor.context.stopping.set()
             if actor.inbox is not None:
                 actor.inbox.close()
         for actor in self.actors:
@@ -557,26 +537,15 @@ def _die_with_parent() -> None:
 def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, control: str,
                 sys_path: list[str], parent: int, interval: float,
                 resume: dict[str, dict[str, int]] | None = None) -> None:
+    """A child process: build this host's engines, start them, report to the launcher until all it sent is
+    delivered, then close."""
     _die_with_parent()
     if os.getppid() != parent:
         os._exit(1)
     sys.path[:] = sys_path
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal: the launcher drains the graph
-    final = threading.Event()  # the launcher is about to kill this process: report the final counters now
-    signal.signal(signal.SIGUSR2, lambda *_: final.set())
-    early_stop = threading.Event()  # a stop that arrives while the engines are still being built
-    signal.signal(signal.SIGTERM, lambda *_: early_stop.set())
+    final, early_stop = _child_signals()
     ctx = zmq.Context.instance()
-    out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.LINGER, 5000)
-    out.connect(control)
-    lock = threading.Lock()
-
-    def report(kind: str, text: str) -> None:
-        with lock:
-            out.send_pyobj((name, kind, text))
-
+    out, report = _reporter(ctx, control, name)
     try:
         host = Host(graph, host_of, name, rundir, report)
     except Exception:
@@ -597,7 +566,44 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
     while not host.ready():
         time.sleep(0.01)
     report("ready", "")
-    while host.alive() or not host.delivered():  # stay until every consumer has everything sent from here
+    _report_until_delivered(host, report, final, interval)
+    host.close()
+    report("stats", host.snapshot())
+    out.close()
+    _terminate(ctx, graph.settings.get("shutdown_timeout", 10.0) / 2)
+
+
+def _child_signals() -> tuple[threading.Event, threading.Event]:
+    """A child's signal handlers while its engines are built: Ctrl-C and a closed terminal are the launcher's to
+    handle. Returns (final: SIGUSR2, report the final counters now; early_stop: SIGTERM came before the host)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    final = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda *_: final.set())
+    early_stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: early_stop.set())
+    return final, early_stop
+
+
+def _reporter(ctx: zmq.Context, control: str, name: str) -> tuple[zmq.Socket, Callable[[str, Any], None]]:
+    """The child's socket to the launcher's control channel, and `report(kind, payload)` sending on it from any
+    thread."""
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 5000)
+    out.connect(control)
+    lock = threading.Lock()
+
+    def report(kind: str, payload: Any) -> None:
+        with lock:
+            out.send_pyobj((name, kind, payload))
+    return out, report
+
+
+def _report_until_delivered(host: Host, report: Callable[[str, Any], None], final: threading.Event,
+                            interval: float) -> None:
+    """Report stats every `interval` (and the final counters when asked) until the engines have ended and every
+    consumer has everything sent from here."""
+    while host.alive() or not host.delivered():
         if final.wait(interval if host.alive() else min(interval, 0.05)):
             report("stats", _frozen_snapshot(host.actors))
             final.clear()
@@ -606,10 +612,6 @@ def _child_main(graph: Graph, host_of: dict[str, str], name: str, rundir: str, c
             report("stop", "")
             host.stop.clear()
         report("stats", host.snapshot())
-    host.close()
-    report("stats", host.snapshot())
-    out.close()
-    _terminate(ctx, graph.settings.get("shutdown_timeout", 10.0) / 2)
 
 
 def command_endpoint(rundir: str, host: str) -> str:
@@ -637,7 +639,7 @@ def _frozen_snapshot(actors: list[Actor]) -> list[dict[str, Any]]:
     """Every actor's stats with its sends held (the locks are kept: the process is about to be killed), so the
     counters reported are final and agree with what consumers received."""
     for actor in actors:
-        actor._send_lock.acquire(timeout=1.0)
+        actor.hold_sends(timeout=1.0)
     return [a.snapshot() for a in actors]
 
 

@@ -41,6 +41,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
+    """A stream's `uri` must be an rtsp:// address or a file under a media root; a file's is made absolute in
+    `spec`, so a restored (or moved) stream opens the same file whatever the current folder."""
+    uri = spec.get("uri")
+    if not isinstance(uri, str) or not uri:
+        raise GraphflowError("streams: 'uri' must be a file under a media root or an rtsp:// address")
+    if "://" in uri:
+        if not uri.startswith(("rtsp://", "rtsps://")):
+            raise GraphflowError(f"streams.uri: scheme not allowed (rtsp:// or a file under a media root; got {uri!r})")
+        return
+    path = Path(uri).expanduser().resolve()
+    if not any(path.is_relative_to(root) for root in media_roots):
+        roots = ", ".join(map(str, media_roots)) or "none configured (--media)"
+        raise GraphflowError(f"streams.uri: {uri!r} is not under a media root ({roots})")
+    spec["uri"] = str(path)
+
+
 class StreamMeter:
     """Frames, fps (over the last 5 s), events and capture→tap latency of one stream, as the tap sees them: the
     latency percentiles from the batching stage's StreamRecord, plus cumulative buckets for Prometheus."""
@@ -152,18 +169,7 @@ class Service:
         return self.stream(stream)
 
     def _check_uri(self, spec: dict[str, Any]) -> None:
-        uri = spec.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise GraphflowError("streams: 'uri' must be a file under a media root or an rtsp:// address")
-        if "://" in uri:
-            if not uri.startswith(("rtsp://", "rtsps://")):
-                raise GraphflowError(f"streams.uri: scheme not allowed (rtsp:// or a file under a media root; got {uri!r})")
-            return
-        path = Path(uri).expanduser().resolve()
-        if not any(path.is_relative_to(root) for root in self.media_roots):
-            roots = ", ".join(map(str, self.media_roots)) or "none configured (--media)"
-            raise GraphflowError(f"streams.uri: {uri!r} is not under a media root ({roots})")
-        spec["uri"] = str(path)  # kept as found now: a restored stream opens the same file whatever the folder
+        check_stream_uri(spec, self.media_roots)
 
     def _open(self, spec: dict[str, Any], rules: list[dict[str, Any]] | None) -> None:
         stream = spec["id"]
@@ -337,8 +343,10 @@ def _prepare(graph_doc: dict[str, Any]) -> tuple[str, str | None, str]:
 
 
 def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
-          token: str | None = None, media: list[str] | None = None, overrides: dict | None = None) -> int:
-    """Run the service until SIGINT/SIGTERM; returns the exit code."""
+          token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
+          ray: str | None = None) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code. With `ray` (`auto` or a cluster address) the
+    graph runs as one replica per node of that Ray cluster (graphflow.cluster), behind the same API."""
     import json as json_mod
 
     try:
@@ -361,7 +369,12 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     g = graph_mod.build(doc, str(path), overrides or {})
     roots = [Path(m) for m in (media or [str(path.resolve().parent)])]
     store = Store(state)
-    service = Service(g, store, source, rule, roots)
+    if ray:
+        from .cluster import ClusterController
+
+        service: Any = ClusterController(g, doc, str(path), overrides or {}, store, source, rule, roots, ray)
+    else:
+        service = Service(g, store, source, rule, roots)
     service.start()
     # open MJPEG and event streams must not hold a stop for long
     config = uvicorn.Config(create_app(service, token), host=host, port=port, log_level="warning",
@@ -400,6 +413,8 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--media", action="append", default=[], metavar="DIR",
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE", help="override a param")
+    p.add_argument("--ray", metavar="auto|ADDRESS", help="run one graph replica per node of this Ray cluster "
+                   "(needs graphflow[cluster]); streams are placed on the nodes")
     p.set_defaults(fn=_cmd_serve)
     p = sub.add_parser("streams", help="add, remove or list the streams of a running `graphflow serve`")
     p.add_argument("action", choices=("add", "rm", "ls"))
@@ -417,7 +432,7 @@ def _cmd_serve(args: Any) -> int:
     from . import graph as graph_mod
 
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set))
+                 graph_mod.parse_set(args.set), args.ray)
 
 
 def _cmd_streams(args: Any) -> int:

@@ -2,6 +2,7 @@
 built on them with the real model on real photos, up to `graphflow launch --stats`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,10 +16,11 @@ from skimage import data
 
 from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
-from graphflow import Message
-from graphflow.testing import _start, run_engine
-from graphflow.batching import BatchPipeline, BatchPolicy, BatchStats, Scheduler
-from graphflow.vision import models
+from graphflow import Message, ParamError, graph
+from graphflow.testing import run_engine, start_engine
+from graphflow.batching import (BATCH_POLICY, DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued,
+                                Scheduler)
+from graphflow.vision import backends
 from graphflow.vision.models import resolve_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -48,6 +50,20 @@ def tensors() -> list[Message]:
             frames.append(Message(stream=f"cam{i}", seq=seq, data={"width": bgr.shape[1], "height": bgr.shape[0]},
                                   arrays={"image": bgr}))
     return run_engine(Preprocess, {}, frames)["out"]
+
+
+def test_batch_policy_fields_are_checked_by_their_params():
+    """BatchPolicy's fields are the Params of BATCH_POLICY: a wrong value is a ParamError naming the field, as an
+    engine param's is; the drop policies are the edges' one set."""
+    assert list(BATCH_POLICY) == [f.name for f in dataclasses.fields(BatchPolicy)]
+    assert BATCH_POLICY["drop"].choices is DROP_POLICIES and graph.EDGE["policy"].choices is DROP_POLICIES
+    assert BatchPolicy() == BatchPolicy(1, 0.0, 8, "block", 0.0) and BatchPolicy(max_wait_s=1).max_wait_s == 1.0
+    for field, value, message in (("max_batch", 0, "must be ≥ 1 (got 0)"), ("queue", 2.5, "must be an integer"),
+                                  ("drop", "newest", "must be one of block, latest, drop_oldest (got 'newest')"),
+                                  ("target_latency_s", -0.1, "must be ≥ 0.0 (got -0.1)")):
+        with pytest.raises(ParamError) as err:
+            BatchPolicy(**{field: value})
+        assert err.value.field == field and message in err.value.message and "\n" not in str(err.value)
 
 
 def test_round_robin_fast_stream_cannot_starve_slow_one():
@@ -93,28 +109,53 @@ def test_block_policy_waits_for_room_and_gives_up_on_stop():
     assert s.put("a", 4, stop=stop) is False and s.metrics()["streams"]["a"]["dropped"] == 1
 
 
+class FakeClock:
+    """A monotonic clock the test sets: the scheduler's decisions then depend on it alone, not on thread timing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def taken_at(s: Scheduler, clock: FakeClock, early: float, due: float) -> list[tuple[str, int]]:
+    """Take a batch on a thread while the fake clock stands at `early` (it must still wait), then at `due`
+    (it must go; a nanosecond later, against float rounding): returns the batch. The real-time waits are hang
+    guards only."""
+    got: list = []
+    clock.now = early
+    taker = threading.Thread(target=lambda: got.append(s.take()), daemon=True)
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got, f"a batch went at {early - 1000:.3f} s, before it was due"
+    clock.now = due + 1e-9
+    with s.cond:
+        s.cond.notify_all()
+    taker.join(10)
+    assert got, f"no batch at {due - 1000:.3f} s"
+    return taken(got[0])
+
+
 def test_max_wait_bounds_how_long_a_lone_frame_waits():
-    s = scheduler(max_batch=8, max_wait_s=0.05)
-    fill(s, "a", 1)
-    t0 = time.monotonic()
-    assert taken(s.take()) == [("a", 0)]
-    assert 0.04 <= time.monotonic() - t0 < 0.2
+    clock = FakeClock()
+    s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.05), clock=clock)
+    fill(s, "a", 1)  # arrives at 0 s
+    assert taken_at(s, clock, 1000.04, 1000.05) == [("a", 0)]
 
 
 def test_a_partial_batch_leaves_early_by_its_assembly_time():
     """max_wait counts until the batch is ready to run: with assembly measured at 80 ms a lone frame's batch is
-    formed ~80 ms before the 200 ms wait is over (never more than half the wait early)."""
-    s = scheduler(max_batch=8, max_wait_s=0.2)
+    formed 80 ms before the 200 ms wait is over (never more than half the wait early)."""
+    clock = FakeClock()
+    s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.2), clock=clock)
     s.lead_s = 0.08
     fill(s, "a", 1)
-    t0 = time.monotonic()
-    assert taken(s.take()) == [("a", 0)]
-    assert 0.1 <= time.monotonic() - t0 < 0.18
-    s.lead_s = 1.0  # a wild estimate cannot make batches skip waiting altogether
-    fill(s, "a", 1)
-    t0 = time.monotonic()
-    s.take()
-    assert time.monotonic() - t0 >= 0.09
+    assert taken_at(s, clock, 1000.11, 1000.12) == [("a", 0)]
+    s.lead_s = 1.0  # a wild estimate cannot make batches skip waiting altogether: half the wait at most
+    clock.now = 1001.0
+    fill(s, "a", 1, start=1)
+    assert taken_at(s, clock, 1001.09, 1001.1) == [("a", 1)]
 
 
 def test_busy_timeline_fill_and_flatness():
@@ -162,14 +203,15 @@ def test_pipeline_credits_device_spans_instead_of_host_time():
     a reader with nothing to report leaves the host's interval."""
     def measure(report: bool) -> dict:
         spans: list = []
+        clock = FakeClock()
 
-        def run(batch):
-            t0 = time.monotonic()
-            time.sleep(0.02)
+        def run(batch):  # 20 ms on the fake clock, the only time that passes on it
+            t0 = clock.now
+            clock.now += 0.02
             spans.append((t0 + 0.01, t0 + 0.014) if report else None)
             return batch
 
-        s = scheduler(max_batch=1, max_wait_s=0.0, queue=100)
+        s = Scheduler(BatchPolicy(max_batch=1, max_wait_s=0.0, queue=100), clock=clock)
         pipe = BatchPipeline(s, lambda batch: [q.item for q in batch], [run], lambda q, out: None,
                              lambda b, e: None, spans=[lambda: spans[-1]])
         pipe.start()
@@ -179,9 +221,10 @@ def test_pipeline_credits_device_spans_instead_of_host_time():
         return s.stats.snapshot({})
 
     m = measure(report=True)
-    assert 0.05 <= m["busy_fraction"] <= 0.3  # 4 ms of each ~20 ms run
-    assert m["mean_run_ms"] >= 19  # while the host's time per run is still recorded as such
-    assert measure(report=False)["busy_fraction"] >= 0.6  # the host's ~20 ms of each run
+    assert m["busy_fraction"] == 0.2 and m["timeline"]["busy"] == [0.2] * 5  # 4 ms of each 20 ms run
+    assert m["mean_run_ms"] == 20.0  # while the host's time per run is still recorded as such
+    m = measure(report=False)
+    assert m["busy_fraction"] == 1.0 and m["mean_run_ms"] == 20.0  # the host's 20 ms of each run
     with pytest.raises(ValueError, match="2 span readers for 1 instances"):
         BatchPipeline(scheduler(), list, [list], print, print, spans=[None, None])
 
@@ -232,26 +275,35 @@ def test_pipeline_keeps_order_when_instances_finish_out_of_order():
 
 
 def test_adaptive_latency_target_cuts_wait_and_batch():
-    """Synthetic accelerator (sleep 2 ms + 3 ms per frame), two streams at 50 fps each, batches of up to 8 that
-    may wait 100 ms to fill: a 25 ms target must bring the later frames' p95 down to about it."""
+    """Two streams at 50 fps each, batches of up to 8 that may wait 100 ms to fill, a synthetic accelerator taking
+    2 ms + 3 ms per frame, simulated millisecond by millisecond on a fake clock: a 25 ms target must bring the later
+    frames' p95 latency down to about it."""
     def run(target_s: float) -> tuple[list[float], Scheduler]:
-        s = scheduler(max_batch=8, max_wait_s=0.1, queue=16, target_latency_s=target_s)
-        latencies = []
-        pipe = BatchPipeline(s, lambda b: b, [lambda b: time.sleep(0.002 + 0.003 * len(b)) or b],
-                             lambda q, out: latencies.append(time.time() - q.origin), lambda b, e: None)
-        pipe.start()
-        for seq in range(60):
-            s.put("a", seq)
-            s.put("b", seq)
-            time.sleep(0.02)
-        pipe.drain()
+        clock = FakeClock()
+        s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.1, queue=16, target_latency_s=target_s), clock=clock)
+        latencies: list[float] = []
+        running: list[Queued] = []
+        free_at = 0.0
+        for ms in range(60 * 20 + 500):
+            clock.now = now = ms / 1000
+            if running and now >= free_at:
+                for entry in running:
+                    s.completed(entry, now_wall=now)
+                    latencies.append(now - entry.origin)
+                running = []
+            if ms % 20 == 0 and ms < 60 * 20:
+                s.put("a", ms // 20, origin=now)
+                s.put("b", ms // 20, origin=now)
+            if not running and (batch := s.poll()) is not None:
+                running, free_at = batch, now + 0.002 + 0.003 * len(batch)
+        assert len(latencies) == 120
         return latencies, s
 
     off, s_off = run(0.0)
     on, s_on = run(0.025)
     assert s_off.metrics()["mean_batch"] > 6 and np.percentile(off, 95) > 0.06  # waits to fill batches of 8
-    settled = np.percentile(on[len(on) // 2:], 95)  # once adapted; 25 ms on an idle machine, slack for sleep jitter
-    assert settled < 0.04 and settled < np.percentile(off, 95) / 2
+    settled = np.percentile(on[len(on) // 2:], 95)  # once adapted
+    assert settled < 0.03 and settled < np.percentile(off, 95) / 2
     assert s_on.metrics()["mean_batch"] < 4 and "batch_cap" in s_on.metrics()
 
 
@@ -275,7 +327,7 @@ def test_results_do_not_depend_on_batch_size(tensors):
     assert {d["label"] for m in single for d in m.data["detections"][:1]} >= {"person", "cup", "cat"}
     # backend auto takes torch in fp16 on a GPU, where batch sizes run different kernels: scores then differ by a few
     # fp16 steps (one is 5e-4 near 0.7; 1.3e-3 was seen on an H100); onnxruntime's fp32 stays within 1e-3
-    score_tol = 5e-3 if models._torch_ready() else 1e-3
+    score_tol = 5e-3 if backends._torch_ready() else 1e-3
     for a, b in zip(single, batched):
         assert len(a.data["detections"]) == len(b.data["detections"])
         for da, db in zip(a.data["detections"], b.data["detections"]):
@@ -285,26 +337,19 @@ def test_results_do_not_depend_on_batch_size(tensors):
 
 
 def test_engine_sends_lone_frame_after_max_wait_and_surfaces_worker_errors(tensors):
-    engine, out = _start(Infer, {"max_batch": 8, "max_wait_ms": 100})
-    try:
-        sent_at = []
-        send = engine._send
-        engine._send = lambda msg, port: (sent_at.append(time.monotonic()), send(msg, port))
+    with start_engine(Infer, {"max_batch": 8, "max_wait_ms": 100}) as harness:
+        engine, sent_at = harness.engine, harness.sent_at["out"]
         t0 = time.monotonic()
         engine.process(tensors[0])
-        deadline = time.monotonic() + 5
-        while not sent_at and time.monotonic() < deadline:
-            time.sleep(0.01)
+        harness.wait_sent(1, timeout=5)
         assert sent_at and 0.09 <= sent_at[0] - t0 < 1.5  # held for max_wait, then ran alone
         bad = Message("cam9", 7, None, {**tensors[1].data, "letterbox": {"scale": 1.0}}, tensors[1].arrays)
         engine.process(bad)  # valid tensor, broken letterbox: fails in post-processing, on a worker thread
         engine.process(tensors[2])
         with pytest.raises(RuntimeError, match="cam9#7.*KeyError"):
             engine.flush()
-        assert [m.stream for m in out["out"]] == ["cam0", "cam2"]
+        assert [m.stream for m in harness.out["out"]] == ["cam0", "cam2"]
         assert engine.metrics()["failed_frames"] == 1
-    finally:
-        engine.teardown()
 
 
 def test_launch_stats_file_has_batching_metrics(tmp_path, write_graph):

@@ -8,7 +8,7 @@ import pytest
 
 from graphflow.engines.publish import SINKS, sink_kinds
 from graphflow import cli, graph
-from graphflow.vision.models import BACKENDS
+from graphflow.vision.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

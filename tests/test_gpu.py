@@ -15,9 +15,9 @@ from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
 from graphflow import ParamError
 from graphflow.testing import run_engine
-from graphflow.vision import models
-from graphflow.vision.detect import (DetectParams, decode_yolox, finish_candidates, nms, pack_candidates,
-                                     postprocess)
+from graphflow.vision import backends, models
+from graphflow.vision.detect import (DECODERS, DetectParams, batch_candidates, decode_yolox, finish_candidates, nms,
+                                     pack_candidates, postprocess)
 from graphflow.vision.letterbox import (LetterboxSpec, PinnedStaging, letterbox, letterbox_batch, letterbox_batch_cupy,
                                        letterbox_cupy, unletterbox_boxes)
 from graphflow.vision.video import open_source
@@ -36,7 +36,7 @@ def _load_gpu_check():
 def _cuda_ready() -> bool:
     """CuPy and PyTorch installed and both see a CUDA GPU."""
     try:
-        models._require_torch_cuda("test")
+        backends._require_torch_cuda("test")
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
@@ -117,7 +117,7 @@ def test_gpu_decode_equals_cpu_decode(gpu_check, params):
     """TorchBackend.candidates (decode, score, threshold and class filter on the GPU) gives the CPU decoder's
     candidates and, through the shared NMS, the same detections as postprocess on the same raw outputs."""
     spec = models.resolve_model("yolox-nano")
-    backend = models.make_backend("torch", max_batch=4)
+    backend = backends.make_backend("torch", max_batch=4)
     backend.load(spec.path)
     images = list(gpu_check.photos().values())[:4]
     boxed = [letterbox(image, spec.preprocess) for image in images]
@@ -145,7 +145,7 @@ def test_recorded_decode_equals_cpu_decode_and_times_runs_on_the_gpu(gpu_check):
     import time
 
     spec = models.resolve_model("yolox-nano")
-    backend = models.make_backend("torch", max_batch=4)
+    backend = backends.make_backend("torch", max_batch=4)
     backend.load(spec.path)
     images = list(gpu_check.photos().values())[:4]
     batch = np.stack([letterbox(image, spec.preprocess)[0] for image in images])
@@ -204,7 +204,7 @@ def test_hwaccel_cuda_falls_back_to_software(caplog):
 def test_gpu_backend_missing_is_one_line(monkeypatch, kind, module, needs):
     monkeypatch.setitem(sys.modules, module, None)  # import now fails as if not installed
     with pytest.raises(ValueError) as err:
-        models.make_backend(kind)
+        backends.make_backend(kind)
     text = str(err.value)
     assert text.startswith(f"backend {kind}: ") and needs in text and "pip install" in text and "\n" not in text
 
@@ -213,7 +213,7 @@ def test_auto_backend_without_torch_uses_onnxruntime(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    assert models.make_backend("auto").name == "onnxruntime"
+    assert backends.make_backend("auto").name == "onnxruntime"
 
 
 def test_cuda_preprocess_without_cupy_is_a_param_error(monkeypatch):
@@ -236,26 +236,26 @@ def test_top_rows_split_back_per_image_in_anchor_order():
     top = np.array([[row(9, 0.9), row(2, 0.5), row(5, -1.0)],
                     [row(4, -1.0), row(1, -1.0), row(0, -1.0)],
                     [row(3, 0.3), row(8, 0.2), row(6, -1.0)]], np.float32)
-    found = models.split_top_candidates(top)
+    found = backends.split_top_candidates(top)
     assert [len(c) for c in found] == [2, 0, 2]
     assert found[0].shape == (2, 6) and found[0][:, 0].tolist() == [2, 9] and np.allclose(found[0][:, 4], [0.5, 0.9])
     assert found[2][:, 0].tolist() == [3, 8] and found[1].shape == (0, 6)
     top[1, 2, 4] = 0.1  # image 1 kept all three rows
-    assert models.split_top_candidates(top) is None
+    assert backends.split_top_candidates(top) is None
 
 
 def test_host_batches_pass_through_unchanged():
     batch = [np.full((3, 2, 2), i, np.float32) for i in range(3)]
-    stacked = models.stack_batch(batch)
+    stacked = backends.stack_batch(batch)
     assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 3, 2, 2) and stacked[2, 0, 0, 0] == 2
-    assert models.to_host(stacked) is stacked
+    assert backends.to_host(stacked) is stacked
 
 
 def test_shared_nms_path_equals_postprocess_on_a_photo():
     """finish_candidates over packed candidates gives exactly what decoding, NMS and unletterboxing give by hand on
     a real photo's model output (the path GPU-decoded candidates take)."""
     spec = models.resolve_model("yolox-nano")
-    backend = models.make_backend("onnxruntime", threads=1)
+    backend = backends.make_backend("onnxruntime", threads=1)
     backend.load(spec.path)
     image = np.ascontiguousarray(photo_data.astronaut())
     tensor, info = letterbox(image, spec.preprocess, image_color="rgb")
@@ -272,3 +272,47 @@ def test_shared_nms_path_equals_postprocess_on_a_photo():
         np.testing.assert_allclose([d["box"] for d in detections], by_hand, atol=0.006)
         np.testing.assert_allclose([d["score"] for d in detections], scores[keep], atol=6e-5)
     assert any(d["label"] == "person" for d in postprocess(out, "yolox", info, size, spec.labels, DetectParams()))
+
+
+def _raw_outputs(fmt: str, rng: np.random.Generator) -> np.ndarray:
+    """A batch of three raw outputs of `fmt`: the shipped YOLOX model on real photos, else synthetic scores (cubed,
+    so most anchors fall under the threshold) and boxes, [N, A, 85] for v5 and [N, 84, A] for v8."""
+    if fmt == "yolox":
+        spec = models.resolve_model("yolox-nano")
+        backend = backends.make_backend("onnxruntime", threads=1)
+        backend.load(spec.path)
+        photos = [photo_data.astronaut(), photo_data.coffee(), photo_data.chelsea()]
+        return backend.infer(np.stack([letterbox(np.ascontiguousarray(p), spec.preprocess)[0] for p in photos]))
+    rows = rng.random((3, 2000, 85), dtype=np.float32) ** 3
+    rows[..., :4] = rng.uniform(0, 640, (3, 2000, 4)).astype(np.float32)
+    return np.ascontiguousarray(rows[..., 1:].swapaxes(1, 2)) if fmt == "yolov8" else rows
+
+
+@pytest.mark.parametrize("fmt", ["yolox", "yolov5", "yolov8"])
+def test_batch_decode_on_numpy_equals_the_per_image_decoders(fmt):
+    """detect.batch_candidates — the decode the torch backend runs on the GPU, there with torch as `xp` — gives on
+    NumPy input, image by image, exactly the candidates of the CPU decoders, for thresholds and class filters."""
+    size = (416, 416) if fmt == "yolox" else (640, 640)
+    raw = _raw_outputs(fmt, np.random.default_rng(7))
+    for params in (DetectParams(), DetectParams(conf=0.05), DetectParams(conf=0.02, classes=frozenset({0, 41}))):
+        image, boxes, scores, class_ids = batch_candidates(raw, fmt, size, params)
+        assert len(image) > 0 and image.tolist() == sorted(image.tolist())
+        for i, out in enumerate(raw):
+            expected = pack_candidates(*DECODERS[fmt](out, size, params))
+            got = pack_candidates(boxes[image == i], scores[image == i], class_ids[image == i])
+            assert got.shape == expected.shape and np.array_equal(got, expected), (fmt, params, i)
+
+
+def test_yolox_decode_arithmetic_on_a_hand_built_output():
+    """One anchor of a 32×32 input (21 anchors: 16 of stride 8, 4 of 16, 1 of 32): cell (1, 1) of stride 8 with
+    offsets (0.5, 0.25) and log sizes log 2, log 4 is the box centred at (12, 10), 16 wide and 32 high."""
+    out = np.zeros((21, 7), np.float32)
+    out[5] = [0.5, 0.25, np.log(2), np.log(4), 0.9, 0.2, 0.8]
+    out[20] = [0.0, 0.0, 0.0, 0.0, 0.9, 0.3, 0.1]  # stride 32, cell (0, 0): score 0.27, under the threshold
+    for boxes, scores, class_ids in (decode_yolox(out, (32, 32), DetectParams()),
+                                     batch_candidates(out[None], "yolox", (32, 32), DetectParams())[1:]):
+        np.testing.assert_allclose(boxes, [[4, -6, 20, 26]], atol=1e-5)
+        np.testing.assert_allclose(scores, [0.72], atol=1e-6)
+        assert class_ids.tolist() == [1]
+    with pytest.raises(ValueError, match=r"^yolox output: 20 anchors, expected 21 for input \[32, 32\]$"):
+        batch_candidates(out[None, :20], "yolox", (32, 32), DetectParams(conf=0.0))

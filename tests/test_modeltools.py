@@ -3,6 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from graphflow import cli
@@ -90,14 +91,18 @@ def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
     from graphflow.modeltools import calibration_frames
     from graphflow.vision.detect import DetectParams, postprocess
     from graphflow.vision.letterbox import letterbox
-    from graphflow.vision.models import OnnxRuntimeBackend, resolve_model
+    from graphflow.vision.backends import OnnxRuntimeBackend
+    from graphflow.vision.models import resolve_model
 
     out = tmp_path / "nano.int8.onnx"
-    assert quantize_model("yolox-nano", DEMO, out, frames=16) == 16
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert "QLinearConv" in ops and out.stat().st_size < SHIPPED.stat().st_size / 2
+    done = quantize_model("yolox-nano", DEMO, out, frames=16)
+    assert done.frames == 16
+    assert {"Conv_41", "Conv_44"} <= set(done.sensitive)  # the stem and the depthwise convolution it feeds
+    nodes = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
+    assert nodes["Conv_44"] == "Conv" and list(nodes.values()).count("QLinearConv") > 100
+    assert out.stat().st_size < SHIPPED.stat().st_size / 2
     spec = resolve_model("yolox-nano")
-    frames = calibration_frames(DEMO, 12, seed=7)  # another sample of the video than the one calibrated on
+    frames = calibration_frames(DEMO, 40, seed=7)  # another sample of the video than the one calibrated on
     found = {}
     for name, path in (("fp32", spec.path), ("int8", out)):
         runner = OnnxRuntimeBackend(1)
@@ -107,10 +112,37 @@ def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
             tensor, info = letterbox(frame, spec.preprocess)
             found[name].append(postprocess(runner.infer(tensor[None])[0], "yolox", info, (640, 360), spec.labels,
                                            DetectParams(conf=0.3)))
-    matched, n_ref, n_got = detection_agreement(found["fp32"], found["int8"], same_class=False)
-    assert n_ref >= 10
-    # loose: INT8 loses low-score detections (measured 0.55 recall, 0.81 precision here); a broken model gets ~0
-    assert matched / n_ref >= 0.4 and matched / n_got >= 0.6, (matched, n_ref, n_got)
+    matched, n_ref, n_got = detection_agreement(found["fp32"], found["int8"])
+    assert n_ref >= 50
+    # measured here: recall 0.86, precision 0.89; with the stem quantized too (and minmax ranges) 0.58 and 0.75
+    assert matched / n_ref >= 0.78 and matched / n_got >= 0.8, (matched, n_ref, n_got)
+
+
+def test_conv_input_sqnr_finds_a_layer_that_amplifies_channels_rounded_away(tmp_path):
+    """Two channels 1000x apart in range: rounded to one 8-bit scale, the small one is lost; a convolution that
+    weighs it 100x more than the large one has almost nothing left, one that weighs them alike loses little."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphflow.modeltools import conv_input_sqnr, sensitive_nodes
+
+    scale = numpy_helper.from_array(np.array([1.0, 0.001], np.float32).reshape(1, 2, 1, 1), "scale")
+    weights = {"amplify": np.array([[[[0.01]], [[1.0]]]], np.float32), "even": np.ones((1, 2, 1, 1), np.float32)}
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["spread"], name="spread")]
+    inits = [scale]
+    for name, w in weights.items():
+        nodes.append(helper.make_node("Conv", ["spread", f"w_{name}"], [name], name=name))
+        inits.append(numpy_helper.from_array(w, f"w_{name}"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in weights], inits)
+    path = tmp_path / "spread.onnx"
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path.write_bytes(onnx_model.SerializeToString())
+    rng = np.random.default_rng(0)
+    tensors = [rng.uniform(0, 255, (1, 2, 8, 8)).astype(np.float32) for _ in range(4)]
+    db = conv_input_sqnr(path, tensors)
+    assert db["amplify"] < 20 < 40 < db["even"], db
+    assert sensitive_nodes(path, tensors) == ["amplify"]
 
 
 def test_quantize_errors_are_one_line(tmp_path):

@@ -11,7 +11,9 @@ import pytest
 
 from graphflow.engines.detfile import DetFile
 from graphflow.engines.publish import Publish
-from graphflow import Message, ParamError
+from graphflow import Detections, Message, ParamError
+from graphflow.detections import plain
+from graphflow.message import pack, unpack
 from graphflow.registry import resolve
 from graphflow.testing import run_engine, run_source
 from graphflow.vision.mot import MotFormatError, parse_mot, read_mot
@@ -62,7 +64,9 @@ def test_detfile_sends_every_frame_with_contract_detections(tmp_path):
     assert msgs[0].data["detections"][0] == {"box": [10.0, 20.0, 40.0, 60.0], "score": 0.9, "class_id": 0,
                                              "label": "person"}
     assert msgs[3].pts == pytest.approx(0.3)
-    json.dumps([m.data for m in msgs])  # plain data only
+    assert isinstance(msgs[0].data["detections"], Detections)
+    json.dumps([plain(m.data) for m in msgs])  # JSON once the typed detections are lists of dicts
+    assert [unpack(pack(m.data)) for m in msgs] == [m.data for m in msgs]  # and they cross processes unchanged
 
 
 def test_detfile_streams_are_interleaved_with_their_own_size(tmp_path):

@@ -16,8 +16,8 @@ def crowd(n: int, seed: int) -> list[dict]:
     out = []
     for i in range(n):
         x, y = rng.uniform(150, 450), rng.uniform(0, 250)
-        out.append({"box": [x, y, x + rng.uniform(30, 90), y + rng.uniform(60, 120)], "track_id": i + 1,
-                    "label": "person", "score": 0.8})
+        box = np.round([x, y, x + rng.uniform(30, 90), y + rng.uniform(60, 120)], 2).tolist()  # detections' decimals
+        out.append({"box": box, "track_id": i + 1, "label": "person", "score": 0.8})
     return out
 
 

@@ -8,7 +8,7 @@ from skimage import data
 from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
 from graphflow import Message, ParamError
-from graphflow.testing import run_engine
+from graphflow.testing import run_engine, start_engine
 
 PHOTOS = {"astronaut": "person", "coffee": "cup", "chelsea": "cat"}
 
@@ -147,22 +147,13 @@ def test_infer_in_a_process_letterboxes_shared_memory_frames_like_the_preprocess
 def test_model_runs_in_infers_worker_threads_count_as_its_busy_time():
     """The model runs on infer's own threads, not in process(): that time is still infer's busy time (read here
     before flush, whose wait for the last batches the runtime counts anyway)."""
-    import time
-
-    from graphflow.testing import _start
-
     msgs = preprocessed()
-    engine, out = _start(Infer, {"backend": "onnxruntime", "threads": 1})
-    try:
+    with start_engine(Infer, {"backend": "onnxruntime", "threads": 1}) as harness:
         for msg in msgs:
-            engine.process(msg)
-        deadline = time.monotonic() + 60  # a hang guard only
-        while len(out["out"]) < len(msgs) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        metrics = engine.metrics()
+            harness.engine.process(msg)
+        harness.wait_sent(len(msgs), timeout=60)  # a hang guard only
+        metrics = harness.engine.metrics()
         model_s = metrics["batches"] * metrics["mean_run_ms"] / 1e3  # host time of the model runs
         assert metrics["batches"] == len(msgs) and model_s > 0
-        assert engine._busy_s >= 0.95 * model_s
-        engine.flush()
-    finally:
-        engine.teardown()
+        assert harness.busy_s >= 0.95 * model_s
+        harness.flush()

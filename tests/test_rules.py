@@ -247,3 +247,144 @@ def test_a_model_files_class_names_come_from_its_metadata_or_a_labels_file(tmp_p
     labels.write_text("one\ntwo\n")
     with pytest.raises(ParamError, match="^labels: labels file .*labels.txt: 2 names for a model of 80 classes$"):
         run_engine(Infer, {"model": str(path), "labels": str(labels)}, [])
+
+
+PLATES = merge(walk(1, {f: (310 + 60 * f, 200) for f in range(7)}, label="car"),
+               walk(2, {f: (310 + 60 * f, 250) for f in range(7)}, label="car"),
+               walk(3, {f: (310 + 60 * f, 300) for f in range(7)}, label="truck"),
+               walk(4, {f: (310 + 60 * f, 350) for f in range(7)}, label="car"))
+READ = {1: {"text": "京A12345", "score": 0.93}, 2: {"text": "沪B77777", "score": 0.97},
+        3: {"text": "京A99999", "score": 0.41}}  # track 4: never read (no attributes)
+for tracks in PLATES:
+    for t in tracks:
+        if t["track_id"] in READ:
+            t["attributes"] = READ[t["track_id"]]
+
+
+@pytest.mark.parametrize("attributes, entered", [
+    ({"text": {"regex": "^京A"}}, [1, 3]),
+    ({"text": {"regex": "^京A"}, "score": {"min": 0.5}}, [1]),  # every name must match
+    ({"score": {"min": 0.4, "max": 0.95}}, [1, 3]),
+    ({"text": "沪B77777"}, [2]),
+    ({"text": ["沪B77777", "京A99999"]}, [2, 3]),
+    ({"text": {"regex": "^粤"}}, []),
+    ({"label": "truck"}, []),  # `label` of the attributes (a classifier's), not the detector's label
+    ({"score": {"min": 0}}, [1, 2, 3]),  # a track without attributes never matches
+])
+def test_rules_count_only_tracks_whose_attributes_match(attributes, entered):
+    got = run([{"id": "z", "kind": "zone", "polygon": ZONE_N, "attributes": attributes}], PLATES)
+    assert [t for f, e, t, _ in got if e == "enter"] == entered
+    assert [t for f, e, t, _ in got if e == "exit"] == entered  # and leave: the filter is not sticky
+
+
+def test_attribute_filter_combines_with_classes_and_events_carry_the_attributes():
+    rules = [{"id": "l", "kind": "line_cross", "line": [[0.5, 0], [0.5, 1]], "classes": ["car"],
+              "attributes": {"text": {"regex": "^京A"}}}]
+    events = RuleSet(rules)
+    got = [ev for f, tracks in enumerate(PLATES) for ev in events.evaluate("cam", f, f / FPS, tracks, W, H)]
+    assert [(ev["track_id"], ev["direction"]) for ev in got] == [(1, "B->A")]  # 3 reads 京A but is a truck
+    assert got[0]["attributes"] == {"text": "京A12345", "score": 0.93}
+
+
+def test_a_track_counts_from_the_frame_its_attributes_match():
+    """A plate read only once the car is inside the zone: the zone sees it enter on that frame."""
+    frames = [[dict(t) for t in tracks if t["track_id"] == 1] for tracks in PLATES]
+    for f, tracks in enumerate(frames):
+        if f < 4:
+            del tracks[0]["attributes"]
+    got = run([{"id": "z", "kind": "zone", "polygon": ZONE_N, "attributes": {"text": {"regex": "^京A"}}}], frames)
+    assert [(f, e) for f, e, _, _ in got] == [(4, "enter"), (5, "exit")]
+
+
+@pytest.mark.parametrize("attributes, field, message", [
+    ("truck", "rules[0].attributes", "must be an object of attribute name"),
+    ({}, "rules[0].attributes", "must be an object of attribute name"),
+    ({"text": {"regx": "^A"}}, "rules[0].attributes.text.regx", "unknown test (known: regex, min, max)"),
+    ({"text": {}}, "rules[0].attributes.text", "needs a test"),
+    ({"text": {"regex": "(京"}}, "rules[0].attributes.text.regex", "not a valid regular expression"),
+    ({"text": {"regex": 5}}, "rules[0].attributes.text.regex", "must be"),
+    ({"score": {"min": "high"}}, "rules[0].attributes.score.min", "must be"),
+    ({"score": {"min": 0.9, "max": 0.5}}, "rules[0].attributes.score", "min 0.9 is above max 0.5"),
+    ({"label": []}, "rules[0].attributes.label", "a list must hold one or more"),
+    ({"label": [["car"]]}, "rules[0].attributes.label", "a list must hold one or more"),
+    ({"label": None}, "rules[0].attributes.label", "must be a value, a list of values or an object"),
+])
+def test_attribute_filters_are_checked_at_load(attributes, field, message):
+    with pytest.raises(ParamError) as err:
+        run_engine(Rule, {"rules": [{"kind": "zone", "polygon": FULL, "attributes": attributes}]}, [])
+    assert err.value.field == field and err.value.message.startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_attribute_filter_in_a_graph_file_fails_validation_in_one_line():
+    import json
+    from pathlib import Path
+
+    from graphflow import GraphError, graph
+
+    demo = Path(__file__).resolve().parents[1] / "graphs" / "demo.json"
+    doc = json.loads(demo.read_text())
+    doc["engines"]["zone"]["params"]["rules"][0]["attributes"] = {"text": {"regex": "[京"}}
+    with pytest.raises(GraphError) as err:
+        graph.build(doc, str(demo))
+    assert str(err.value).startswith(f"{demo}: engines.zone.params.rules[0].attributes.text.regex: not a valid "
+                                     "regular expression")
+    doc["engines"]["zone"]["params"]["rules"][0]["attributes"] = {"text": {"regex": "^京A"}, "score": {"min": 0.5}}
+    graph.build(doc, str(demo))
+
+
+def test_attribute_filters_apply_live_through_set_rules():
+    """What PUT /streams/{id}/rules sends: the rule engine's set_rules command, checked, applied from the next frame."""
+    engine = Rule("zone", {"rules": [{"id": "z", "kind": "zone", "polygon": ZONE_N}]})
+    engine.setup()
+
+    def entered(frames):
+        return [e["track_id"] for i, t in enumerate(frames)
+                for e in engine.ruleset.evaluate("cam", i, i / FPS, t, W, H) if e["event"] == "enter"]
+
+    assert entered(PLATES) == [1, 2, 3, 4]
+    rules = [{"id": "z", "kind": "zone", "polygon": ZONE_N, "attributes": {"text": {"regex": "^沪"}}}]
+    engine.on_command("set_rules", {"stream": "cam", "rules": rules})
+    assert engine.on_command("rules", {"stream": "cam"}) == rules
+    assert entered(PLATES) == [2]
+    with pytest.raises(ParamError, match=r"^rules\[0\]\.attributes\.text\.regex: not a valid regular expression"):
+        engine.on_command("set_rules", {"stream": "cam", "rules": [{**rules[0], "attributes": {"text": {"regex": "("}}}]})
+    assert engine.on_command("rules", {"stream": "cam"}) == rules  # a refused change leaves the rules as they were
+
+
+def test_rule_filters_on_what_a_real_second_stage_attached():
+    """Painted red and blue objects moving across a zone → track → secondary (a real ONNX colour classifier on the
+    crops) → rule counting only the red ones."""
+    from pathlib import Path
+
+    from graphflow.engines.secondary import Secondary
+    from graphflow.engines.track import Track
+    from onnx_models import colour_classifier
+
+    tmp = Path(pytest.importorskip("tempfile").mkdtemp())
+    (tmp / "colours.txt").write_text("red\ngreen\nblue\n")
+    classifier = {"model": str(colour_classifier(tmp / "colour.onnx")), "labels": str(tmp / "colours.txt"),
+                  "size": [16, 16], "normalize": "none", "color": "rgb", "padding": 0.0}
+    msgs = []
+    for f in range(30):
+        image = np.full((240, 400, 3), 90, np.uint8)
+        dets = []
+        for y, bgr in ((40, (40, 40, 220)), (140, (230, 60, 30))):  # BGR: a red object above a blue one
+            x = 20 + 8 * f
+            image[y:y + 60, x:x + 40] = bgr
+            dets.append({"box": [float(x), float(y), float(x + 40), float(y + 60)], "score": 0.9, "class_id": 2,
+                         "label": "car"})
+        msgs.append(Message("cam", f, pts=f / FPS, data={"width": 400, "height": 240, "detections": dets},
+                            arrays={"image": image}))
+    tracked = run_engine(Track, {"min_hits": 1}, msgs)["out"]
+    read = run_engine(Secondary, classifier, tracked)["out"]
+    colours = {t["attributes"]["label"] for m in read for t in m.data["tracks"]}
+    assert colours == {"red", "blue"}
+    zone = [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]
+    rules = [{"id": "red", "kind": "zone", "polygon": zone, "attributes": {"label": "red", "score": {"min": 0.5}}},
+             {"id": "any", "kind": "zone", "polygon": zone}]
+    out = run_engine(Rule, {"rules": rules}, read)["out"]
+    events = [e for m in out for e in m.data["events"] if e["event"] == "enter"]
+    assert sorted(e["rule"] for e in events) == ["any", "any", "red"]
+    red = next(e for e in events if e["rule"] == "red")
+    assert red["attributes"]["label"] == "red" and red["position"][1] == 100.0  # the upper (red) object's feet

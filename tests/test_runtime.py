@@ -260,3 +260,79 @@ def test_shards_example_runs_two_pipelines_in_two_processes(tmp_path):
     boxes = {s: [[d["box"] for d in rows[s, k]["detections"]] for k in range(10)] for s in ("cam1", "cam3")}
     assert boxes["cam1"] == boxes["cam3"] and sum(map(len, boxes["cam1"])) > 0
     assert all("tracks" in r for r in rows.values())
+
+
+LIFECYCLE = textwrap.dedent('''
+    import os, time, uuid
+    from graphflow import Engine, Param
+
+    class Lifecycle(Engine):
+        """Appends each lifecycle call, with the process and instance making it, to `trace` (metrics() only when
+        called before setup, which must not happen); setup is slow or fails as asked."""
+        trace = Param(str)
+        slow = Param(float, 0.0)
+        fail = Param(bool, False)
+
+        def note(self, what):
+            tag = self.__dict__.setdefault("tag", uuid.uuid4().hex)
+            with open(self.trace, "a") as f:
+                f.write(f"{os.getpid()}:{tag} {what}\\n")
+
+        def check(self):
+            self.note("check")
+
+        def setup(self):
+            self.note("setup")
+            time.sleep(self.slow)
+            if self.fail:
+                raise OSError("no device")
+            self.seen = 0
+
+        def process(self, msg):
+            self.seen += 1
+
+        def metrics(self):
+            if "seen" not in self.__dict__:
+                self.note("metrics")
+            return {"seen": self.seen}
+
+        def teardown(self):
+            self.note("teardown")
+''')
+
+
+def lifecycle_calls(trace):
+    """Per engine instance, the lifecycle calls it got, in order."""
+    calls = {}
+    for line in trace.read_text().splitlines():
+        who, what = line.split()
+        calls.setdefault(who, []).append(what)
+    return list(calls.values())
+
+
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_each_engine_instance_is_checked_once_and_metrics_wait_for_setup(tmp_path, write_graph, user_module,
+                                                                        placement):
+    user_module("lifecycle", LIFECYCLE)
+    trace = tmp_path / "trace.txt"
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 5}},
+                       "life": {"type": "lifecycle:Lifecycle", "placement": placement,
+                                "params": {"trace": str(trace), "slow": 0.5}}},
+           "connections": [["src", "life"]], "settings": {"stats_interval": 0.05}}
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 0, summary.errors
+    # the loader validated one instance; the runtime built its own and checked it once (not again in setup)
+    assert lifecycle_calls(trace) == [["check"], ["check", "setup", "teardown"]]
+    assert summary.stats["life"]["metrics"] == {"seen": 5}
+
+
+def test_a_failed_setup_gets_no_teardown_and_no_metrics_call(tmp_path, write_graph, user_module):
+    user_module("lifecycle", LIFECYCLE)
+    trace = tmp_path / "trace.txt"
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 5}},
+                       "life": {"type": "lifecycle:Lifecycle", "params": {"trace": str(trace), "fail": True}}},
+           "connections": [["src", "life"]], "settings": {"stats_interval": 0.05}}
+    summary = runtime.run(graph.load(write_graph(doc)))
+    assert summary.exit_code == 1 and any("no device" in e for e in summary.errors)
+    assert lifecycle_calls(trace) == [["check"], ["check", "setup"]]
+    assert summary.stats["life"]["metrics"] == {}

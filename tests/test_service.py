@@ -143,6 +143,10 @@ def test_streams_come_and_go_through_the_api_and_survive_a_restart(site: Path):
         frames = {s.labels["stream"]: s.value for s in families["graphflow_stream_frames"].samples
                   if s.name.endswith("_total")}
         assert frames["cam1"] > 0 and frames["cam2"] > 0
+        by_engine = {f: {s.labels["engine"]: s.value for s in families[f].samples}
+                     for f in ("graphflow_infer_batch_size", "graphflow_infer_busy_share")}
+        assert by_engine["graphflow_infer_batch_size"]["det"] >= 1
+        assert 0 < by_engine["graphflow_infer_busy_share"]["det"] <= 1
 
         # removing a stream frees it in every engine; the other goes on
         before = server.call("GET", "/streams/cam2")[1]["frames"]

@@ -9,7 +9,7 @@ from graphflow.engines.publish import Publish
 from graphflow.engines.rule import Rule
 from graphflow.engines.track import Track
 from graphflow import Message, ParamError, StreamEnd
-from graphflow.testing import run_engine
+from graphflow.testing import run_engine, start_engine
 from graphflow.batching import RETIRED_KEEP, BatchPolicy, Scheduler
 
 W, H = 640, 360
@@ -41,47 +41,41 @@ def test_track_forgets_a_stream_at_its_end_and_starts_afresh_after():
 def test_rules_set_per_stream_apply_from_the_next_frame_and_go_with_the_stream():
     engine = Rule("zone", {"rules": [{"id": "door", "kind": "line_cross", "line": LINE}]})
     tracked = run_engine(Track, {"min_hits": 1}, walking("a") + walking("b"))["out"]
-    engine.check()
-    engine.setup()
-    sent: list = []
-    engine._send = lambda msg, port: sent.append(msg)
-    engine.on_command("set_rules", {"stream": "b", "rules": [
-        {"id": "left", "kind": "line_cross", "line": [[0.2, 0.0], [0.2, 1.0]]},
-        {"id": "right", "kind": "line_cross", "line": [[0.8, 0.0], [0.8, 1.0]]}]})
-    for msg in tracked:
-        engine.process(msg)
-    rules = {m.stream: [e["rule"] for e in m.data["events"]] for m in sent if m.data["events"]}
-    got = {s: sorted(r for m in sent if m.stream == s for r in (e["rule"] for e in m.data["events"])) for s in "ab"}
-    assert got == {"a": ["door"], "b": ["left", "right"]}, rules
-    assert [r["id"] for r in engine.on_command("rules", {"stream": "b"})] == ["left", "right"]
-    assert [r["id"] for r in engine.on_command("rules", {"stream": "a"})] == ["door"]
-    with pytest.raises(ParamError, match=r"rules\[0\]\.line"):
-        engine.on_command("set_rules", {"stream": "b", "rules": [{"kind": "line_cross", "line": [[0, 0]]}]})
-    assert engine.metrics()["events"] == {"a": {"door cross B->A": 1}, "b": {"left cross B->A": 1,
-                                                                            "right cross B->A": 1}}
-    engine.on_stream_end("b")
-    assert set(engine.ruleset.streams) == {"a"} and engine.ruleset.own == {}
-    assert engine.metrics()["streams_held"] == 1 and "b" in engine.metrics()["events"]  # counts stay for the summary
-    with pytest.raises(ValueError, match="no command 'reboot'"):
-        engine.on_command("reboot", {})
+    with start_engine(engine) as harness:
+        sent = harness.out["out"]
+        engine.on_command("set_rules", {"stream": "b", "rules": [
+            {"id": "left", "kind": "line_cross", "line": [[0.2, 0.0], [0.2, 1.0]]},
+            {"id": "right", "kind": "line_cross", "line": [[0.8, 0.0], [0.8, 1.0]]}]})
+        for msg in tracked:
+            engine.process(msg)
+        rules = {m.stream: [e["rule"] for e in m.data["events"]] for m in sent if m.data["events"]}
+        got = {s: sorted(r for m in sent if m.stream == s for r in (e["rule"] for e in m.data["events"])) for s in "ab"}
+        assert got == {"a": ["door"], "b": ["left", "right"]}, rules
+        assert [r["id"] for r in engine.on_command("rules", {"stream": "b"})] == ["left", "right"]
+        assert [r["id"] for r in engine.on_command("rules", {"stream": "a"})] == ["door"]
+        with pytest.raises(ParamError, match=r"rules\[0\]\.line"):
+            engine.on_command("set_rules", {"stream": "b", "rules": [{"kind": "line_cross", "line": [[0, 0]]}]})
+        assert engine.metrics()["events"] == {"a": {"door cross B->A": 1}, "b": {"left cross B->A": 1,
+                                                                                "right cross B->A": 1}}
+        engine.on_stream_end("b")
+        assert set(engine.ruleset.streams) == {"a"} and engine.ruleset.own == {}
+        # the ended stream's counts stay for the summary
+        assert engine.metrics()["streams_held"] == 1 and "b" in engine.metrics()["events"]
+        with pytest.raises(ValueError, match="no command 'reboot'"):
+            engine.on_command("reboot", {})
 
 
 def test_a_video_file_is_finished_when_its_stream_ends(tmp_path):
     frames = [Message("a", i, data={"width": 64, "height": 48}, arrays={"image": np.full((48, 64, 3), 9 * i, np.uint8)})
               for i in range(5)]
     engine = Publish("out", {"sinks": [{"kind": "video", "path": str(tmp_path / "{stream}.mp4"), "fps": 5}]})
-    engine.check()
-    engine.setup()
-    engine._send = lambda msg, port: None
-    try:
+    with start_engine(engine):
         for msg in frames:
             engine.process(msg)
         engine.on_stream_end("a")
         assert engine.outs[0].writers == {}, "the stream's writer is closed at its end"
         with av.open(str(tmp_path / "a.mp4")) as f:  # playable now, while the run goes on
             assert sum(1 for _ in f.decode(video=0)) == 5
-    finally:
-        engine.teardown()
 
 
 def test_the_scheduler_forgets_ended_streams_and_keeps_a_bounded_record_of_them():

@@ -1,17 +1,19 @@
 """Detector output decoding (YOLOX, YOLOv5-style, YOLOv8-style), class-aware NMS and box mapping.
 
 Every decoder turns one image's raw output into (boxes Nx4 xyxy in model-input pixels, scores N, class ids N).
+The arithmetic (score_rows, box_corners) takes the array module as `xp`: the torch backend runs the same code on the
+GPU over a whole batch (batch_candidates).
 """
 from __future__ import annotations
 
 import functools
-
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from graphflow.detections import BOX_DECIMALS, SCORE_DECIMALS, Detections
 from graphflow.vision.letterbox import unletterbox_boxes
 
 log = logging.getLogger(__name__)
@@ -31,23 +33,37 @@ class DetectParams:
     max_detections: int = 300
 
 
-def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
-    """Centre/size boxes to corner boxes."""
-    half = xywh[:, 2:4] / 2
-    return np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
+def rows_of(output: Any, fmt: str, xp: Any = np) -> Any:
+    """An output as one row per anchor, [..., A, K]: YOLOv8-style [..., K, A] outputs are transposed (a view)."""
+    return xp.swapaxes(output, -1, -2) if fmt == "yolov8" else output
 
 
-def _best_class(boxes_xywh: np.ndarray, class_scores: np.ndarray, weight: np.ndarray | None,
-                p: DetectParams) -> Decoded:
-    """Pick each anchor's best class, weight it (objectness), and keep those over threshold and in the filter."""
-    class_ids = class_scores.argmax(axis=1)
-    scores = class_scores[np.arange(len(class_ids)), class_ids]
-    if weight is not None:
-        scores = scores * weight
-    keep = scores >= p.conf
-    if p.classes is not None:
-        keep &= np.isin(class_ids, list(p.classes))
-    return xywh_to_xyxy(boxes_xywh[keep]), scores[keep].astype(np.float32), class_ids[keep]
+def score_rows(rows: Any, fmt: str, conf: float, classes: Any = None, xp: Any = np) -> tuple[Any, Any, Any]:
+    """Rows [..., A, K] to (best class id, score, kept): the first best class, its score times the objectness
+    (YOLOX, v5; v8 has none), kept = score ≥ `conf` and, when `classes` (an array of ids in `xp`) is given, in it.
+    `xp` is the rows' array module (numpy, cupy or torch), so the host and the GPU decode with one arithmetic."""
+    class_scores = rows[..., 4 if fmt == "yolov8" else 5:]
+    class_ids = xp.argmax(class_scores, -1)
+    scores = xp.amax(class_scores, -1)
+    if fmt != "yolov8":
+        scores = scores * rows[..., 4]
+    keep = scores >= conf
+    if classes is not None:
+        keep = keep & xp.isin(class_ids, classes)
+    return class_ids, scores, keep
+
+
+def box_corners(raw: Any, fmt: str, cells: Any = None, strides: Any = None, xp: Any = np) -> Any:
+    """Raw box values [..., 4] to x1, y1, x2, y2 in model-input pixels. YOLOX's are grid offsets — xy = (raw +
+    cell) × stride, wh = exp(raw) × stride, with the anchors' `cells` and `strides` (same leading shape); the other
+    formats give centre and size already."""
+    if fmt == "yolox":
+        xy = (raw[..., :2] + cells) * strides
+        wh = xp.exp(xp.clip(raw[..., 2:4], None, 20.0)) * strides
+    else:
+        xy, wh = raw[..., :2], raw[..., 2:4]
+    half = wh / 2
+    return xp.concatenate([xy - half, xy + half], -1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,28 +81,50 @@ def yolox_grid(input_w: int, input_h: int, strides: tuple[int, ...] = YOLOX_STRI
     return grid, stride
 
 
+Grid = Callable[[tuple[int, int]], tuple[Any, Any]]
+
+
+def anchor_boxes(raw: Any, anchor: Any, fmt: str, input_size: tuple[int, int], anchors: int, xp: Any = np,
+                 grid: Grid | None = None) -> Any:
+    """Raw box values [..., 4] of the anchors at indices `anchor` (same leading shape) of an output with `anchors`
+    rows to xyxy boxes; `grid(input_size)` gives yolox_grid's arrays in `xp` (default: the NumPy ones)."""
+    if fmt != "yolox":
+        return box_corners(raw, fmt, xp=xp)
+    cells, strides = grid(input_size) if grid is not None else yolox_grid(*input_size)
+    if len(cells) != anchors:
+        raise ValueError(f"yolox output: {anchors} anchors, expected {len(cells)} for input {list(input_size)}")
+    return box_corners(raw, fmt, cells[anchor], strides[anchor], xp)
+
+
+def class_array(p: DetectParams, xp: Any = np, **where: Any) -> Any:
+    """`p.classes` as a sorted array of `xp` (torch takes `device=`), or None to keep every class."""
+    return None if p.classes is None else xp.asarray(sorted(p.classes), **where)
+
+
+def _decode(rows: np.ndarray, fmt: str, p: DetectParams, input_size: tuple[int, int],
+            pre: np.ndarray | None = None) -> Decoded:
+    """One image's rows [A, K] to its kept candidates; `pre` (anchor indices) limits the work to those anchors."""
+    subset = rows if pre is None else rows[pre]
+    class_ids, scores, keep = score_rows(subset, fmt, p.conf, class_array(p))
+    anchor = np.flatnonzero(keep) if pre is None else pre[keep]
+    boxes = anchor_boxes(rows[anchor, :4], anchor, fmt, input_size, len(rows))
+    return boxes, scores[keep].astype(np.float32), class_ids[keep]
+
+
 def decode_yolox(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
     """YOLOX [A, 5+C] raw grid output: xy = (raw + cell) * stride, wh = exp(raw) * stride; score = obj * cls."""
-    cells, strides = yolox_grid(*input_size)
-    if len(cells) != output.shape[0]:
-        raise ValueError(f"yolox output: {output.shape[0]} anchors, expected {len(cells)} for input {list(input_size)}")
-    obj = output[:, 4]
-    pre = obj >= p.conf  # score = obj * cls <= obj, so this drops nothing that could pass
-    raw, cells, strides = output[pre], cells[pre], strides[pre]
-    xy = (raw[:, :2] + cells) * strides
-    wh = np.exp(np.minimum(raw[:, 2:4], 20.0)) * strides
-    return _best_class(np.concatenate([xy, wh], axis=1), raw[:, 5:], raw[:, 4], p)
+    pre = np.flatnonzero(output[:, 4] >= p.conf)  # score = obj * cls <= obj, so this drops nothing that could pass
+    return _decode(output, "yolox", p, input_size, pre)
 
 
 def decode_yolov5(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
     """YOLOv5-style [A, 5+C]: decoded cx, cy, w, h in input pixels, objectness, class scores."""
-    return _best_class(output[:, :4], output[:, 5:], output[:, 4], p)
+    return _decode(output, "yolov5", p, input_size)
 
 
 def decode_yolov8(output: np.ndarray, input_size: tuple[int, int], p: DetectParams) -> Decoded:
     """YOLOv8-style [4+C, A]: decoded cx, cy, w, h rows then class score rows, no objectness."""
-    out = output.T
-    return _best_class(out[:, :4], out[:, 4:], None, p)
+    return _decode(rows_of(output, "yolov8"), "yolov8", p, input_size)
 
 
 DECODERS: dict[str, Callable[[np.ndarray, tuple[int, int], DetectParams], Decoded]] = {
@@ -94,6 +132,20 @@ DECODERS: dict[str, Callable[[np.ndarray, tuple[int, int], DetectParams], Decode
     "yolov5": decode_yolov5,
     "yolov8": decode_yolov8,
 }
+
+
+def batch_candidates(output: Any, fmt: str, input_size: tuple[int, int], p: DetectParams, xp: Any = np,
+                     grid: Grid | None = None, classes: Any = None) -> tuple[Any, Any, Any, Any]:
+    """A batch's output [N, A, K] ([N, K, A] for v8) to every kept anchor's (image index, xyxy box, score, class
+    id), in image then anchor order, computed where the output lives (the GPU decode): the decoders' arithmetic
+    over the whole batch at once. `classes`: class_array(p) in `xp` on the output's device (made when not given)."""
+    rows = rows_of(output, fmt, xp)
+    if classes is None:
+        classes = class_array(p, xp)
+    class_ids, scores, keep = score_rows(rows, fmt, p.conf, classes, xp)
+    image, anchor = xp.where(keep)
+    boxes = anchor_boxes(rows[image, anchor, :4], anchor, fmt, input_size, rows.shape[1], xp, grid)
+    return image, boxes, scores[image, anchor], class_ids[image, anchor]
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -163,21 +215,29 @@ def finish_candidates(
     frame_size: tuple[int, int],
     labels: list[str],
     p: DetectParams,
-) -> list[dict]:
+) -> Detections:
     """One image's thresholded candidates [k, 6] (model-input pixels) to the contract's detections: class-aware NMS,
     boxes mapped to original frame pixels, best first."""
     boxes, scores, class_ids = candidates[:, :4], candidates[:, 4], candidates[:, 5].astype(np.int64)
     keep = nms(boxes, scores, class_ids, p.iou, p.max_detections)
-    frame_boxes = unletterbox_boxes(boxes[keep], letterbox_info, *frame_size).tolist()
-    return [
-        {
-            "box": [round(v, 2) for v in box],
-            "score": round(score, 4),
-            "class_id": cid,
-            "label": labels[cid] if cid < len(labels) else str(cid),
-        }
-        for box, score, cid in zip(frame_boxes, scores[keep].tolist(), class_ids[keep].tolist())
-    ]
+    frame_boxes = unletterbox_boxes(boxes[keep], letterbox_info, *frame_size)
+    kept_ids = class_ids[keep]
+    return Detections(np.round(frame_boxes.astype(np.float64), BOX_DECIMALS),
+                      np.round(scores[keep].astype(np.float64), SCORE_DECIMALS), kept_ids,
+                      label_column(kept_ids, labels))
+
+
+def label_column(class_ids: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Each class id's label (its number as text beyond the list) as a Detections label column."""
+    table = _label_table(tuple(labels))
+    if len(class_ids) and int(class_ids.max()) >= len(table):
+        return np.array([labels[c] if c < len(labels) else str(c) for c in class_ids.tolist()] + [None], object)[:-1]
+    return table[class_ids]
+
+
+@functools.lru_cache(maxsize=16)
+def _label_table(labels: tuple[str, ...]) -> np.ndarray:
+    return np.array(labels + (None,), object)[:-1]  # (None: keeps a 1-D object array whatever the labels hold)
 
 
 def postprocess(
@@ -187,7 +247,7 @@ def postprocess(
     frame_size: tuple[int, int],
     labels: list[str],
     p: DetectParams,
-) -> list[dict]:
+) -> Detections:
     """One image's raw output to the contract's detections: boxes in original frame pixels, best first."""
     decoded = DECODERS[fmt](output, tuple(letterbox_info["input"]), p)
     return finish_candidates(pack_candidates(*decoded), letterbox_info, frame_size, labels, p)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graphflow.detections import Detections
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("frame", "id", "x", "y", "w", "h", "conf")
@@ -102,6 +104,12 @@ def mot_lines(frame: int, ids: np.ndarray, boxes: np.ndarray, conf: np.ndarray) 
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     return "".join(f"{frame},{int(i)},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{float(c):.4g},-1,-1,-1\n"
                    for i, (x1, y1, x2, y2), c in zip(np.asarray(ids).tolist(), boxes.tolist(), np.asarray(conf).tolist()))
+
+
+def track_lines(frame: int, tracks: Detections) -> str:
+    """MOTChallenge result rows of one frame's tracks (an object without a score gets conf 1)."""
+    scores = tracks.rounded_scores()
+    return mot_lines(frame, tracks.track_ids, tracks.rounded_boxes(), np.where(np.isnan(scores), 1.0, scores))
 
 
 def write_mot(path: str | Path, table: MotTable) -> None:

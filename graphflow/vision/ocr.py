@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from graphflow.detections import Detections
+
 BLANK = ""
 
 
@@ -124,16 +126,19 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def read_signs(truth: list[dict], objects: list[dict]) -> list[tuple[str, str]]:
+def read_signs(truth: list[dict], objects: Detections | list[dict]) -> list[tuple[str, str]]:
     """(true text, text read) per sign of one frame: the texts of the objects whose box centre lies in the sign's
     box, joined left to right ("" when none was read there)."""
+    objects = Detections.of(objects)
+    boxes = objects.rounded_boxes()
+    read_ones = [(box, a["text"]) for box, a in zip(boxes.tolist(), objects.attributes.tolist())
+                 if a is not None and "text" in a]
     pairs = []
     for sign in truth:
         x1, y1, x2, y2 = sign["box"]
-        inside = [o for o in objects if "text" in o.get("attributes", {})
-                  and x1 <= (o["box"][0] + o["box"][2]) / 2 <= x2 and y1 <= (o["box"][1] + o["box"][3]) / 2 <= y2]
-        read = "".join(o["attributes"]["text"] for o in sorted(inside, key=lambda o: o["box"][0]))
-        pairs.append((sign["text"], read))
+        inside = [(box[0], text) for box, text in read_ones
+                  if x1 <= (box[0] + box[2]) / 2 <= x2 and y1 <= (box[1] + box[3]) / 2 <= y2]
+        pairs.append((sign["text"], "".join(text for _, text in sorted(inside, key=lambda pair: pair[0]))))
     return pairs
 
 

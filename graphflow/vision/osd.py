@@ -3,6 +3,7 @@ drawn on a frame copy, and an H.264 mp4 writer (PyAV) to save the annotated fram
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Any
 import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from graphflow.detections import Detections
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,13 @@ def color_for(key: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in PALETTE[key % len(PALETTE)])
 
 
-def _label(obj: Mapping[str, Any]) -> str:
-    text = str(obj.get("label", obj.get("class_id", "")))
-    if "track_id" in obj:
-        text = f"#{obj['track_id']} {text}"
-    if "score" in obj:
-        text = f"{text} {obj['score']:.2f}"
+def _label(label: str | None, class_id: int, track_id: int, score: float) -> str:
+    """An object's tag: `#track label score`, each part only when the object has it (the class id for no label)."""
+    text = str(label if label is not None else class_id if class_id >= 0 else "")
+    if track_id >= 0:
+        text = f"#{track_id} {text}"
+    if not math.isnan(score):
+        text = f"{text} {score:.2f}"
     return text
 
 
@@ -186,15 +190,15 @@ def _draw_rule(pen: ImageDraw.ImageDraw, layout: LabelLayout, rule: Mapping[str,
     return []
 
 
-def draw(frame: np.ndarray, objects: Sequence[dict[str, Any]] = (), lines: Sequence[Sequence[Sequence[float]]] = (),
-         color: str = "bgr", normalized_lines: bool = False, width: int = 2, *,
-         rules: Sequence[Mapping[str, Any]] = (), trails: Mapping[int, np.ndarray] | None = None,
+def draw(frame: np.ndarray, objects: Detections | Sequence[Mapping[str, Any]] = (),
+         lines: Sequence[Sequence[Sequence[float]]] = (), color: str = "bgr", normalized_lines: bool = False,
+         width: int = 2, *, rules: Sequence[Mapping[str, Any]] = (), trails: Mapping[int, np.ndarray] | None = None,
          flash_tracks: Collection[int] = (), flash_rules: Collection[str] = (),
          layout: LabelLayout | None = None) -> np.ndarray:
     """A copy of `frame` (HxWx3 uint8, channels in `color` order) with boxes, labels, trails and rules drawn on it.
 
-    `objects` are detection or track dicts (`box`, optional `label`, `score`, `track_id`); `lines` are
-    point lists in pixels, or in 0..1 frame fractions when `normalized_lines`; `rules` are the rule engine's
+    `objects` are detections or tracks (Detections, or dicts with `box`, optional `label`, `score`, `track_id`);
+    `lines` are point lists in pixels, or in 0..1 frame fractions when `normalized_lines`; `rules` are the rule engine's
     data['rules'] (zones and lines in pixels, with counts); `trails` maps track ids to past points (K,2).
     Tracks in `flash_tracks` and rules in `flash_rules` are highlighted (an event just happened). Colours keyed
     by track id, else class id. Texts are placed by a LabelLayout so none covers another: rule captions first (they
@@ -223,12 +227,14 @@ def draw(frame: np.ndarray, objects: Sequence[dict[str, Any]] = (), lines: Seque
     for tid, points in (trails or {}).items():
         if len(points) > 1:
             pen.line([tuple(p) for p in np.asarray(points).tolist()], fill=color_for(int(tid))[order], width=width)
-    for obj in objects:
-        x1, y1, x2, y2 = (float(v) for v in obj["box"])
-        flash = obj.get("track_id") in flash_tracks
-        rgb = (FLASH_COLOR if flash else color_for(int(obj.get("track_id", obj.get("class_id", 0)))))[order]
+    objects = Detections.of(objects)
+    for (x1, y1, x2, y2), label, class_id, track_id, score in zip(
+            objects.rounded_boxes().tolist(), objects.labels.tolist(), objects.class_ids.tolist(),
+            objects.track_ids.tolist(), objects.rounded_scores().tolist()):
+        flash = track_id >= 0 and track_id in flash_tracks
+        rgb = (FLASH_COLOR if flash else color_for(track_id if track_id >= 0 else max(class_id, 0)))[order]
         pen.rectangle((x1, y1, x2, y2), outline=rgb, width=width * 2 if flash else width)
-        text = _label(obj)
+        text = _label(label, class_id, track_id, score)
         if text:
             tw, th = layout.size(text)  # above the box, else inside its top, else below it
             layout.place(text, [(x1, y1 - th), (x1, y1), (x1, y2), (x2 - tw, y1 - th)], rgb, anchor=(x1, y1))
@@ -249,7 +255,7 @@ class Overlay:
     last_seen: dict[int, int] = field(default_factory=dict)
     flashing: dict[tuple[str, int | None], int] = field(default_factory=dict)
 
-    def render(self, frame: np.ndarray, seq: int, objects: Sequence[dict[str, Any]] = (),
+    def render(self, frame: np.ndarray, seq: int, objects: Detections | Sequence[Mapping[str, Any]] = (),
                rules: Sequence[Mapping[str, Any]] = (), events: Sequence[Mapping[str, Any]] = (),
                color: str = "bgr") -> np.ndarray:
         """`frame` annotated with boxes, trails (bottom-centre points of the last `trail` frames), rules and the
@@ -259,13 +265,13 @@ class Overlay:
         for event in events:
             self.flashing[(str(event.get("rule")), event.get("track_id"))] = seq + self.flash - 1
         self.flashing = {k: until for k, until in self.flashing.items() if until >= seq}
+        objects = Detections.of(objects)
         if self.trail:
-            for obj in objects:
-                if "track_id" in obj:
-                    x1, _, x2, y2 = obj["box"]
-                    tid = int(obj["track_id"])
-                    self.trails.setdefault(tid, deque(maxlen=self.trail)).append(((x1 + x2) / 2, y2))
-                    self.last_seen[tid] = seq
+            tracked = objects.track_ids >= 0
+            for tid, (x1, _, x2, y2) in zip(objects.track_ids[tracked].tolist(),
+                                            objects.rounded_boxes()[tracked].tolist()):
+                self.trails.setdefault(tid, deque(maxlen=self.trail)).append(((x1 + x2) / 2, y2))
+                self.last_seen[tid] = seq
             for tid in [t for t, last in self.last_seen.items() if seq - last >= self.trail]:
                 del self.trails[tid], self.last_seen[tid]
         shown = {tid: points for tid, points in self.trails.items() if self.last_seen[tid] == seq}

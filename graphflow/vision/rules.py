@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,17 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from graphflow.detections import Detections
+from graphflow.engine import Param
 from graphflow.errors import ParamError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("zone", "line_cross", "dwell", "crowding", "speed")
 ANCHORS = ("bottom_center", "center")
+COMMON_KEYS = ("id", "kind", "classes", "anchor", "attributes")  # keys every kind of rule takes
 
 
 @dataclass
 class Frame:
-    """One stream's tracks at one instant, as arrays: ids (N,), classes (N,), labels, anchor points (N,2) in pixels."""
+    """One stream's tracks at one instant, as arrays: ids (N,), classes (N,), labels, boxes (N,4) in pixels and
+    attributes."""
 
     stream: str
     index: int
@@ -36,6 +41,7 @@ class Frame:
     classes: np.ndarray
     labels: list[str]
     boxes: np.ndarray
+    attributes: list[Mapping[str, Any]]  # per track: the second stage's results ({} without)
 
 
 def anchor_points(boxes: np.ndarray, anchor: str) -> np.ndarray:
@@ -86,6 +92,96 @@ def _points(spec: dict, index: int, name: str, count: int | None, at_least: int 
     if (arr < 0).any():
         raise ParamError(_field(index, name), "coordinates must be ≥ 0")
     return arr
+
+
+def _declare(**params: Param) -> dict[str, Param]:
+    """Named Params describing the keys of one object of a rule spec."""
+    for name, p in params.items():
+        p.name = name
+    return params
+
+
+# The tests of a rule's `attributes: {name: {...}}`; a plain value there means equal to it, a list any of them.
+ATTRIBUTE_TEST = _declare(
+    regex=Param(str, None, doc="the attribute, as text, contains a match of this regular expression (re.search)"),
+    min=Param(float, None, doc="the attribute is a number ≥ min"),
+    max=Param(float, None, doc="the attribute is a number ≤ max"),
+)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+@dataclass(frozen=True)
+class AttributeTest:
+    """What one attribute of a track must be for a rule to count the track: one of `values`, or (from an object)
+    matching `regex` and within `min`..`max`. A track without the attribute does not match."""
+
+    name: str
+    values: tuple = ()
+    regex: re.Pattern | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def matches(self, attributes: Mapping[str, Any]) -> bool:
+        if self.name not in attributes:
+            return False
+        value = attributes[self.name]
+        if self.values:  # bool only equals bool: True must not match an attribute of 1
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in self.values)
+        if self.regex is not None and (not _scalar(value) or not self.regex.search(str(value))):
+            return False
+        if self.min is not None or self.max is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+        return True
+
+
+def attribute_tests(spec: Any, index: int) -> tuple[AttributeTest, ...]:
+    """A rule's `attributes` filter, checked; ParamError names the first wrong field (`rules[0].attributes.text`)."""
+    where = _field(index, "attributes")
+    if not isinstance(spec, dict) or not spec:
+        raise ParamError(where, "must be an object of attribute name → value, list of values, or "
+                                f"{{{', '.join(ATTRIBUTE_TEST)}}} (got {spec!r})")
+    tests = []
+    for name, want in spec.items():
+        here = f"{where}.{name}"
+        if _scalar(want):
+            tests.append(AttributeTest(name, values=(want,)))
+        elif isinstance(want, list):
+            if not want or not all(_scalar(v) for v in want):
+                raise ParamError(here, f"a list must hold one or more strings or numbers (got {want!r})")
+            tests.append(AttributeTest(name, values=tuple(want)))
+        elif isinstance(want, dict):
+            tests.append(_attribute_object(name, want, here))
+        else:
+            raise ParamError(here, f"must be a value, a list of values or an object (got {want!r})")
+    return tuple(tests)
+
+
+def _attribute_object(name: str, want: dict, where: str) -> AttributeTest:
+    """An `{"regex", "min", "max"}` test, each key checked by its Param."""
+    unknown = sorted(set(want) - set(ATTRIBUTE_TEST))
+    if unknown or not want:
+        raise ParamError(f"{where}.{unknown[0]}" if unknown else where,
+                         f"{'unknown test' if unknown else 'needs a test'} (known: {', '.join(ATTRIBUTE_TEST)})")
+    checked = {}
+    for key, value in want.items():
+        try:
+            checked[key] = ATTRIBUTE_TEST[key].coerce(value)
+        except ParamError as exc:
+            raise ParamError(f"{where}.{key}", exc.message) from None
+    if "min" in checked and "max" in checked and checked["min"] > checked["max"]:
+        raise ParamError(where, f"min {checked['min']:g} is above max {checked['max']:g}: nothing could match")
+    regex = None
+    if "regex" in checked:
+        try:
+            regex = re.compile(checked["regex"])
+        except re.error as exc:
+            raise ParamError(f"{where}.regex", f"not a valid regular expression: {exc}") from None
+    return AttributeTest(name, regex=regex, min=checked.get("min"), max=checked.get("max"))
 
 
 def _orientation(p: np.ndarray, q: np.ndarray, r: np.ndarray, eps: float) -> int:
@@ -139,16 +235,17 @@ def polygon_problem(points: np.ndarray) -> str | None:
 
 
 class Rule:
-    """Base of all rules: id, class filter, anchor and geometry scaling; subclasses implement `step`."""
+    """Base of all rules: id, class and attribute filters, anchor and geometry scaling; subclasses implement
+    `step`."""
 
     kind = ""
     keys: tuple[str, ...] = ()
 
     def __init__(self, spec: dict, index: int) -> None:
-        unknown = sorted(set(spec) - {"id", "kind", "classes", "anchor", *self.keys})
+        unknown = sorted(set(spec) - {*COMMON_KEYS, *self.keys})
         if unknown:
             raise ParamError(_field(index, unknown[0]), f"unknown key for a {self.kind} rule "
-                             f"(known: id, kind, classes, anchor, {', '.join(self.keys)})")
+                             f"(known: {', '.join(COMMON_KEYS + self.keys)})")
         self.spec = dict(spec)  # as given: what `GET /streams/{id}/rules` shows
         rid = spec.get("id", f"{self.kind}{index}")
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
@@ -161,6 +258,7 @@ class Rule:
         if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes)):
             raise ParamError(_field(index, "classes"), f"must be a list of class ids or labels (got {classes!r})")
         self.classes = None if classes is None else set(classes)
+        self.attributes = attribute_tests(spec["attributes"], index) if "attributes" in spec else ()
         self.geometry: dict[str, np.ndarray] = {}
         self._scaled: dict[str, np.ndarray] = {}
         self._scaled_for: tuple[int | None, int | None] | None = None
@@ -195,10 +293,14 @@ class Rule:
         return self._scaled[name]
 
     def selected(self, frame: Frame) -> np.ndarray:
-        """Boolean mask of the frame's tracks that pass the class filter."""
-        if self.classes is None:
-            return np.ones(len(frame.ids), bool)
-        return np.array([c in self.classes or lab in self.classes for c, lab in zip(frame.classes.tolist(), frame.labels)], bool)
+        """Boolean mask of the frame's tracks that pass the class and attribute filters."""
+        mask = np.ones(len(frame.ids), bool)
+        if self.classes is not None:
+            mask &= np.array([c in self.classes or lab in self.classes
+                              for c, lab in zip(frame.classes.tolist(), frame.labels)], bool)
+        if self.attributes:
+            mask &= np.array([all(t.matches(a) for t in self.attributes) for a in frame.attributes], bool)
+        return mask
 
     def event(self, frame: Frame, name: str, row: int | None, point: np.ndarray | None, **extra: Any) -> dict:
         """An event dict per the data contract; `row` indexes the frame's tracks (None for area events)."""
@@ -208,6 +310,8 @@ class Rule:
               "label": None if row is None else frame.labels[row],
               "frame": frame.index, "time": frame.time,
               "position": None if point is None else [round(float(point[0]), 2), round(float(point[1]), 2)]}
+        if row is not None and frame.attributes[row]:
+            ev["attributes"] = dict(frame.attributes[row])
         ev.update(extra)
         return ev
 
@@ -521,17 +625,20 @@ class RuleSet:
         self.streams.pop(stream, None)
         self.own.pop(stream, None)
 
-    def evaluate(self, stream: str, index: int, time: float, tracks: list[dict],
+    def evaluate(self, stream: str, index: int, time: float, tracks: Detections | list[dict],
                  width: int | None = None, height: int | None = None) -> list[dict]:
-        """Events produced by one frame of `stream`; `tracks` are dicts with box, track_id, class_id, label."""
+        """Events produced by one frame of `stream`; `tracks` (Detections, or dicts with box, track_id, class_id,
+        label and, after a second stage, attributes) are read as arrays."""
         state = self.streams.get(stream)
         if state is None:
             state = self.streams[stream] = _StreamState(copy.deepcopy(self.rules_of(stream)))
-        frame = Frame(stream, index, float(time), width, height,
-                      ids=np.array([t["track_id"] for t in tracks], np.int64),
-                      classes=np.array([t.get("class_id", -1) for t in tracks], np.int64),
-                      labels=[t.get("label", "") for t in tracks],
-                      boxes=np.array([t["box"] for t in tracks], np.float64).reshape(-1, 4))
+        tracks = Detections.of(tracks, "data['tracks']")
+        labels = tracks.labels.tolist()
+        frame = Frame(stream, index, float(time), width, height, ids=tracks.track_ids,
+                      classes=tracks.class_ids.astype(np.int64),
+                      labels=[label or "" for label in labels] if None in labels else labels,
+                      boxes=tracks.rounded_boxes(),
+                      attributes=[a or {} for a in tracks.attributes.tolist()])
         for tid in frame.ids.tolist():
             state.last_seen[tid] = frame.time
         stale = {t for t, seen in state.last_seen.items() if frame.time - seen > self.forget_after}

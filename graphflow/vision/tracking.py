@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from graphflow.detections import Detections
 from graphflow.vision.detect import pairwise_iou as _iou
 
 log = logging.getLogger(__name__)
@@ -368,6 +369,13 @@ class ByteTracker:
             if self.min_hits <= 1:
                 out += Tracks(new.ids, boxes[born], scores[born], new.classes, born)
         return out
+
+
+def follow(tracker: IoUTracker | ByteTracker, detections: Detections) -> Detections:
+    """One frame's detections through `tracker`: the objects it reports, with their track ids and its boxes and
+    scores (the columns go in and come out as arrays; each object keeps its other fields)."""
+    found = tracker.update(detections.rounded_boxes(), detections.rounded_scores(), detections.class_ids)
+    return detections.take(found.det_index).replace(boxes=found.boxes, scores=found.scores, track_ids=found.ids)
 
 
 def make_tracker(algorithm: str, **kwargs) -> IoUTracker | ByteTracker:
