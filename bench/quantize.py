@@ -1,7 +1,7 @@
 """INT8 against fp32 for a detector on the CPU: speed and agreement, in the same run.
 
 Usage: python bench/quantize.py [--model yolox-nano] [--video graphs/data/demo.mp4] [--int8 FILE] [--repeat 20]
-       [--every 5] [--calib-frames 64]
+       [--every 1] [--calib-frames 64]
 Makes the INT8 copy with `graphflow model quantize`'s function (calibrated on --calib-frames frames of the video,
 unless --int8 names one), then (a) ms/image of each model with onnxruntime at 1 and 2 threads, batch 1 and 4, both
 through infer's own backend (same session options: onnxruntime's full graph optimisation, inter-op 1 thread), five
@@ -95,19 +95,19 @@ def main() -> None:
     ap.add_argument("--int8", help="an INT8 model made before (default: made here)")
     ap.add_argument("--calib-frames", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--every", type=int, default=5, help="agreement on every N-th frame")
+    ap.add_argument("--every", type=int, default=1, help="agreement on every N-th frame (default: all)")
     ap.add_argument("--conf", type=float, default=0.3)
     args = ap.parse_args()
 
     spec = resolve_model(args.model)
     tmp = tempfile.TemporaryDirectory()
     int8 = Path(args.int8) if args.int8 else Path(tmp.name) / "model.int8.onnx"
-    sensitive = None
+    convs = None
     if not args.int8:
         t0 = time.perf_counter()
-        sensitive = quantize_model(args.model, args.video, int8, frames=args.calib_frames).sensitive
+        convs = quantize_model(args.model, args.video, int8, frames=args.calib_frames).float_convs
         print(f"quantized on {args.calib_frames} frames in {time.perf_counter() - t0:.1f} s; kept float: "
-              f"{', '.join(sensitive) or 'none'} and the head's tail")
+              f"{len(convs)} convolutions ({', '.join(convs)}) with their activations, and the head's tail")
     paths = {"fp32": spec.path, "int8": int8}
 
     src = open_source(SourceSpec(uri=args.video))
@@ -141,7 +141,7 @@ def main() -> None:
                                                                   "precision": round(precision, 4)}
     result = {"model": args.model, "int8_bytes": int8.stat().st_size, "fp32_bytes": spec.path.stat().st_size,
               "timing": rows, "frames": len(frames), "fp32_detections": n_ref, "int8_detections": n_got,
-              "calibration_frames": args.calib_frames if not args.int8 else None, "kept_float": sensitive,
+              "calibration_frames": args.calib_frames if not args.int8 else None, "float_convs": convs,
               "fp32_ms_by_level": levels, **agreement}
     print("RESULT " + json.dumps(result))
     tmp.cleanup()

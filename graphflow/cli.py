@@ -248,10 +248,11 @@ def _sink_kinds() -> dict[str, list[str]]:
 
 
 def _rule_kinds() -> dict[str, list[str]]:
-    """Each rule kind of `rule` with what it does and its keys (every kind also takes id, classes, anchor)."""
-    from graphflow.vision.rules import RULE_CLASSES
+    """Each rule kind of `rule` with what it does, its keys, and the tests an `attributes` filter takes."""
+    from graphflow.vision.rules import ATTRIBUTE_TEST, COMMON_KEYS, RULE_CLASSES
 
-    return {kind: [_doc(cls), f"keys: id, kind, classes, anchor, {', '.join(cls.keys)}"]
+    tests = [f"attributes.NAME.{k}: {p.describe()}" for k, p in ATTRIBUTE_TEST.items()]
+    return {kind: [_doc(cls), f"keys: {', '.join(COMMON_KEYS + cls.keys)}", *tests]
             for kind, cls in RULE_CLASSES.items()}
 
 

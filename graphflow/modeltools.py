@@ -28,6 +28,7 @@ PPOCR_REC_HEIGHTS = (32, 48)  # the text line heights PP-OCR recognisers are tra
 PPOCR_CLS_SIZE = (192, 48)  # PP-OCR's direction classifier input (width, height)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SENSITIVE_DB = 20.0  # a convolution whose output SQNR from its input rounded to 8 bits is under this stays float
+FLOAT_STRIDE = 4  # convolutions reading tensors at most this many input pixels apart (the stem's) stay float
 ACTIVATIONS = ("Sigmoid", "Mul", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh")
 
 
@@ -312,11 +313,20 @@ def _activation(conv: Any, consumers: dict[str, list[Any]]) -> list[Any]:
                     if m.op_type == "Mul" and conv.output[0] in m.input]
 
 
-def conv_input_sqnr(path: Path, tensors: list[np.ndarray]) -> dict[str, float]:
-    """Per convolution (by node name): the SQNR, in dB, of its output when only its input is rounded to 8 bits over
-    the input's calibrated range — the input step²/12 through the weights' squares against the output's mean square
-    on `tensors`. Low where a layer's channels differ in range by orders of magnitude and the next one amplifies the
-    small ones (YOLOX-Nano's stem feeding its first depthwise convolution: 9.6 dB; every other layer ≥ 25 dB)."""
+@dataclass(frozen=True)
+class ConvStat:
+    """One convolution on the calibration frames: `sqnr_db`, its output's SQNR when only its input is rounded to 8
+    bits; `stride`, model input rows per row of its input (1 at full resolution, 4 a quarter)."""
+
+    sqnr_db: float
+    stride: float
+
+
+def conv_stats(path: Path, tensors: list[np.ndarray]) -> dict[str, ConvStat]:
+    """Per convolution (by node name): its ConvStat. The SQNR is the input's 8-bit step²/12 over its calibrated range
+    through the weights' squares against the output's mean square on `tensors`: low where a layer's channels differ
+    in range by orders of magnitude and the next one amplifies the small ones (YOLOX-Nano's stem feeding its first
+    depthwise convolution: 9.6 dB; every other layer ≥ 25 dB)."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -332,35 +342,43 @@ def conv_input_sqnr(path: Path, tensors: list[np.ndarray]) -> dict[str, float]:
     low: dict[str, float] = {}
     high: dict[str, float] = {}
     power: dict[str, float] = {}
+    rows: dict[str, int] = {}
     for tensor in tensors:
         values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: tensor})))
         for name in watched:
             v = values[name]
+            rows[name] = v.shape[2] if v.ndim == 4 else tensor.shape[2]
             low[name], high[name] = min(low.get(name, 0.0), float(v.min())), max(high.get(name, 0.0), float(v.max()))
             power[name] = power.get(name, 0.0) + float(np.square(v, dtype=np.float64).mean()) / len(tensors)
-    sqnr = {}
+    stats = {}
     for c in convs:
         w = numpy_helper.to_array(weights[c.input[1]]).astype(np.float64)
         step = (high[c.input[0]] - low[c.input[0]]) / 255
         noise = step * step / 12 * float(np.square(w).reshape(len(w), -1).sum(1).mean())
-        sqnr[c.name] = 10 * np.log10(max(power[c.output[0]], 1e-30) / max(noise, 1e-30))
-    return sqnr
+        stats[c.name] = ConvStat(10 * np.log10(max(power[c.output[0]], 1e-30) / max(noise, 1e-30)),
+                                 tensors[0].shape[2] / rows[c.input[0]])
+    return stats
 
 
-def sensitive_nodes(path: Path, tensors: list[np.ndarray], threshold_db: float = SENSITIVE_DB) -> list[str]:
-    """Names of the nodes to keep float: each convolution whose `conv_input_sqnr` is under `threshold_db`, with the
-    convolution whose output feeds it, and both their activations (an 8-bit tensor anywhere between them would
-    round the small channels away again)."""
+def sensitive_nodes(path: Path, tensors: list[np.ndarray], threshold_db: float = SENSITIVE_DB,
+                    float_stride: float = FLOAT_STRIDE) -> list[str]:
+    """Names of the nodes to keep float: the convolutions reading at a stride ≤ `float_stride` (the high-resolution
+    stem: its wide raw-pixel ranges cost the most agreement, and its large tensors make 8-bit activations slower than
+    onnxruntime's float path), and each convolution whose `conv_stats` SQNR is under `threshold_db` with the
+    convolution feeding it (an 8-bit tensor anywhere between them rounds the small channels away again); each with
+    its activation."""
     import onnx
 
     nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
     producer, consumers = _graph_links(nodes)
     keep: list[Any] = []
-    for name, db in conv_input_sqnr(path, tensors).items():
-        log.debug("quantize: %s input SQNR %.1f dB", name, db)
-        if db >= threshold_db:
-            continue
+    for name, stat in conv_stats(path, tensors).items():
+        log.debug("quantize: %s input SQNR %.1f dB, stride %g", name, stat.sqnr_db, stat.stride)
         conv = next(n for n in nodes if n.name == name)
+        if stat.stride <= float_stride:
+            keep += [conv, *_activation(conv, consumers)]
+        if stat.sqnr_db >= threshold_db:
+            continue
         keep += [conv, *_activation(conv, consumers)]
         up = producer.get(conv.input[0])
         while up is not None and up.op_type in ACTIVATIONS:
@@ -372,11 +390,12 @@ def sensitive_nodes(path: Path, tensors: list[np.ndarray], threshold_db: float =
 
 @dataclass(frozen=True)
 class Quantized:
-    """What `quantize_model` did: frames calibrated on, and the nodes it left float (sensitive layers, head tail)."""
+    """What `quantize_model` did: frames calibrated on, the nodes it left float (`sensitive_nodes`, the head's tail)
+    and, of those, the convolutions."""
 
     frames: int
     float_nodes: list[str]
-    sensitive: list[str]
+    float_convs: list[str]
 
 
 def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path, frames: int = 64,
@@ -384,8 +403,9 @@ def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path,
     """Write an INT8 copy of a detector (a registered name or an ONNX file) to `output`: onnxruntime static
     quantization in QOperator format (QDQ's per-channel form needs opset 13; YOLOX-Nano is opset 11), u8 activations
     and per-channel s8 weights, activation ranges calibrated on `frames` frames of `calibrate` preprocessed as infer
-    does (percentile: each range spans 99.999% of the values seen, so a rare outlier does not coarsen the step). Float stay: the head's tail (`head_tail`) and the layers `sensitive_nodes` finds under `threshold_db`
-    (YOLOX-Nano's stem: quantized, it alone drops recall against fp32 from about 0.86 to 0.59 on the demo video)."""
+    does (percentile: each range spans 99.999% of the values seen, so a rare outlier does not coarsen the step).
+    Float stay: the head's tail (`head_tail`) and what `sensitive_nodes` picks (YOLOX-Nano: quantized too, its stem
+    drops recall against fp32 on the demo video from about 0.9 to 0.58)."""
     from graphflow.vision.models import inspect_onnx, resolve_model
 
     try:
@@ -397,12 +417,12 @@ def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path,
     if method not in CALIBRATION_METHODS:
         raise ModelToolError(f"--method: must be one of {', '.join(CALIBRATION_METHODS)} (got {method!r})")
     try:
+        import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as exc:
         raise ModelToolError(f"quantize needs the onnx package ({exc.name} is missing): pip install onnx") from None
     tensors = calibration_tensors(calibration_frames(calibrate, frames), spec.preprocess)
-    sensitive = sensitive_nodes(spec.path, tensors, threshold_db)
-    float_nodes = list(dict.fromkeys(sensitive + head_tail(spec.path)))
+    float_nodes = list(dict.fromkeys(sensitive_nodes(spec.path, tensors, threshold_db) + head_tail(spec.path)))
     reader = _FrameReader(tensors, inspect_onnx(spec.path).input.name)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -424,7 +444,8 @@ def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path,
         partial.unlink(missing_ok=True)
         for leftover in output.parent.glob(partial.name + "*"):  # calibration's augmented models, if left behind
             leftover.unlink(missing_ok=True)
-    return Quantized(len(tensors), float_nodes, sensitive)
+    convs = {n.name for n in onnx.load(str(spec.path), load_external_data=False).graph.node if n.op_type == "Conv"}
+    return Quantized(len(tensors), float_nodes, [n for n in float_nodes if n in convs])
 
 
 def detection_agreement(reference: list[list[dict]], candidate: list[list[dict]], iou: float = 0.5,
@@ -479,6 +500,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     done = quantize_model(args.model, args.calibrate, args.output, frames=args.frames, method=args.method)
-    kept = f"; kept float: {', '.join(done.sensitive)} (8-bit inputs would drown them)" if done.sensitive else ""
+    convs = done.float_convs
+    kept = f"; kept float: {len(convs)} high-resolution or sensitive layers ({', '.join(convs)})" if convs else ""
     print(f"wrote {args.output} (INT8, calibrated on {done.frames} frames of {args.calibrate}{kept})", file=sys.stderr)
     return 0

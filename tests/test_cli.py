@@ -140,7 +140,7 @@ def test_engines_prints_whole_descriptions_sink_and_rule_kinds():
     for kind, keys in sink_kinds().items():
         assert f" {kind} " in sinks and all(f" {key}: {p.describe()}" in sinks for key, p in keys.items())
     rules = flat[flat.index("rule kinds"):]
-    assert "line_cross Line crossing:" in rules and "keys: id, kind, classes, anchor, line, direction" in rules
+    assert "line_cross Line crossing:" in rules and "keys: id, kind, classes, anchor, attributes, line, direction" in rules
 
 
 def test_tools_print_help_instead_of_running(tmp_path):

@@ -97,9 +97,9 @@ def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
     out = tmp_path / "nano.int8.onnx"
     done = quantize_model("yolox-nano", DEMO, out, frames=16)
     assert done.frames == 16
-    assert {"Conv_41", "Conv_44"} <= set(done.sensitive)  # the stem and the depthwise convolution it feeds
+    assert {"Conv_41", "Conv_44"} <= set(done.float_convs)  # the stem and the depthwise convolution it feeds
     nodes = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
-    assert nodes["Conv_44"] == "Conv" and list(nodes.values()).count("QLinearConv") > 100
+    assert nodes["Conv_44"] == "Conv" and list(nodes.values()).count("QLinearConv") >= 90  # of 113
     assert out.stat().st_size < SHIPPED.stat().st_size / 2
     spec = resolve_model("yolox-nano")
     frames = calibration_frames(DEMO, 40, seed=7)  # another sample of the video than the one calibrated on
@@ -114,17 +114,30 @@ def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
                                            DetectParams(conf=0.3)))
     matched, n_ref, n_got = detection_agreement(found["fp32"], found["int8"])
     assert n_ref >= 50
-    # measured here: recall 0.86, precision 0.89; with the stem quantized too (and minmax ranges) 0.58 and 0.75
-    assert matched / n_ref >= 0.78 and matched / n_got >= 0.8, (matched, n_ref, n_got)
+    # measured here: recall 0.94, precision 0.90; with the stem quantized too (and minmax ranges) 0.58 and 0.75
+    assert matched / n_ref >= 0.85 and matched / n_got >= 0.83, (matched, n_ref, n_got)
 
 
-def test_conv_input_sqnr_finds_a_layer_that_amplifies_channels_rounded_away(tmp_path):
+def test_calibration_tensors_are_what_infer_feeds_the_model():
+    """Calibration sees the model input infer makes from decoded frames: letterboxed BGR 0-255, bit for bit."""
+    from graphflow.modeltools import calibration_frames, calibration_tensors
+    from graphflow.vision.letterbox import letterbox_batch
+    from graphflow.vision.models import resolve_model
+
+    spec = resolve_model("yolox-nano")
+    frames = calibration_frames(DEMO, 3, seed=2)
+    tensors = np.concatenate(calibration_tensors(frames, spec.preprocess))
+    assert np.array_equal(tensors, letterbox_batch(frames, spec.preprocess, ["bgr"] * 3))
+    assert tensors.shape == (3, 3, 416, 416) and tensors.max() > 200  # 0-255, not 0-1
+
+
+def test_conv_stats_find_a_layer_that_amplifies_channels_rounded_away(tmp_path):
     """Two channels 1000x apart in range: rounded to one 8-bit scale, the small one is lost; a convolution that
     weighs it 100x more than the large one has almost nothing left, one that weighs them alike loses little."""
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from graphflow.modeltools import conv_input_sqnr, sensitive_nodes
+    from graphflow.modeltools import conv_stats, sensitive_nodes
 
     scale = numpy_helper.from_array(np.array([1.0, 0.001], np.float32).reshape(1, 2, 1, 1), "scale")
     weights = {"amplify": np.array([[[[0.01]], [[1.0]]]], np.float32), "even": np.ones((1, 2, 1, 1), np.float32)}
@@ -140,9 +153,11 @@ def test_conv_input_sqnr_finds_a_layer_that_amplifies_channels_rounded_away(tmp_
     path.write_bytes(onnx_model.SerializeToString())
     rng = np.random.default_rng(0)
     tensors = [rng.uniform(0, 255, (1, 2, 8, 8)).astype(np.float32) for _ in range(4)]
-    db = conv_input_sqnr(path, tensors)
-    assert db["amplify"] < 20 < 40 < db["even"], db
-    assert sensitive_nodes(path, tensors) == ["amplify"]
+    stats = conv_stats(path, tensors)
+    assert stats["amplify"].sqnr_db < 20 < 40 < stats["even"].sqnr_db, stats
+    assert stats["even"].stride == 1
+    assert sensitive_nodes(path, tensors, float_stride=0) == ["amplify"]
+    assert sensitive_nodes(path, tensors) == ["amplify", "even"]  # at full resolution: both stay float
 
 
 def test_quantize_errors_are_one_line(tmp_path):

@@ -94,19 +94,13 @@ def _points(spec: dict, index: int, name: str, count: int | None, at_least: int 
     return arr
 
 
-def _declare(**params: Param) -> dict[str, Param]:
-    """Named Params describing the keys of one object of a rule spec."""
-    for name, p in params.items():
-        p.name = name
-    return params
-
-
 # The tests of a rule's `attributes: {name: {...}}`; a plain value there means equal to it, a list any of them.
-ATTRIBUTE_TEST = _declare(
-    regex=Param(str, None, doc="the attribute, as text, contains a match of this regular expression (re.search)"),
-    min=Param(float, None, doc="the attribute is a number ≥ min"),
-    max=Param(float, None, doc="the attribute is a number ≤ max"),
-)
+# Their errors are re-raised under the test's full field path (rules[0].attributes.score.min).
+ATTRIBUTE_TEST: dict[str, Param] = {
+    "regex": Param(str, None, doc="the attribute, as text, contains a match of this regular expression (re.search)"),
+    "min": Param(float, None, doc="the attribute is a number ≥ min"),
+    "max": Param(float, None, doc="the attribute is a number ≤ max"),
+}
 
 
 def _scalar(value: Any) -> bool:
@@ -125,6 +119,7 @@ class AttributeTest:
     max: float | None = None
 
     def matches(self, attributes: Mapping[str, Any]) -> bool:
+        """Whether a track's attributes pass this test."""
         if self.name not in attributes:
             return False
         value = attributes[self.name]
