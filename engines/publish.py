@@ -23,6 +23,7 @@ from PIL import Image
 
 from graphflow import Detections, Engine, Message, Param, ParamError
 from graphflow.backoff import backoff
+from graphflow.fields import check_keys
 from graphflow.spool import MemoryQueue, Outbox, Spool
 from graphflow.vision.mot import track_lines
 from graphflow.vision.osd import Overlay, VideoWriter
@@ -90,21 +91,8 @@ class Output:
     @classmethod
     def check_spec(cls, field: str, spec: dict[str, Any]) -> dict[str, Any]:
         """`spec` checked against the declared keys and completed with defaults; ParamError names the faulty key."""
-        declared = cls.declared_params()
-        for key in spec:
-            if key != "kind" and key not in declared:
-                raise ParamError(f"{field}.{key}", f"unknown key for a {cls.kind} sink (known: {', '.join(declared)})")
-        full: dict[str, Any] = {"kind": cls.kind}
-        for name, param in declared.items():
-            if name not in spec:
-                if param.required:
-                    raise ParamError(f"{field}.{name}", f"required for a {cls.kind} sink")
-                full[name] = list(param.default) if isinstance(param.default, list) else param.default
-                continue
-            try:
-                full[name] = param.coerce(spec[name])
-            except ParamError as exc:
-                raise ParamError(f"{field}.{name}", exc.message) from None
+        keys = {k: v for k, v in spec.items() if k != "kind"}
+        full = {"kind": cls.kind, **check_keys(field, keys, cls.declared_params(), f"key for a {cls.kind} sink")}
         cls.check(field, full)
         return full
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from graphflow import Message, Param
 from graphflow.vision.frames import FrameEngine
-from graphflow.vision.rules import RuleSet, check_classes
+from graphflow.vision.rules import KINDS, RuleSet, check_classes
 
 log = logging.getLogger(__name__)
 ENDED_KEEP = 256  # ended streams whose event counts stay in the metrics
@@ -24,9 +24,9 @@ class Rule(FrameEngine):
 
     inputs = ("in",)
     outputs = ("out",)
-    rules = Param(list, doc='list of {"id", "kind": zone|line_cross|dwell|crowding|speed, "classes", "attributes", '
-                            '...}; "attributes" counts only tracks whose second-stage results match, e.g. '
-                            '{"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
+    rules = Param(list, doc=f'list of {{"kind": {"|".join(KINDS)}, key: value...}}; the keys of each kind are listed '
+                            'under its rule kinds; "attributes" counts only tracks whose second-stage results match, '
+                            'e.g. {"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
     fps = Param(float, 25.0, ge=0.001, doc="frame rate for event times when a message has no pts")
     forget_after = Param(float, 5.0, ge=0, doc="seconds after which an unseen track is dropped from rule state")
     overlay = Param(bool, True, doc="add data['rules']: each rule's geometry in pixels and counts, for the video sink's osd")

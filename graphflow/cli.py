@@ -244,16 +244,21 @@ def _sink_kinds() -> dict[str, list[str]]:
     """Each sink kind of `publish` with its keys described, from the sinks' own declarations."""
     from graphflow.engines.publish import sink_kinds
 
-    return {kind: [f"{k}: {p.describe()}" for k, p in keys.items()] for kind, keys in sink_kinds().items()}
+    return {kind: _described(keys) for kind, keys in sink_kinds().items()}
+
+
+def _described(params: dict[str, Any], prefix: str = "") -> list[str]:
+    """One `name: description` line per declared key, for `graphflow engines`."""
+    return [f"{prefix}{k}: {p.describe()}" for k, p in params.items()]
 
 
 def _rule_kinds() -> dict[str, list[str]]:
-    """Each rule kind of `rule` with what it does, its keys, and the tests an `attributes` filter takes."""
-    from graphflow.vision.rules import ATTRIBUTE_TEST, COMMON_KEYS, RULE_CLASSES
+    """The keys every rule takes with the tests of its `attributes` filter, then each rule kind of `rule` with what
+    it does and its own keys, described from the rules' declarations."""
+    from graphflow.vision.rules import ATTRIBUTE_TEST, COMMON, RULE_CLASSES
 
-    tests = [f"attributes.NAME.{k}: {p.describe()}" for k, p in ATTRIBUTE_TEST.items()]
-    return {kind: [_doc(cls), f"keys: {', '.join(COMMON_KEYS + cls.keys)}", *tests]
-            for kind, cls in RULE_CLASSES.items()}
+    every = _described(COMMON) + _described(ATTRIBUTE_TEST, "attributes.NAME.")
+    return {"every kind": every, **{kind: [_doc(cls), *_described(cls.params)] for kind, cls in RULE_CLASSES.items()}}
 
 
 KINDS: dict[str, tuple[str, Callable[[], dict[str, list[str]]]]] = {

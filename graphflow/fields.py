@@ -1,14 +1,17 @@
 """The params an engine declares as file paths, listen addresses or module references, found wherever they sit
-(`sinks[].path`), so the loader resolves relative paths and restricted mode checks values without knowing engines."""
+(`sinks[].path`), so the loader resolves relative paths and restricted mode checks values without knowing engines;
+and the declared keys of structures that are not engines (graph settings, rules), checked in one place."""
 from __future__ import annotations
 
+import copy
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import Engine, Param
+from .engine import REQUIRED, Engine, Param
+from .errors import ParamError
 
 EACH = None  # a pattern step standing for every item of a list
 KINDS = ("read", "write", "state", "bind", "module")  # state: a folder an engine keeps and reuses
@@ -23,6 +26,51 @@ def schema(**params: Param) -> dict[str, Param]:
     for name, p in params.items():
         p.name = name
     return params
+
+
+def check_keys(where: str, raw: Mapping[str, Any], params: Mapping[str, Param], what: str) -> dict[str, Any]:
+    """`raw` checked against its declared `params` and completed with defaults: unknown keys, required keys, then each
+    value by its Param. ParamError names the first faulty key (`rules[0].seconds`); `what` names the key kind in
+    messages ("key for a dwell rule")."""
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
+    unknown = sorted(set(raw) - set(params))
+    if unknown:
+        raise ParamError(at(unknown[0]), f"unknown {what} (known: {', '.join(params)})")
+    out = {}
+    for name, p in params.items():
+        if name not in raw:
+            if p.required:
+                raise ParamError(at(name), f"required ({p.doc})" if p.doc else "required")
+            out[name] = copy.deepcopy(p.default)
+            continue
+        try:
+            out[name] = p.coerce(raw[name])
+        except ParamError as exc:
+            raise ParamError(at(name), exc.message) from None
+    return out
+
+
+class Shaped(Param):
+    """A list or object Param whose items have a form of their own (points, a filter, a matrix): its type error and
+    its description say that form; a named check of the items runs after coercion."""
+
+    def __init__(self, type: type, default: Any = REQUIRED, *, form: str, doc: str = "") -> None:
+        super().__init__(type, default, doc=doc)
+        self.form = form
+
+    def coerce(self, value: Any) -> Any:
+        try:
+            return super().coerce(value)
+        except ParamError as exc:
+            raise ParamError(exc.field, self.wrong(value)) from None
+
+    def wrong(self, value: Any) -> str:
+        """The message for a value not of this form, for the type check and the named check alike."""
+        return f"must be {self.form} (got {value!r})"
+
+    def describe(self) -> str:
+        return self.form + super().describe().removeprefix(self.type.__name__)
 
 
 @dataclass(frozen=True)

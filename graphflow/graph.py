@@ -267,26 +267,13 @@ def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] 
 
 
 def _fields(file: str, where: str, raw: Any, schema: dict[str, Param], what: str) -> dict[str, Any]:
-    """`raw` checked against `schema`: unknown keys refused, each value checked by its Param, defaults filled in."""
-    def at(key: str) -> str:
-        return f"{where}.{key}" if where else key
+    """`raw` checked against `schema` by fields.check_keys, any mistake as one GraphError line."""
     if not isinstance(raw, dict):
         raise _error(file, where, "must be an object")
-    extra = sorted(set(raw) - set(schema))
-    if extra:
-        raise _error(file, at(extra[0]), f"unknown {what} (known: {', '.join(schema)})")
-    out = {}
-    for name, p in schema.items():
-        if name not in raw:
-            if p.required:
-                raise _error(file, at(name), f"required ({p.doc})")
-            out[name] = copy.deepcopy(p.default)
-            continue
-        try:
-            out[name] = p.coerce(raw[name])
-        except ParamError as exc:
-            raise _error(file, at(name), exc.message) from None
-    return out
+    try:
+        return fields.check_keys(where, raw, schema, what)
+    except ParamError as exc:
+        raise _error(file, exc.field, exc.message) from None
 
 
 @contextlib.contextmanager

@@ -131,6 +131,7 @@ def test_version_and_verbose_before_or_after_the_subcommand():
 def test_engines_prints_whole_descriptions_sink_and_rule_kinds():
     from graphflow.engines.publish import sink_kinds
     from graphflow.engines.rule import Rule
+    from graphflow.vision.rules import ATTRIBUTE_TEST, COMMON, RULE_CLASSES
 
     out = gf("engines")
     assert out.returncode == 0, out.stderr
@@ -140,7 +141,16 @@ def test_engines_prints_whole_descriptions_sink_and_rule_kinds():
     for kind, keys in sink_kinds().items():
         assert f" {kind} " in sinks and all(f" {key}: {p.describe()}" in sinks for key, p in keys.items())
     rules = flat[flat.index("rule kinds"):]
-    assert "line_cross Line crossing:" in rules and "keys: id, kind, classes, anchor, attributes, line, direction" in rules
+    every = ["every kind", *described(COMMON), *described(ATTRIBUTE_TEST, "attributes.NAME.")]
+    assert " ".join(every) in rules  # the keys every rule takes and the attribute tests, listed once
+    assert all(rules.count(line) == 1 for line in every[1:])
+    for kind, cls in RULE_CLASSES.items():  # then each kind: what it does, and its own keys
+        assert " ".join([kind, " ".join(inspect.getdoc(cls).split("\n\n")[0].split()), *described(cls.params)]) in rules
+    assert "line_cross Line crossing:" in rules and " line: a list of [x, y] points (required) — " in rules
+
+
+def described(params: dict, prefix: str = "") -> list[str]:
+    return [f"{prefix}{key}: {p.describe()}" for key, p in params.items()]
 
 
 def test_tools_print_help_instead_of_running(tmp_path):

@@ -6,16 +6,16 @@ import onnx
 import pytest
 from skimage import data
 
+from graphflow.vision.backends import make_backend
 from graphflow.vision.detect import DetectParams, decode_yolov5, decode_yolov8, nms, postprocess, yolox_grid
 from graphflow.vision.letterbox import LetterboxSpec, letterbox, unletterbox_boxes
-from graphflow.vision.backends import make_backend
 from graphflow.vision.models import MODELS_DIR, guess_output_format, resolve_model
 
 
 @pytest.fixture(scope="module")
 def yolox():
     spec = resolve_model("yolox-nano")
-    backend = make_backend("auto")
+    backend = make_backend("onnxruntime")  # the CPU reference; the torch (GPU, fp16) backend is tested in test_gpu.py
     backend.load(spec.path)
     return spec, backend
 

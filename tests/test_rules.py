@@ -7,7 +7,7 @@ import pytest
 from graphflow.engines.rule import Rule
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
-from graphflow.vision.rules import RuleSet, points_in_polygon
+from graphflow.vision.rules import RULE_CLASSES, RuleSet, parse_rules, points_in_polygon
 
 W, H, FPS = 1000, 500, 10
 
@@ -129,6 +129,73 @@ def test_rule_validation(rules, field):
     with pytest.raises(ParamError) as err:
         run_engine(Rule, {"rules": rules}, [])
     assert err.value.field == field
+
+
+# the fewest keys a rule of each kind needs
+SMALLEST = {"zone": {"polygon": FULL}, "line_cross": {"line": LINE_N}, "dwell": {"polygon": FULL, "seconds": 1},
+            "crowding": {"polygon": FULL, "min_count": 2}, "speed": {"max_speed": 1}}
+WRONG_TYPE = {str: 12.5, int: 2.5, float: "fast", list: "x", dict: "x"}
+
+
+def test_every_rule_key_is_checked_by_its_declaration():
+    """Unknown, required, type, range and choices of every key of every kind come from the declared Params."""
+    assert set(SMALLEST) == set(RULE_CLASSES)
+
+    def error(spec: dict) -> ParamError:
+        with pytest.raises(ParamError) as err:
+            parse_rules([spec])
+        return err.value
+    for kind, cls in RULE_CLASSES.items():
+        smallest = {"kind": kind, **SMALLEST[kind]}
+        assert parse_rules([smallest])[0].kind == kind
+        got = error({**smallest, "colour": "red"})
+        assert (got.field, got.message) == ("rules[0].colour", f"unknown key for a {kind} rule (known: "
+                                                               f"{', '.join(cls.keys())})")
+        for key, p in cls.keys().items():
+            if key == "kind":
+                continue
+            where = f"rules[0].{key}"
+            if p.required:
+                got = error({k: v for k, v in smallest.items() if k != key})
+                assert (got.field, got.message) == (where, f"required ({p.doc})")
+            got = error({**smallest, key: WRONG_TYPE[p.type]})
+            assert got.field == where and got.message.startswith("must be ") and "(got " in got.message, got
+            if p.ge is not None:
+                got = error({**smallest, key: p.ge - 1})
+                assert (got.field, got.message) == (where, f"must be ≥ {p.ge} (got {p.type(p.ge - 1)!r})")
+            if p.choices:
+                got = error({**smallest, key: "sideways"})
+                assert (got.field, got.message) == (where, f"must be one of {', '.join(p.choices)} (got 'sideways')")
+
+
+@pytest.mark.parametrize("rule, field, message", [
+    ({"kind": "zone", "polygon": "abc"}, "polygon", "must be a list of [x, y] points (got 'abc')"),
+    ({"kind": "zone", "polygon": [[0, 0], [1]]}, "polygon", "must be a list of [x, y] points (got [[0, 0], [1]])"),
+    ({"kind": "zone", "polygon": FULL, "classes": [True]}, "classes",
+     "must be a list of class ids or labels (got [True])"),
+    ({"kind": "zone", "polygon": FULL, "id": False}, "id", "must be a string (got False)"),
+    ({"kind": "crowding", "polygon": FULL, "min_count": 2.0}, "min_count", "must be an integer (got 2.0)"),
+    ({"kind": "speed", "max_speed": 1, "homography": [[1, 0, 0], [0, 1, 0], [0, 0, 0]]}, "homography",
+     "must be an invertible 3x3 matrix of numbers (got [[1, 0, 0], [0, 1, 0], [0, 0, 0]])"),
+    ({"kind": "zone", "polygon": FULL, "line": LINE_N}, "line",
+     "unknown key for a zone rule (known: id, kind, classes, anchor, attributes, polygon)"),
+    ({"kind": "dwell", "polygon": FULL, "seconds": None}, "seconds",
+     "required (seconds a track stays in the zone before the event)"),
+])
+def test_rule_key_messages(rule, field, message):
+    with pytest.raises(ParamError) as err:
+        parse_rules([rule])
+    assert (err.value.field, err.value.message) == (f"rules[0].{field}", message)
+
+
+def test_null_keys_take_their_defaults_and_a_number_id_is_text():
+    rule, = parse_rules([{"id": 7, "kind": "line_cross", "line": LINE_PX, "direction": None, "classes": None,
+                          "anchor": None, "attributes": None}])
+    assert (rule.id, rule.direction, rule.classes, rule.anchor, rule.attributes) == ("7", "both", None,
+                                                                                     "bottom_center", ())
+    rs = RuleSet([rule.spec])
+    rs.evaluate("cam", 0, 0.0, [track(1, 300, 200)])
+    assert [e["rule"] for e in rs.evaluate("cam", 1, 0.1, [track(1, 300, 300)])] == ["7"]
 
 
 def test_rule_engine_times_and_normalised_needs_size():

@@ -10,7 +10,7 @@ import difflib
 import logging
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +19,13 @@ import numpy as np
 from graphflow.detections import Detections
 from graphflow.engine import Param
 from graphflow.errors import ParamError
+from graphflow.fields import Shaped, check_keys, schema
 
 log = logging.getLogger(__name__)
 
 KINDS = ("zone", "line_cross", "dwell", "crowding", "speed")
 ANCHORS = ("bottom_center", "center")
-COMMON_KEYS = ("id", "kind", "classes", "anchor", "attributes")  # keys every kind of rule takes
+DIRECTIONS = ("both", "A->B", "B->A")
 
 
 @dataclass
@@ -63,35 +64,6 @@ def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 
 def _field(index: int, name: str) -> str:
     return f"rules[{index}].{name}" if name else f"rules[{index}]"
-
-
-def _number(spec: dict, index: int, name: str, default: Any = None, minimum: float = 0.0) -> float:
-    value = spec.get(name, default)
-    if value is None:
-        raise ParamError(_field(index, name), "required")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ParamError(_field(index, name), f"must be a number ≥ {minimum:g} (got {value!r})")
-    return float(value)
-
-
-def _points(spec: dict, index: int, name: str, count: int | None, at_least: int = 1) -> np.ndarray:
-    """A list of [x, y] points from a rule spec, checked: `count` exactly, or at least `at_least`."""
-    value = spec.get(name)
-    if value is None:
-        raise ParamError(_field(index, name), "required")
-    try:
-        arr = np.asarray(value, np.float64)
-    except (TypeError, ValueError):
-        arr = np.empty((0, 0))
-    if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
-        raise ParamError(_field(index, name), f"must be a list of [x, y] points (got {value!r})")
-    if count is not None and len(arr) != count:
-        raise ParamError(_field(index, name), f"needs exactly {count} points (got {len(arr)})")
-    if len(arr) < at_least:
-        raise ParamError(_field(index, name), f"needs at least {at_least} points (got {len(arr)})")
-    if (arr < 0).any():
-        raise ParamError(_field(index, name), "coordinates must be ≥ 0")
-    return arr
 
 
 # The tests of a rule's `attributes: {name: {...}}`; a plain value there means equal to it, a list any of them.
@@ -134,12 +106,11 @@ class AttributeTest:
         return True
 
 
-def attribute_tests(spec: Any, index: int) -> tuple[AttributeTest, ...]:
-    """A rule's `attributes` filter, checked; ParamError names the first wrong field (`rules[0].attributes.text`)."""
-    where = _field(index, "attributes")
+def attribute_tests(spec: Any, where: str, rule_id: str = "") -> tuple[AttributeTest, ...]:
+    """A rule's `attributes` filter (at `where`), checked; ParamError names the first wrong field
+    (`rules[0].attributes.text`). `rule_id` is unused: the signature is that of the checks in AFTER_COERCION."""
     if not isinstance(spec, dict) or not spec:
-        raise ParamError(where, "must be an object of attribute name → value, list of values, or "
-                                f"{{{', '.join(ATTRIBUTE_TEST)}}} (got {spec!r})")
+        raise ParamError(where, COMMON["attributes"].wrong(spec))
     tests = []
     for name, want in spec.items():
         here = f"{where}.{name}"
@@ -229,48 +200,134 @@ def polygon_problem(points: np.ndarray) -> str | None:
     return None
 
 
+class _RuleId(Param):
+    """A rule's id: a string, or an integer taken as its text (3 names the rule "3")."""
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return super().coerce(value)
+
+
+# The keys every kind of rule takes; each kind declares its own in `params`.
+COMMON = schema(
+    id=_RuleId(str, None, doc="names the rule in events (a number is taken as its text), unique in the list; "
+                                "default: kind and position, e.g. zone0"),
+    kind=Param(str, choices=KINDS, doc="what the rule detects"),
+    classes=Shaped(list, None, form="a list of class ids or labels",
+                   doc="count only tracks of these classes (default: every class)"),
+    anchor=Param(str, "bottom_center", choices=ANCHORS,
+                 doc="the point of a track's box that is its position: bottom centre (feet) or centre"),
+    attributes=Shaped(dict, None, form="an object of attribute name → value, list of values, or "
+                                       f"{{{', '.join(ATTRIBUTE_TEST)}}}",
+                      doc="count only tracks whose second-stage results (secondary's attributes) match"))
+POINTS = "a list of [x, y] points"
+UNITS = "in pixels or, when every value is ≤ 1, as fractions of the frame"
+POLYGON = Shaped(list, form=POINTS, doc=f"the zone's 3 or more corners, in order around it, {UNITS}")
+LINE = Shaped(list, form=POINTS, doc=f"its two ends [[x1, y1], [x2, y2]], {UNITS}; side A is on the left going from "
+                                     "the first to the second")
+HOMOGRAPHY = Shaped(list, None, form="an invertible 3x3 matrix of numbers",
+                    doc="image pixels → ground metres, for speeds in m/s")
+
+
+def _array(value: list) -> np.ndarray:
+    """`value` as float64, or an empty array when it is not rows of numbers."""
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return np.empty(0)
+
+
+def _points(param: Shaped, value: list, where: str, count: int | None = None, at_least: int = 1) -> np.ndarray:
+    """A points key's value as a (K, 2) array: finite, ≥ 0, `count` points or at least `at_least`."""
+    arr = _array(value)
+    if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
+        raise ParamError(where, param.wrong(value))
+    if count is not None and len(arr) != count:
+        raise ParamError(where, f"needs exactly {count} points (got {len(arr)})")
+    if len(arr) < at_least:
+        raise ParamError(where, f"needs at least {at_least} points (got {len(arr)})")
+    if (arr < 0).any():
+        raise ParamError(where, "coordinates must be ≥ 0")
+    return arr
+
+
+def _polygon(value: list, where: str, rule_id: str) -> np.ndarray:
+    """A simple polygon with an area; a closing point equal to the first (as GeoJSON rings repeat it) is dropped."""
+    points = _points(POLYGON, value, where, at_least=3)
+    if len(points) > 3 and np.array_equal(points[0], points[-1]):
+        points = points[:-1]
+    problem = polygon_problem(points)
+    if problem is not None:
+        raise ParamError(where, f"rule {rule_id!r}: {problem}")
+    return points
+
+
+def _line(value: list, where: str, rule_id: str) -> np.ndarray:
+    """Two points that differ: a segment with a length."""
+    line = _points(LINE, value, where, count=2)
+    if np.allclose(line[0], line[1]):
+        raise ParamError(where, f"rule {rule_id!r}: the two points must differ (a line needs a length)")
+    return line
+
+
+def _homography(value: list, where: str, rule_id: str) -> np.ndarray:
+    """An invertible 3x3 matrix."""
+    h = _array(value)
+    if h.shape != (3, 3) or not np.isfinite(h).all() or abs(np.linalg.det(h)) < 1e-12:
+        raise ParamError(where, HOMOGRAPHY.wrong(value))
+    return h
+
+
+def _class_names(value: list, where: str, rule_id: str) -> set[int | str]:
+    """The `classes` filter as a set, each item a class id or a label."""
+    if not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in value):
+        raise ParamError(where, COMMON["classes"].wrong(value))
+    return set(value)
+
+
+# What a Param cannot say about a key — its items, its geometry — checked on the coerced value, which the check
+# converts (points to arrays, `attributes` to tests); ParamError names the key.
+AFTER_COERCION: dict[str, Callable[[Any, str, str], Any]] = {
+    "classes": _class_names, "attributes": attribute_tests, "polygon": _polygon, "line": _line,
+    "homography": _homography}
+
+
 class Rule:
     """Base of all rules: id, class and attribute filters, anchor and geometry scaling; subclasses implement
-    `step`."""
+    `step` and declare their own keys in `params`."""
 
     kind = ""
-    keys: tuple[str, ...] = ()
+    params: dict[str, Param] = {}
+
+    @classmethod
+    def keys(cls) -> dict[str, Param]:
+        """Every key a rule of this kind takes: the common ones, then the kind's own."""
+        return {**COMMON, **cls.params}
 
     def __init__(self, spec: dict, index: int) -> None:
-        unknown = sorted(set(spec) - {*COMMON_KEYS, *self.keys})
-        if unknown:
-            raise ParamError(_field(index, unknown[0]), f"unknown key for a {self.kind} rule "
-                             f"(known: {', '.join(COMMON_KEYS + self.keys)})")
         self.spec = dict(spec)  # as given: what `GET /streams/{id}/rules` shows
-        rid = spec.get("id", f"{self.kind}{index}")
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-            raise ParamError(_field(index, "id"), f"must be a string (got {rid!r})")
-        self.id = str(rid)
-        self.anchor = spec.get("anchor", "bottom_center")
-        if self.anchor not in ANCHORS:
-            raise ParamError(_field(index, "anchor"), f"must be one of {', '.join(ANCHORS)} (got {self.anchor!r})")
-        classes = spec.get("classes")
-        if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes)):
-            raise ParamError(_field(index, "classes"), f"must be a list of class ids or labels (got {classes!r})")
-        self.classes = None if classes is None else set(classes)
-        self.attributes = attribute_tests(spec["attributes"], index) if "attributes" in spec else ()
+        self.where = _field(index, "")
+        keys = self.keys()
+        given = {k: v for k, v in spec.items() if v is not None or k not in keys}  # a null key takes its default
+        self.checked = check_keys(self.where, given, keys, f"key for a {self.kind} rule")  # with defaults
+        self.id = f"{self.kind}{index}" if self.checked["id"] is None else self.checked["id"]
+        for key, check in AFTER_COERCION.items():
+            if self.checked.get(key) is not None:
+                self.checked[key] = check(self.checked[key], self.field(key), self.id)
+        self.anchor = self.checked["anchor"]
+        self.classes = self.checked["classes"]
+        self.attributes = self.checked["attributes"] or ()
         self.geometry: dict[str, np.ndarray] = {}
         self._scaled: dict[str, np.ndarray] = {}
         self._scaled_for: tuple[int | None, int | None] | None = None
 
+    def field(self, key: str) -> str:
+        """The path of one of this rule's keys, for errors: `rules[0].polygon`."""
+        return f"{self.where}.{key}"
+
     def add_geometry(self, name: str, points: np.ndarray) -> None:
         self.geometry[name] = points
-
-    def polygon(self, spec: dict, index: int) -> np.ndarray:
-        """The rule's `polygon`, checked to be a simple polygon with an area; a closing point equal to the first (as
-        GeoJSON rings repeat it) is dropped."""
-        points = _points(spec, index, "polygon", None, at_least=3)
-        if len(points) > 3 and np.array_equal(points[0], points[-1]):
-            points = points[:-1]
-        problem = polygon_problem(points)
-        if problem is not None:
-            raise ParamError(_field(index, "polygon"), f"rule {self.id!r}: {problem}")
-        return points
 
     def pixels(self, name: str, frame: Frame) -> np.ndarray:
         """Geometry `name` in pixels: normalised geometry (all values ≤ 1) is scaled by the frame size."""
@@ -333,11 +390,11 @@ class ZoneRule(Rule):
     """Zone intrusion: `enter` when a track's anchor gets inside `polygon`, `exit` when it leaves."""
 
     kind = "zone"
-    keys = ("polygon",)
+    params = schema(polygon=POLYGON)
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.add_geometry("polygon", self.polygon(spec, index))
+        self.add_geometry("polygon", self.checked["polygon"])
         self.inside: dict[int, float] = {}
 
     def transitions(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> tuple[list[dict], np.ndarray]:
@@ -369,11 +426,12 @@ class DwellRule(ZoneRule):
     """Loitering: one `dwell` event per visit once a track has stayed in `polygon` for `seconds`."""
 
     kind = "dwell"
-    keys = ("polygon", "seconds")
+    params = schema(polygon=POLYGON,
+                    seconds=Param(float, ge=0, doc="seconds a track stays in the zone before the event"))
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.seconds = _number(spec, index, "seconds")
+        self.seconds = self.checked["seconds"]
         self.fired: set[int] = set()
 
     def step(self, frame: Frame, rows: np.ndarray, points: np.ndarray) -> list[dict]:
@@ -400,18 +458,14 @@ class LineCrossRule(Rule):
     """
 
     kind = "line_cross"
-    keys = ("line", "direction")
-    DIRECTIONS = ("both", "A->B", "B->A")
+    params = schema(
+        line=LINE,
+        direction=Param(str, "both", choices=DIRECTIONS, doc="the crossings that count, from side A to B or back"))
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        line = _points(spec, index, "line", 2)
-        if np.allclose(line[0], line[1]):
-            raise ParamError(_field(index, "line"), f"rule {self.id!r}: the two points must differ (a line needs a length)")
-        self.add_geometry("line", line)
-        self.direction = spec.get("direction", "both")
-        if self.direction not in self.DIRECTIONS:
-            raise ParamError(_field(index, "direction"), f"must be one of {', '.join(self.DIRECTIONS)} (got {self.direction!r})")
+        self.add_geometry("line", self.checked["line"])
+        self.direction = self.checked["direction"]
         self.last: dict[int, np.ndarray] = {}
         self.counts = {"A->B": 0, "B->A": 0}
 
@@ -451,13 +505,14 @@ class CrowdingRule(Rule):
     """Crowding: `crowd_start` once at least `min_count` tracks stay in `polygon` for `seconds`; `crowd_end` when fewer."""
 
     kind = "crowding"
-    keys = ("polygon", "min_count", "seconds")
+    params = schema(polygon=POLYGON, min_count=Param(int, ge=1, doc="tracks in the zone that make a crowd"),
+                    seconds=Param(float, 0.0, ge=0, doc="seconds the crowd lasts before crowd_start"))
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.add_geometry("polygon", self.polygon(spec, index))
-        self.min_count = int(_number(spec, index, "min_count", minimum=1))
-        self.seconds = _number(spec, index, "seconds", default=0.0)
+        self.add_geometry("polygon", self.checked["polygon"])
+        self.min_count = self.checked["min_count"]
+        self.seconds = self.checked["seconds"]
         self.since: float | None = None
         self.active = False
         self.count = 0
@@ -491,21 +546,16 @@ class SpeedRule(Rule):
     """
 
     kind = "speed"
-    keys = ("max_speed", "window", "homography")
+    params = schema(
+        max_speed=Param(float, ge=0, doc="the speed above which a track is speeding: px/s, or m/s with a homography"),
+        window=Param(float, 1.0, ge=0, doc="seconds of track history a speed is measured over"),
+        homography=HOMOGRAPHY)
 
     def __init__(self, spec: dict, index: int) -> None:
         super().__init__(spec, index)
-        self.max_speed = _number(spec, index, "max_speed")
-        self.window = _number(spec, index, "window", default=1.0)
-        h = spec.get("homography")
-        self.homography = None
-        if h is not None:
-            try:
-                self.homography = np.asarray(h, np.float64)
-            except (TypeError, ValueError):
-                self.homography = np.empty(0)
-            if self.homography.shape != (3, 3) or not np.isfinite(self.homography).all() or abs(np.linalg.det(self.homography)) < 1e-12:
-                raise ParamError(_field(index, "homography"), "must be an invertible 3x3 matrix (rows of numbers)")
+        self.max_speed = self.checked["max_speed"]
+        self.window = self.checked["window"]
+        self.homography = self.checked["homography"]
         self.unit = "m/s" if self.homography is not None else "px/s"
         self.history: dict[int, deque] = {}
         self.fast: set[int] = set()
