@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import GraphflowError
 from .placement import Coordinator, Labels, stream_labels
+from .service import LiveFeed
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class ClusterController:
         self.records: dict[str, _Stream] = {}
         self.retry_at: dict[str, float] = {}  # Ray node id → when a replica may be started there again
         self.start_failures: dict[str, int] = {}  # Ray node id → replicas in a row that did not start there
-        self.subscribers: list[queue.Queue] = []
+        self.feed = LiveFeed()
         self.lock = threading.RLock()
         self.halt = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name="cluster", daemon=True)
@@ -411,15 +412,10 @@ class ClusterController:
         return self.store.events(stream, kind, since, limit)
 
     def subscribe(self) -> queue.Queue:
-        q: queue.Queue = queue.Queue(maxsize=1000)
-        with self.lock:
-            self.subscribers.append(q)
-        return q
+        return self.feed.subscribe()
 
     def unsubscribe(self, q: queue.Queue) -> None:
-        with self.lock:
-            if q in self.subscribers:
-                self.subscribers.remove(q)
+        self.feed.unsubscribe(q)
 
     def metrics(self) -> tuple[bytes, str]:
         return render_cluster_metrics(self)
@@ -567,14 +563,9 @@ class ClusterController:
                 node.cursor = max(node.cursor, n)
                 if stream in self.records:
                     rows.append((ts, stream, kind, body))
-            subscribers = list(self.subscribers)
         self.store.add_events(rows)
-        for ts, stream, kind, body in rows:
-            for q in subscribers:
-                try:
-                    q.put_nowait({"stream": stream, "kind": kind, "seq": body.get("frame"), "event": body})
-                except queue.Full:
-                    pass  # a subscriber that does not read loses live events; the store keeps them
+        self.feed.publish([{"stream": stream, "kind": kind, "seq": body.get("frame"), "event": body}
+                           for _, stream, kind, body in rows])
         for stream in stray:
             try:
                 self._call(node, "remove", stream)

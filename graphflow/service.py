@@ -58,6 +58,38 @@ def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
     spec["uri"] = str(path)
 
 
+class LiveFeed:
+    """The live event stream's subscribers: each reads its own bounded queue; one that does not read loses live
+    events (the store keeps them) rather than holding up the graph."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = size
+        self._queues: list[queue.Queue] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> queue.Queue:
+        q: queue.Queue = queue.Queue(maxsize=self.size)
+        with self._lock:
+            self._queues.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            if q in self._queues:
+                self._queues.remove(q)
+
+    def publish(self, items: list[dict[str, Any]]) -> None:
+        """Hand `items` (one dict per event) to every subscriber."""
+        with self._lock:
+            queues = list(self._queues)
+        for q in queues:
+            for item in items:
+                try:
+                    q.put_nowait(item)
+                except queue.Full:
+                    break
+
+
 class StreamMeter:
     """Frames, fps (over the last 5 s), events and capture→tap latency of one stream, as the tap sees them: the
     latency percentiles from the batching stage's StreamRecord, plus cumulative buckets for Prometheus."""
@@ -120,7 +152,7 @@ class Service:
         self.meters: dict[str, StreamMeter] = {}
         self.specs: dict[str, dict[str, Any]] = {}
         self.rules_of: dict[str, list[dict[str, Any]]] = {}
-        self.subscribers: list[queue.Queue] = []
+        self.feed = LiveFeed()
         self.lock = threading.Lock()
         self.pending: list[tuple[float, str, str, dict[str, Any]]] = []
         Service.current = self
@@ -273,15 +305,10 @@ class Service:
         return self.store.events(stream, kind, since, limit)
 
     def subscribe(self) -> queue.Queue:
-        q: queue.Queue = queue.Queue(maxsize=1000)
-        with self.lock:
-            self.subscribers.append(q)
-        return q
+        return self.feed.subscribe()
 
     def unsubscribe(self, q: queue.Queue) -> None:
-        with self.lock:
-            if q in self.subscribers:
-                self.subscribers.remove(q)
+        self.feed.unsubscribe(q)
 
     def metrics(self) -> tuple[bytes, str]:
         from .metrics import render
@@ -300,19 +327,13 @@ class Service:
                 return  # a removed stream's last frames
             meter.add(now, latency)
             meter.events += len(events)
-            subscribers = list(self.subscribers)
         if events:
             ts = capture or time.time()
             rows = [(ts, msg.stream, str(ev.get("event", ev.get("kind", "event"))), ev) for ev in events]
             with self.lock:
                 self.pending.extend(rows)
                 flush = len(self.pending) >= 100
-            for q in subscribers:
-                for _, s, k, ev in rows:
-                    try:
-                        q.put_nowait({"stream": s, "kind": k, "seq": msg.seq, "event": ev})
-                    except queue.Full:
-                        pass  # a subscriber that does not read loses live events; the store keeps them
+            self.feed.publish([{"stream": s, "kind": k, "seq": msg.seq, "event": ev} for _, s, k, ev in rows])
             if flush:
                 self.flush_events()
 
