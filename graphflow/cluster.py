@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import GraphflowError
 from .placement import Coordinator, Labels, stream_labels
-from .service import LiveFeed
+from .service import LiveFeed, each_stream
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -339,13 +339,7 @@ class ClusterController:
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
             ids = list(self.records)
-        out = []
-        for stream in ids:
-            try:
-                out.append(self.stream(stream))
-            except KeyError:  # removed meanwhile
-                pass
-        return out
+        return each_stream(ids, self.stream)
 
     def rules(self, stream: str) -> list[dict[str, Any]]:
         with self.lock:

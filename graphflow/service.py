@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,17 @@ def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
         roots = ", ".join(map(str, media_roots)) or "none configured (--media)"
         raise GraphflowError(f"streams.uri: {uri!r} is not under a media root ({roots})")
     spec["uri"] = str(path)
+
+
+def each_stream(ids: list[str], one: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`one(stream)` for each of `ids`, leaving out a stream removed meanwhile (`one` raised KeyError)."""
+    out = []
+    for stream in ids:
+        try:
+            out.append(one(stream))
+        except KeyError:
+            pass
+    return out
 
 
 class LiveFeed:
@@ -251,13 +263,7 @@ class Service:
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
             ids = list(self.specs)
-        out = []
-        for stream in ids:
-            try:
-                out.append(self.stream(stream))
-            except KeyError:  # removed meanwhile
-                pass
-        return out
+        return each_stream(ids, self.stream)
 
     def rules(self, stream: str) -> list[dict[str, Any]]:
         with self.lock:
