@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import GraphflowError
 from .placement import Coordinator, Labels, stream_labels
-from .service import LiveFeed, each_stream
+from .service import LiveFeed, each_stream, stream_id
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -284,9 +284,7 @@ class ClusterController:
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
         from .service import check_stream_uri
 
-        stream = spec.get("id")
-        if not isinstance(stream, str) or not stream:
-            raise GraphflowError("streams: 'id' must be a non-empty string")
+        stream = stream_id(spec)
         want = stream_labels(spec)
         check_stream_uri(spec, self.media_roots)
         with self.lock:

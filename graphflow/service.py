@@ -59,6 +59,14 @@ def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
     spec["uri"] = str(path)
 
 
+def stream_id(spec: dict[str, Any]) -> str:
+    """A new stream's `id`, checked (a non-empty string)."""
+    stream = spec.get("id")
+    if not isinstance(stream, str) or not stream:
+        raise GraphflowError("streams: 'id' must be a non-empty string")
+    return stream
+
+
 def each_stream(ids: list[str], one: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
     """`one(stream)` for each of `ids`, leaving out a stream removed meanwhile (`one` raised KeyError)."""
     out = []
@@ -201,9 +209,7 @@ class Service:
 
     # controller --------------------------------------------------------------------------------------------
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
-        stream = spec.get("id")
-        if not isinstance(stream, str) or not stream:
-            raise GraphflowError("streams: 'id' must be a non-empty string")
+        stream = stream_id(spec)
         with self.lock:
             if stream in self.specs:
                 raise FileExistsError(f"stream {stream!r} exists (DELETE it first)")
