@@ -576,8 +576,15 @@ class ClusterController:
         """One round: replicas for new nodes, joins, reports (this waits up to `poll_s`), losses."""
         import ray
 
-        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
         now = time.monotonic()
+        self._follow_membership({n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}, now)
+        with self.lock:
+            nodes = list(self.nodes.values())
+        self._check_starting([n for n in nodes if not n.joined], now)
+        self._collect_reports(nodes, now)
+
+    def _follow_membership(self, alive: dict[str, dict[str, Any]], now: float) -> None:
+        """Lose the replicas whose node left; start one on each live node without one (unless it waits to retry)."""
         with self.lock:
             nodes = list(self.nodes.values())
         for node in nodes:
@@ -588,9 +595,11 @@ class ClusterController:
         for node_id, info in alive.items():
             if node_id not in covered and self.retry_at.get(node_id, 0.0) <= now:
                 self._start_replica(node_id, info)
-        with self.lock:
-            nodes = list(self.nodes.values())
-        starting = [n for n in nodes if not n.joined]
+
+    def _check_starting(self, starting: list[_Node], now: float) -> None:
+        """Starting replicas whose graph is up join; one that failed, or is not up after `start_s`, is lost."""
+        import ray
+
         for node in starting:
             done, _ = ray.wait([node.ready_ref], timeout=0)
             if done:
@@ -602,6 +611,12 @@ class ClusterController:
                 self._joined(node)
             elif now - node.started > self.start_s:
                 self._lose(node, f"not ready after {self.start_s:.0f} s")
+
+    def _collect_reports(self, nodes: list[_Node], now: float) -> None:
+        """Ask each joined replica for its report (metrics every `metrics_s`), apply what comes within `poll_s`, and
+        lose a replica that has not answered for `hang_s`; the round lasts `poll_s` either way."""
+        import ray
+
         for node in nodes:
             if node.joined and not node.lost and node.report_ref is None:
                 with_metrics = now - node.metrics_at >= self.metrics_s
