@@ -1,6 +1,6 @@
 """Infer engine: batches frames from all streams, runs a detector and writes data["detections"] in frame pixels.
 
-The batching (per-stream queues, round-robin, deadline, drops, pipelining, records) is graphflow.batching;
+The batching (per-stream queues, fair rounds, deadline, drops, pipelining, records) is graphflow.batching;
 this engine validates frames, queues them, and turns each model output into the contract's detections. Messages
 that are not frames pass through (graphflow.vision.frames), behind the frames of their stream queued before them.
 """
@@ -80,7 +80,8 @@ class Infer(FrameEngine):
     conf = Param(float, 0.3, ge=0.0, le=1.0, doc="minimum detection score")
     iou = Param(float, 0.45, ge=0.0, le=1.0, doc="NMS IoU threshold (per class)")
     classes = Param(list, [], doc="keep only these classes (names or ids); empty keeps all")
-    max_batch = Param(int, 1, ge=1, doc="most frames run together, taken round-robin from all streams")
+    max_batch = Param(int, 1, ge=1, doc="most frames run together, taken in rounds from all streams (longest-waiting "
+                                         "first)")
     max_wait_ms = Param(float, 10.0, ge=0.0, doc="longest a frame waits for its batch to fill")
     queue = Param(int, 8, ge=1, doc="frames held per stream before the drop policy applies")
     drop = Param(str, "block", choices=DROP_POLICIES,

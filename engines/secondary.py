@@ -1,8 +1,8 @@
 """Secondary engine: a second model on the objects a detector found — a classifier (vehicle type, colour) or a CTC
 text recogniser (plates, signs) — whose result is attached to each object as `attributes`.
 
-Frames are queued in the batching scheduler infer uses (graphflow.batching: per-stream queues, round-robin
-batches across streams, a wait deadline, assemble/run/finish threads); a batch's crops, from all its frames, go
+Frames are queued in the batching scheduler infer uses (graphflow.batching: per-stream queues, batches
+across streams in fair rounds, a wait deadline, assemble/run/finish threads); a batch's crops, from all its frames, go
 through the model together. Messages that are not frames take the same queue, so they leave behind the frames of
 their stream that came before them.
 """
@@ -69,7 +69,7 @@ class Secondary(FrameEngine):
                                        "result in between (0: every frame)")
     grow = Param(float, 0.0, ge=0.0, doc="also re-infer a tracked object when its box area grew by this factor "
                                          "since its last inference (0: off)")
-    max_batch = Param(int, 4, ge=1, doc="most frames whose crops run together, round-robin from all streams")
+    max_batch = Param(int, 4, ge=1, doc="most frames whose crops run together, in rounds from all streams")
     max_crops = Param(int, 32, ge=1, doc="most crops in one model run (a batch's crops run in slices of this)")
     max_wait_ms = Param(float, 10.0, ge=0.0, doc="longest a frame waits for its batch to fill")
     threads = Param(int, 1, ge=0, doc="onnxruntime CPU threads (0: onnxruntime's default)")

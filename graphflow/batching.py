@@ -1,5 +1,6 @@
-"""Cross-stream batching: per-stream bounded queues, round-robin batches with a deadline, drop policies, an optional
-latency-driven batch cap, a three-stage pipeline (assemble → run → finish) and the records of all that.
+"""Cross-stream batching: per-stream bounded queues, batches formed in fair rounds (longest-waiting first) with a
+deadline, drop policies, an optional latency-driven batch cap, a three-stage pipeline (assemble → run → finish)
+and the records of all that.
 
 No graphflow runtime here: the infer engine drives it, and tests drive it directly.
 """
@@ -333,8 +334,8 @@ class LatencyController:
 
 
 class Scheduler:
-    """Per-stream bounded FIFO queues feeding round-robin batches. `put` (producers) and `take` (the batch
-    former) may run on different threads.
+    """Per-stream bounded FIFO queues feeding batches formed in rounds, longest-waiting first (see `_form`). `put`
+    (producers) and `take` (the batch former) may run on different threads.
 
     drop policies when a stream's queue is full: `block` makes `put` wait (back-pressure, lossless);
     `drop_oldest` drops that stream's oldest queued frame; `latest` does the same and, when a batch is formed,
@@ -350,7 +351,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closed = False  # no more input: what is queued goes out without waiting
         self.aborted = False  # stop now: what is queued is abandoned
-        self._next = 0  # rotation position: the stream served first in the next batch
+        self._round: set[str] = set()  # streams served in the current round (see _form)
         self.controller = LatencyController(policy) if policy.target_latency_s > 0 else None
         self.lead_s = 0.0  # time to assemble a batch (set by the pipeline): a partial batch leaves that much early
 
@@ -443,6 +444,7 @@ class Scheduler:
         with self.cond:
             if not self.queues.get(stream):
                 self.queues.pop(stream, None)
+                self._round.discard(stream)
         self.stats.retire(stream)
 
     def depths(self) -> dict[str, int]:
@@ -476,32 +478,36 @@ class Scheduler:
         return delay if delay > 0 else 0.0
 
     def _form(self) -> list[Queued]:
-        """Take up to `cap` frames, one per stream per round, starting after the stream served last."""
-        keys = list(self.queues)
+        """Take up to `cap` frames in rounds: each stream with a frame queued gives one per round (so a busy stream
+        cannot starve the others), and within a round the stream whose frame has waited longest goes first (so a
+        stream that joins, or a frame that comes late, does not overtake frames already waiting). A round goes on
+        across batches until every stream with a frame has had its turn, or nothing is left waiting."""
         depth = sum(len(q) for q in self.queues.values())
         latest = self.policy.drop == "latest"
         batch: list[Queued] = []
-        start = self._next % len(keys)
+        given: set[str] = set()  # under `latest` a stream gives at most its newest frame to a batch
         while len(batch) < self.cap:
-            took = False
-            for i in range(len(keys)):
-                if len(batch) >= self.cap:
-                    break
-                pos = (start + i) % len(keys)
-                q = self.queues[keys[pos]]
-                if not q:
-                    continue
-                if latest and len(q) > 1:
-                    stale = len(q) - 1
-                    for _ in range(stale):
-                        q.popleft()
-                    self.stats.dropped(keys[pos], stale)
-                batch.append(q.popleft())
-                self._next = pos + 1
-                took = True
-            if not took or latest:
+            waiting = [name for name, q in self.queues.items() if q and name not in given]
+            if not waiting:
                 break
+            turn = [name for name in waiting if name not in self._round]
+            if not turn:  # every stream with a frame had its turn: a new round
+                self._round.clear()
+                turn = waiting
+            name = min(turn, key=lambda n: self.queues[n][-1 if latest else 0].arrived)
+            q = self.queues[name]
+            if latest and len(q) > 1:
+                stale = len(q) - 1
+                for _ in range(stale):
+                    q.popleft()
+                self.stats.dropped(name, stale)
+            batch.append(q.popleft())
+            self._round.add(name)
+            if latest:
+                given.add(name)
         left = sum(len(q) for q in self.queues.values())
+        if not left:  # nothing waits: the next frame starts a new round
+            self._round.clear()
         self.stats.batch(len(batch), depth)
         if self.controller is not None:
             self.controller.batch(len(batch), left)

@@ -30,7 +30,7 @@ def scheduler(**policy) -> Scheduler:
     return Scheduler(BatchPolicy(**policy))
 
 
-def fill(s: Scheduler, stream: str, n: int, start: int = 0) -> None:
+def fill(s: Scheduler, stream: str, n: int = 1, start: int = 0) -> None:
     for seq in range(start, start + n):
         assert s.put(stream, seq)
 
@@ -78,6 +78,34 @@ def test_round_robin_fast_stream_cannot_starve_slow_one():
         fill(s, name, 6)
     served = [stream for _ in range(3) for stream, _ in taken(s.take())]
     assert sorted(served) == ["a", "a", "b", "b", "c", "c"]  # rotation: each stream twice in three batches
+
+
+def test_within_a_round_the_longest_waiting_frame_goes_first():
+    """A stream that joins, or whose frame comes later, does not overtake frames already waiting: one frame at a
+    time, frames go in the order they came, whatever the order the streams were first seen in; fairness holds."""
+    now = [0.0]
+    s = Scheduler(BatchPolicy(max_batch=1, max_wait_s=0.0, queue=100), clock=lambda: now[0])
+    for t, stream in enumerate("abcd"):  # four streams seen, in this order, and served: nothing waits
+        now[0] = t
+        fill(s, stream)
+        assert taken(s.take()) == [(stream, 0)]
+    for t, stream in enumerate("cdab"):  # now frames come in another order
+        now[0] = 10 + t
+        fill(s, stream, 1, start=1)
+    assert taken(s.take()) + taken(s.take()) == [("c", 1), ("d", 1)]
+    now[0] = 20
+    fill(s, "new", 1)  # joins while a and b wait: served after them
+    fill(s, "c", 1, start=2)  # c had its turn in this round: after the others
+    assert [taken(s.take())[0] for _ in range(4)] == [("a", 1), ("b", 1), ("new", 0), ("c", 2)]
+    # a backlog still goes one frame per stream per round, oldest heads first
+    s = Scheduler(BatchPolicy(max_batch=3, max_wait_s=0.0, queue=100), clock=lambda: now[0])
+    for t, stream in enumerate(["x", "y", "z"]):
+        now[0] = 20 + t
+        fill(s, stream, 5)
+    now[0] = 30
+    fill(s, "late", 1)
+    assert taken(s.take()) == [("x", 0), ("y", 0), ("z", 0)]
+    assert taken(s.take()) == [("late", 0), ("x", 1), ("y", 1)]
 
 
 def test_latest_and_drop_oldest_count_drops_per_stream():
