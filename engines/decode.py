@@ -11,7 +11,6 @@ camera. Sources can be added and removed while the engine runs (`add_source`, `r
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import queue
 import threading
@@ -22,32 +21,14 @@ from typing import Any
 
 from graphflow import Engine, Message, Param, ParamError, StreamEnd
 from graphflow.backoff import backoff
+from graphflow.memory import release_free_memory
 from graphflow.vision.video import (MAX_PIXELS, Frame, Source, SourceError, SourceSpec, SourceStats, local_path,
                                     open_source)
 
 SOURCE_FIELDS = {"id"} | set(SourceSpec.__dataclass_fields__) - {"color", "max_pixels"}  # engine-wide, not per source
 HEARTBEAT_S = 0.1
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_LIBC = _libc()
 JOIN_S = 2.0  # how long shutdown waits for a thread stuck in a network read (it ends at its read_timeout)
 COUNTERS = ("decoded", "fps_dropped", "kept", "discarded", "corrupt", "disconnects", "reconnects", "failed_attempts")
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim) once a source's decoder is closed:
-    each decoding thread allocates in its own malloc arena, and without this the pages a closed decoder freed
-    stay with the process, so a service whose cameras come and go grows for a long while before it levels off."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 @dataclass
@@ -139,8 +120,9 @@ class Decode(Engine):
     outputs = ("out",)
     path_fields = {"sources[].uri": "read"}  # local files and folders, relative to the graph file
     sources = Param(list, doc='list of {"id", "uri", "fps", "start", "max_frames", "loop", "realtime", "transport", '
-                               '"open_timeout", "read_timeout", "hwaccel"}; realtime: release each frame of a file '
-                               'at its pts in wall time, as a camera would')
+                               '"open_timeout", "read_timeout", "hwaccel", "threads"}; realtime: release each frame of '
+                               'a file at its pts in wall time, as a camera would; threads: decoder threads (default '
+                               '1; 0: one per core, for a single high-resolution file decoded as fast as it goes)')
     color = Param(str, "bgr", choices=("bgr", "rgb"), doc="channel order of arrays['image']")
     queue_size = Param(int, 8, ge=1, le=10_000, doc="decoded frames buffered per source before its thread waits")
     reconnect = Param(bool, True, doc="reopen a network stream that ends or fails, with capped exponential back-off")

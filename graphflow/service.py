@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import logging
+import os
 import queue
 import sys
 import threading
@@ -375,6 +376,20 @@ def _prepare(graph_doc: dict[str, Any]) -> tuple[str, str | None, str]:
     return src, (rules[0] if rules else None), listen
 
 
+MALLOC_ARENAS = 2  # a long-lived service's malloc arenas (see graphflow.memory.limit_arenas), unless set already
+
+
+def few_malloc_arenas() -> None:
+    """Before any of the service's threads start: at most MALLOC_ARENAS malloc arenas in this process and in the
+    engine processes it starts (through the environment), so memory freed as cameras come and go is reused
+    instead of spread over an arena per thread. A MALLOC_ARENA_MAX the user set is kept."""
+    from .memory import limit_arenas
+
+    count = os.environ.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+    if count.isdigit() and int(count) > 0:
+        limit_arenas(int(count))
+
+
 def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
           ray: str | None = None) -> int:
@@ -401,6 +416,7 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     source, rule, _ = _prepare(doc)
     g = graph_mod.build(doc, str(path), overrides or {})
     roots = [Path(m) for m in (media or [str(path.resolve().parent)])]
+    few_malloc_arenas()
     store = Store(state)
     if ray:
         from .cluster import ClusterController

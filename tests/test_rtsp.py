@@ -116,6 +116,19 @@ def test_rtsp_frames_equal_the_served_file(rtsp, demo_frames):
     assert np.allclose([m.pts for m in out], np.arange(40) / 25, atol=1e-3)
 
 
+def test_a_live_stream_opens_without_reading_ahead(rtsp):
+    """Opening does not probe the frame rate over ~20 frames: the first frames are the live edge and come at the
+    camera's pace (10 frames at 25 fps span 0.36 s), not read ahead and handed over at once (a few ms)."""
+    rtsp.start()
+    source = open_source({"uri": rtsp.url})
+    try:
+        frames = list(itertools.islice(source, 10))
+    finally:
+        source.close()
+    assert [f.index for f in frames] == list(range(10)) and source.rate == 25
+    assert frames[-1].capture - frames[0].capture > 0.25
+
+
 def test_server_killed_mid_stream_reconnects_while_file_stream_goes_on(rtsp, demo_frames, caplog):
     rtsp.start()
     engine = Decode("dec", {"sources": [{"id": "cam", "uri": rtsp.url}, {"id": "file", "uri": str(DEMO), "loop": True}],

@@ -3,6 +3,7 @@ resuming after a restart, the give-up policy and per-stream state, and live paci
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from graphflow.engines.decode import Decode
 from graphflow.engines.source import Source
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_source
-from graphflow.vision.video import SourceError, open_source
+from graphflow.vision.video import SourceError, SourceSpec, open_source
 
 DEMO = Path(__file__).resolve().parent.parent / "graphs" / "data" / "demo.mp4"
 CLIP_FRAMES, CLIP_FPS, CLIP_GOP = 100, 25, 10
@@ -75,6 +76,7 @@ def drain(engine: Decode, limit_s: float = 60.0) -> list:
 @pytest.mark.parametrize("field, value", [
     ("start", 1e300), ("start", float("nan")), ("start", float("inf")), ("start", -1),
     ("fps", 1e300), ("fps", float("nan")), ("open_timeout", 0), ("read_timeout", 1e12), ("max_frames", -1),
+    ("threads", -1), ("threads", 65), ("threads", 1.5),
 ])
 def test_absurd_numbers_are_one_line_param_errors(field, value):
     with pytest.raises(ParamError) as err:
@@ -91,6 +93,31 @@ def test_graph_with_absurd_start_fails_validation_naming_the_field(write_graph):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "engines.src.params.sources[0].start: must be ≥ 0" in proc.stderr + proc.stdout
+
+
+def test_a_source_decodes_on_one_thread_unless_told_otherwise():
+    """By default a decoder starts no threads of its own (the streams keep the cores busy); with `threads` 2 (or
+    0: one per core) FFmpeg starts its own; both decode the same frames."""
+    def decoder_threads() -> int:  # FFmpeg names its threads "av:<codec>:<role>"
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text())
+            except OSError:  # a thread that just ended
+                pass
+        return sum(name.startswith("av:") for name in names)
+
+    def decoded(**fields):
+        source = open_source(SourceSpec(str(DEMO), max_frames=5, **fields))
+        try:
+            return [f.image for f in source], decoder_threads()
+        finally:
+            source.close()
+
+    one, extra_one = decoded()
+    auto, extra_auto = decoded(threads=2)
+    assert extra_one == 0 and extra_auto >= 1 and len(one) == len(auto) == 5
+    assert all(np.array_equal(a, b) for a, b in zip(one, auto))
 
 
 def test_realtime_on_a_live_stream_is_refused():

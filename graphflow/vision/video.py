@@ -28,10 +28,11 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp:
 COLORS = {"bgr": "bgr24", "rgb": "rgb24"}
 _FIELD_TYPES = {"uri": (str,), "fps": (int, float), "start": (int, float), "max_frames": (int,), "loop": (bool,),
                 "transport": (str,), "open_timeout": (int, float), "read_timeout": (int, float), "realtime": (bool,),
-                "max_pixels": (int,)}
+                "max_pixels": (int,), "threads": (int,)}
 # numeric fields: (lowest, lowest allowed itself, highest); bounds keep every value usable by FFmpeg and the clock
 _FIELD_RANGES = {"fps": (0, False, 1000), "start": (0, True, 10_000_000), "open_timeout": (0, False, 3600),
-                 "read_timeout": (0, False, 3600), "max_frames": (0, True, None), "max_pixels": (1, True, None)}
+                 "read_timeout": (0, False, 3600), "max_frames": (0, True, None), "max_pixels": (1, True, None),
+                 "threads": (0, True, 64)}
 MAX_PIXELS = 100_000_000  # default largest frame (width × height): 100 MP, above 8K video and most photos
 
 
@@ -61,6 +62,7 @@ class SourceSpec:
     hwaccel: str | None = None
     realtime: bool = False
     max_pixels: int = MAX_PIXELS
+    threads: int = 1  # decoder threads; 0: FFmpeg's choice (one per core), see AVSource._open
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
@@ -236,7 +238,10 @@ class AVSource(Source):
         if not self.spec.is_stream:
             return {}
         options = {"rtsp_transport": self.spec.transport} if self.spec.uri.lower().startswith("rtsp") else {}
-        return options | {"fflags": "discardcorrupt"}
+        # fpsprobesize 0: no frame-rate probe when opening. The probe reads about 20 frames (0.8 s at 25 fps) before
+        # the first can be decoded, then hands them over at once: a live camera's first frame came late and stale,
+        # followed by a burst the rest of the graph had to absorb. The rate comes from the stream's timing info.
+        return options | {"fflags": "discardcorrupt", "fpsprobesize": "0"}
 
     def _select_decoder(self, stream: Any) -> Any:
         """The stream's decoder: with hwaccel cuda, FFmpeg's NVDEC one (`<codec>_cuvid`, frames come back in host
@@ -285,7 +290,10 @@ class AVSource(Source):
             container.close()
             raise SourceError(f"source {spec.uri}: frames of {stream.width}×{stream.height} exceed max_pixels "
                               f"{spec.max_pixels}")
+        # one thread per decoder by default: with many streams the streams themselves keep the cores busy, and
+        # each extra thread costs CPU to start and to hand frames over, memory, and a frame of delay (frame threading)
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = spec.threads
         self._container, self._stream = container, stream
         self._moved = False  # the demuxer has read past the start: the next pass seeks
         self._decoder = self._select_decoder(stream)
