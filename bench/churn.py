@@ -1,7 +1,7 @@
 """Churn: `graphflow serve` keeps 8 live streams while a client adds and removes streams continuously; nothing may
 crash, hang, fail or leak, and the steady streams must not slow down.
 
-Usage: python bench/churn.py [--cycles 500] [--quick] [--fps 2.5] [--keep]
+Usage: python bench/churn.py [--cycles 500] [--rate 2] [--quick] [--fps 2.5] [--keep]
 Builds its own graph (decode → infer (YOLOX-Nano, letterbox, 1 thread) → track → rule (a line) → publish: events
 to JSON lines, and each frame's record with its per-engine times to a second file) in a temporary folder, starts
 `graphflow serve` on a free 127.0.0.1 port with a temporary state file and a real RTSP server (gst-rtsp-server run by
@@ -19,8 +19,10 @@ Phases:
 - rounds, until `--cycles` cycles are done and at least `--rounds` rounds, each of three windows in an order that
   rotates from round to round, with `--gap` s after each window left out of the figures:
   - steady (`--window`/2 s): the 8 streams alone;
-  - churn (`--window` s): add/remove cycles, alternating a file and the RTSP source, two churned streams alive at a
-    time: POST, poll the stream every 0.1 s until its first frame reaches the end of the graph, DELETE the oldest;
+  - churn (`--window` s): `--rate` add/remove cycles started a second (2: a camera added and another removed every
+    half second, sustained), alternating a file and the RTSP source, two churned streams alive at a time: POST,
+    poll the stream every 0.1 s until its first frame reaches the end of the graph, DELETE the oldest. The rate is
+    fixed so that the load offered does not depend on how fast the service answers;
   - static (`--window`/2 s): the same extra load kept still: a file and an RTSP stream added before the window (once
     both delivered a frame) and removed after it.
   Every request has a timeout (a timeout counts as hung).
@@ -286,6 +288,24 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+class Pace:
+    """Starts of cycles `rate` per second (an offered load, the same for any service speed); a cycle that overran
+    its slot delays the next one, never bunches them."""
+
+    def __init__(self, rate: float) -> None:
+        self.every, self.next = 1.0 / rate, time.monotonic()
+
+    def wait(self, until: float = float("inf")) -> bool:
+        """Sleep until the next start; False when it falls at or after `until`."""
+        now = time.monotonic()
+        self.next = max(self.next, now)
+        if self.next >= until:
+            return False
+        time.sleep(self.next - now)
+        self.next += self.every
+        return True
+
+
 @dataclass
 class ChurnState:
     """The churned streams: those alive (oldest first), cycles done, POST times and first frames over the limit."""
@@ -393,7 +413,9 @@ class Bench:
         for i, sid in enumerate(sorted(self.steady)):
             self.client.call("POST", "/streams", self.spec(sid, bool(self.rtsp_url) and i == 0, a.fps))
         warm = ChurnState()
+        pace = Pace(a.rate)
         while warm.cycles < a.warmup_cycles:  # one-time loads happen before the baseline
+            pace.wait()
             self.cycle(warm)
         while warm.pool:
             self.client.call("DELETE", f"/streams/{warm.pool.popleft()}")
@@ -424,7 +446,8 @@ class Bench:
             nonlocal peak
             end = last_sample = time.monotonic()
             end += a.window
-            while time.monotonic() < end and self.proc.poll() is None:
+            pace = Pace(a.rate)
+            while pace.wait(end) and self.proc.poll() is None:
                 self.cycle(st)
                 if time.monotonic() - last_sample > 2.0:
                     now = resources(self.proc.pid)
@@ -639,6 +662,7 @@ def main() -> None:
     p.add_argument("--gap", type=float, default=2.0, help="seconds left out after each window")
     p.add_argument("--quick", action="store_true", help="60 cycles and short windows")
     p.add_argument("--fps", type=float, default=2.5, help="frames per second of each stream")
+    p.add_argument("--rate", type=float, default=2.0, help="add/remove cycles started per second")
     p.add_argument("--warmup", type=float, default=40.0, help="seconds from the first stream to the baseline")
     p.add_argument("--warmup-cycles", type=int, default=50, help="add/remove cycles inside the warm-up")
     p.add_argument("--baseline", type=float, default=20.0, help="seconds of resource samples before any churn")
