@@ -11,9 +11,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import GraphflowError
+
+if TYPE_CHECKING:
+    from .service import LiveFeed
 
 MAX_BODY = 64 * 1024
 log = logging.getLogger(__name__)
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 
 class Controller(Protocol):
     """What the API needs from the running service (graphflow.service.Service implements it)."""
+
+    feed: LiveFeed  # the live events: each `/events/live` client subscribes to it
 
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]: ...
     def remove_stream(self, stream: str) -> None: ...
@@ -32,8 +37,6 @@ class Controller(Protocol):
     def healthy(self) -> bool: ...
     def ready(self) -> bool: ...
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]: ...
-    def subscribe(self) -> Any: ...
-    def unsubscribe(self, queue: Any) -> None: ...
     def metrics(self) -> tuple[bytes, str]: ...
 
 
@@ -233,7 +236,7 @@ def _live_events(controller: Controller) -> Any:
     from starlette.responses import Response, StreamingResponse
 
     async def live(request: Any) -> Response:
-        queue = controller.subscribe()
+        queue = controller.feed.subscribe()
         stream_filter = request.query_params.get("stream")
 
         async def feed() -> Any:
@@ -249,7 +252,7 @@ def _live_events(controller: Controller) -> Any:
                         if stream_filter is None or item.get("stream") == stream_filter:
                             yield f"data: {json.dumps(item, default=str)}\n\n".encode()
             finally:
-                controller.unsubscribe(queue)
+                controller.feed.unsubscribe(queue)
         return StreamingResponse(feed(), media_type="text/event-stream")
     return live
 

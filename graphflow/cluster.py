@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -402,12 +401,6 @@ class ClusterController:
 
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
         return self.store.events(stream, kind, since, limit)
-
-    def subscribe(self) -> queue.Queue:
-        return self.feed.subscribe()
-
-    def unsubscribe(self, q: queue.Queue) -> None:
-        self.feed.unsubscribe(q)
 
     def metrics(self) -> tuple[bytes, str]:
         return render_cluster_metrics(self)

@@ -317,12 +317,6 @@ class Service:
         self.flush_events()
         return self.store.events(stream, kind, since, limit)
 
-    def subscribe(self) -> queue.Queue:
-        return self.feed.subscribe()
-
-    def unsubscribe(self, q: queue.Queue) -> None:
-        self.feed.unsubscribe(q)
-
     def metrics(self) -> tuple[bytes, str]:
         from .metrics import render
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
 import shutil
 import socket
 import threading
@@ -27,6 +26,7 @@ from PIL import Image
 from graphflow.api import create_app
 from graphflow.errors import GraphflowError
 from graphflow.graph import load
+from graphflow.service import LiveFeed
 from graphflow.message import Message
 from graphflow.preview import Previews, graph_png
 from graphflow.service import StreamMeter
@@ -98,7 +98,7 @@ class Feeds:
         self.previews = Previews(max_fps=8, max_width=480)
         self.feeds: dict[str, Feed] = {}
         self.log: list[dict[str, Any]] = []
-        self.subscribers: list[queue.Queue] = []
+        self.feed = LiveFeed()
         self.lock = threading.Lock()
         self.put_rules: list[list[dict[str, Any]]] = []
         self._graph = load(ROOT / graph_file)
@@ -113,8 +113,7 @@ class Feeds:
             for ev in events:
                 self.log.append({"n": len(self.log) + 1, "ts": time.time(), "stream": stream, "kind": ev["event"],
                                  "event": ev})
-                for q in self.subscribers:
-                    q.put_nowait({"stream": stream, "kind": ev["event"], "seq": seq, "event": ev})
+        self.feed.publish([{"stream": stream, "kind": ev["event"], "seq": seq, "event": ev} for ev in events])
 
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
         stream = spec.get("id")
@@ -174,16 +173,6 @@ class Feeds:
             rows = [r for r in self.log if stream in (None, r["stream"]) and kind in (None, r["kind"])
                     and (since is None or r["ts"] >= since)]
         return rows[::-1][:limit]
-
-    def subscribe(self) -> queue.Queue:
-        q: queue.Queue = queue.Queue()
-        with self.lock:
-            self.subscribers.append(q)
-        return q
-
-    def unsubscribe(self, q: queue.Queue) -> None:
-        with self.lock:
-            self.subscribers.remove(q)
 
     def metrics(self) -> tuple[bytes, str]:
         return b"", "text/plain"
