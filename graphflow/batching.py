@@ -486,25 +486,29 @@ class Scheduler:
         latest = self.policy.drop == "latest"
         batch: list[Queued] = []
         given: set[str] = set()  # under `latest` a stream gives at most its newest frame to a batch
+        fresh = False  # whether `turn` below is a whole new round
         while len(batch) < self.cap:
-            waiting = [name for name, q in self.queues.items() if q and name not in given]
-            if not waiting:
-                break
-            turn = [name for name in waiting if name not in self._round]
-            if not turn:  # every stream with a frame had its turn: a new round
-                self._round.clear()
-                turn = waiting
-            name = min(turn, key=lambda n: self.queues[n][-1 if latest else 0].arrived)
-            q = self.queues[name]
-            if latest and len(q) > 1:
-                stale = len(q) - 1
-                for _ in range(stale):
-                    q.popleft()
-                self.stats.dropped(name, stale)
-            batch.append(q.popleft())
-            self._round.add(name)
-            if latest:
-                given.add(name)
+            # this round's remaining turns, longest-waiting first: sorted once per round, not per frame
+            turn = sorted((q[-1 if latest else 0].arrived, i, name) for i, (name, q) in enumerate(self.queues.items())
+                          if q and name not in given and (fresh or name not in self._round))
+            if not turn:
+                if fresh:
+                    break  # nothing left to take
+                self._round.clear()  # every stream with a frame had its turn: a new round
+                fresh = True
+                continue
+            for _, _, name in turn[:self.cap - len(batch)]:
+                q = self.queues[name]
+                if latest and len(q) > 1:
+                    stale = len(q) - 1
+                    for _ in range(stale):
+                        q.popleft()
+                    self.stats.dropped(name, stale)
+                batch.append(q.popleft())
+                self._round.add(name)
+                if latest:
+                    given.add(name)
+            fresh = False
         left = sum(len(q) for q in self.queues.values())
         if not left:  # nothing waits: the next frame starts a new round
             self._round.clear()
