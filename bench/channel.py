@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from graphflow import Engine, Message, Param, graph, runtime
+from graphflow import Engine, Message, Param
+from graphflow import graph
+from graphflow import runtime
 
 SIZES = {"640x360": (360, 640, 3), "1280x720": (720, 1280, 3), "1920x1080": (1080, 1920, 3),
          "3840x2160": (2160, 3840, 3)}

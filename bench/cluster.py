@@ -1,4 +1,4 @@
-"""Cluster placement: what one `graphflow.placement.Coordinator` handles, with simulated replicas (no Ray, no video).
+"""Cluster placement: what one `graphflow.cluster.placement.Coordinator` handles, with simulated replicas (no Ray, no video).
 
 Usage: python bench/cluster.py [--replicas 1000] [--streams-per-replica 64] [--capacity 80] [--seed 0]
 Phases, each timed on its own (memory in a separate pass, since tracemalloc slows everything):
@@ -24,7 +24,7 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from graphflow.placement import Coordinator, ReplicaLoad  # noqa: E402
+from graphflow.cluster.placement import Coordinator, ReplicaLoad  # noqa: E402
 
 
 def build(replicas: int, capacity: int) -> Coordinator:

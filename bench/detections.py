@@ -3,7 +3,7 @@ a frame's metadata makes between two processes (channel encode + decode), for --
 
 Usage: python bench/detections.py [--before DIR] [--objects 50] [--rounds 2] [--frames 300] [--quick]
 Each tree is timed in its own child process running the real code of that tree: graphflow.vision.detect's
-finish_candidates, the track, rule and publish engines through graphflow.testing.run_engine, graphflow.channel's
+finish_candidates, the track, rule and publish engines through graphflow.testing.run_engine, graphflow.runtime.links's
 encode/decode. `--before DIR` is a checkout of another commit (e.g. the list-of-dicts contract) timed the same way
 (PYTHONPATH=DIR; the table shows the graphflow each child imported); the children alternate old, new, old, new …
 for `--rounds` rounds and each stage keeps its best time (the least disturbed by other load). The scene: people
@@ -60,7 +60,7 @@ def child(frames: int, repeats: int, objects: int) -> dict[str, Any]:
     """Time each stage over `frames` frames in this process's graphflow; µs per frame."""
     import graphflow
     from graphflow import Message
-    from graphflow.channel import decode, encode
+    from graphflow.runtime.links import decode, encode
     from graphflow.testing import run_engine
     from graphflow.vision.detect import DetectParams, finish_candidates
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from graphflow import Message
 from graphflow.testing import run_engine
-from graphflow.vision.backends import make_backend, stack_batch
+from graphflow.media.backends import make_backend, stack_batch
 from graphflow.vision.detect import DetectParams, box_iou, postprocess
 from graphflow.vision.letterbox import LetterboxSpec, letterbox, letterbox_cupy
-from graphflow.vision.models import REGISTRY
-from graphflow.vision.video import open_source
+from graphflow.media.models import REGISTRY
+from graphflow.media.sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def throughput(batches: tuple[int, ...], seconds: float) -> list[dict]:
     import cupy
     import torch
 
-    from graphflow.vision.backends import TorchBackend
+    from graphflow.media.backends import TorchBackend
 
     rows = []
     width, height = MODEL.preprocess.size

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from clip import make_clip
-from graphflow.vision.gpudecode import GpuFrame, letterbox_nv12_batch, nv12_to_rgb_numpy
+from graphflow.media.nvdec import GpuFrame, letterbox_nv12_batch, nv12_to_rgb_numpy
 from graphflow.vision.letterbox import LetterboxSpec, letterbox_batch
-from graphflow.vision.models import REGISTRY
-from graphflow.vision.video import SourceSpec, open_source
+from graphflow.media.models import REGISTRY
+from graphflow.media.video import SourceSpec
+from graphflow.media.sources import open_source
 
 
 def gpu_used_mb() -> float:

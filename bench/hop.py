@@ -11,7 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 
 
 def chain(hops: int, placement: str, count: int, rate: float, out: Path, shape: list[int]) -> dict:

@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 import onnxruntime  # noqa: F401  imported before any timing so that no in-process variant pays for it
 
-from graphflow import graph, runtime
-from graphflow.vision.backends import make_backend
+from graphflow import graph
+from graphflow import runtime
+from graphflow.media.backends import make_backend
 from graphflow.vision.detect import DetectParams, postprocess
 from graphflow.vision.letterbox import LetterboxSpec, letterbox
-from graphflow.vision.models import resolve_model
+from graphflow.media.models import resolve_model
 from graphflow.vision.rules import RuleSet
 from graphflow.vision.tracking import follow, make_tracker
-from graphflow.vision.video import SourceSpec, open_source
+from graphflow.media.video import SourceSpec
+from graphflow.media.sources import open_source
 
 log = logging.getLogger(__name__)
 

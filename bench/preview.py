@@ -2,7 +2,7 @@
 
 Usage: python bench/preview.py [--streams 4] [--phase 8] [--rounds 2] [--max-fps 5] [--max-width 640]
 The demo graph (decode → preprocess → infer in a process → track → line rule) runs on N looping copies of the demo
-video, decoded flat out, and ends in a tap engine that offers every frame to graphflow.preview.Previews, as the
+video, decoded flat out, and ends in a tap engine that offers every frame to graphflow.serve.previews.Previews, as the
 service's tap does. A real uvicorn serves the dashboard's preview routes; phases alternate between no viewer and
 4 MJPEG clients (one per stream, each a real HTTP connection). Throughput is frames per second reaching the tap;
 the target is ratio = viewers / none ≥ 0.9. Prints a table and a final `RESULT {json}` line.
@@ -19,11 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from graphflow import graph, runtime
-from graphflow.api import create_app
+from graphflow import graph
+from graphflow import runtime
+from graphflow.serve.api import create_app
 from graphflow.engine import Engine
 from graphflow.message import Message
-from graphflow.preview import Previews
+from graphflow.serve.previews import Previews
 
 TARGET = 0.9
 
@@ -41,7 +42,7 @@ class PreviewTap(Engine):
 
 
 class Streams:
-    """The part of graphflow.api.Controller that the preview routes use: the streams that exist, and previews."""
+    """The part of graphflow.serve.api.Controller that the preview routes use: the streams that exist, and previews."""
 
     def __init__(self, ids: list[str], previews: Previews) -> None:
         self.ids, self.previews = set(ids), previews

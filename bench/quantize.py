@@ -24,12 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graphflow.modeltools import calibration_frames, detection_agreement, quantize_model  # noqa: E402
-from graphflow.vision.backends import OnnxRuntimeBackend  # noqa: E402
+from graphflow.media.quantize import calibration_frames, detection_agreement, quantize_model  # noqa: E402
+from graphflow.media.backends import OnnxRuntimeBackend  # noqa: E402
 from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
 from graphflow.vision.letterbox import letterbox, letterbox_batch  # noqa: E402
-from graphflow.vision.models import resolve_model  # noqa: E402
-from graphflow.vision.video import SourceSpec, open_source  # noqa: E402
+from graphflow.media.models import resolve_model  # noqa: E402
+from graphflow.media.video import SourceSpec
+from graphflow.media.sources import open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

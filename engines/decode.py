@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphflow import Engine, Message, Param, ParamError, StreamEnd
-from graphflow.backoff import backoff
-from graphflow.memory import release_free_memory
-from graphflow.vision.video import (MAX_PIXELS, Frame, Source, SourceError, SourceSpec, SourceStats, local_path,
-                                    open_source)
+from graphflow.media.sources import open_source
+from graphflow.media.video import MAX_PIXELS, Frame, Source, SourceError, SourceSpec, SourceStats, local_path
+from graphflow.runtime.backoff import backoff
+from graphflow.runtime.memory import release_free_memory
 
 SOURCE_FIELDS = {"id"} | set(SourceSpec.__dataclass_fields__) - {"color", "max_pixels"}  # engine-wide, not per source
 HEARTBEAT_S = 0.1

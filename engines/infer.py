@@ -2,28 +2,35 @@
 
 The batching (per-stream queues, fair rounds, deadline, drops, pipelining, records) is graphflow.batching;
 this engine validates frames, queues them, and turns each model output into the contract's detections. Messages
-that are not frames pass through (graphflow.vision.frames), behind the frames of their stream queued before them.
+that are not frames pass through (graphflow.frames), behind the frames of their stream queued before them.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from graphflow import Message, Param, ParamError, Stopped, StreamEnd
-from graphflow.batching import (DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler,
-                                       WorkerFailures)
+from graphflow.batching.scheduler import (
+    DROP_POLICIES,
+    BatchPipeline,
+    BatchPolicy,
+    BatchStats,
+    Queued,
+    Scheduler,
+    WorkerFailures,
+)
+from graphflow.frames import FrameEngine
+from graphflow.media.backends import BACKENDS, make_backend, powers_of_two, stack_batch
+from graphflow.media.models import REGISTRY, ModelSpec, resolve_model
+from graphflow.media.nvdec import is_gpu_frame, letterbox_nv12_batch
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
-from graphflow.vision.frames import FrameEngine
-from graphflow.vision.gpudecode import is_gpu_frame, letterbox_nv12_batch
 from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
-from graphflow.vision.backends import BACKENDS, make_backend, powers_of_two, stack_batch
-from graphflow.vision.models import REGISTRY, ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from graphflow import Message, Param, ParamError
-from graphflow.vision.frames import FrameEngine
+from graphflow.frames import FrameEngine
 from graphflow.vision.letterbox import NORMALIZE_MODES, LetterboxSpec, letterbox, letterbox_cupy, require_cupy
 
 log = logging.getLogger(__name__)

@@ -19,16 +19,15 @@ from typing import IO, Any, ClassVar
 import msgpack
 import numpy as np
 import zmq
+from graphflow.engines.sink import message_record
 from PIL import Image
 
 from graphflow import Detections, Engine, Message, Param, ParamError
-from graphflow.backoff import backoff
-from graphflow.fields import check_keys
+from graphflow.graph.fields import check_keys
+from graphflow.runtime.backoff import backoff
 from graphflow.spool import MemoryQueue, Outbox, Spool
 from graphflow.vision.mot import track_lines
 from graphflow.vision.osd import Overlay, VideoWriter
-
-from .sink import message_record
 
 WHAT = ("events", "frames")
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from typing import Any
 
 from graphflow import Message, Param
-from graphflow.vision.frames import FrameEngine
+from graphflow.frames import FrameEngine
 from graphflow.vision.rules import KINDS, RuleSet, check_classes
 
 log = logging.getLogger(__name__)

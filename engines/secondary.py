@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 from graphflow import Detections, Message, Param, ParamError, Stopped, StreamEnd
-from graphflow.modeltools import image_layout, input_size, inspect_model, metadata_names
-from graphflow.batching import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
+from graphflow.batching.scheduler import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
+from graphflow.frames import FrameEngine
+from graphflow.media.modelinfo import image_layout, input_size, inspect_model, metadata_names
+from graphflow.media.models import open_session, read_labels
 from graphflow.vision.crops import NORMALIZE_MODES, RESIZE_MODES, CropSpec, Reuse, classify, crop_tensor
-from graphflow.vision.frames import FrameEngine
-from graphflow.vision.models import open_session, read_labels
-from graphflow.vision.ocr import (PPOCR_MODELS, character_list, ctc_decode, metadata_characters, read_characters,
-                                  resolve_ppocr)
+from graphflow.vision.ocr import (
+    PPOCR_MODELS,
+    character_list,
+    ctc_decode,
+    metadata_characters,
+    read_characters,
+    resolve_ppocr,
+)
 
 TASKS = {"classifier": "classify", "ppocr-cls": "classify", "ppocr-rec": "text"}
 

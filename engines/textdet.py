@@ -8,10 +8,10 @@ import numpy as np
 
 from graphflow import Detections, Message, Param, ParamError
 from graphflow.detections import BOX_DECIMALS, SCORE_DECIMALS
-from graphflow.modeltools import inspect_model
+from graphflow.frames import FrameEngine
+from graphflow.media.modelinfo import inspect_model
+from graphflow.media.models import open_session
 from graphflow.vision.crops import CropSpec, crop_tensor
-from graphflow.vision.frames import FrameEngine
-from graphflow.vision.models import open_session
 from graphflow.vision.ocr import PPOCR_MODELS, db_boxes, db_input_size, resolve_ppocr
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-
 from typing import Any
 
 from graphflow import Detections, Message, Param
-from graphflow.vision.frames import FrameEngine
+from graphflow.frames import FrameEngine
 from graphflow.vision.tracking import ByteTracker, IoUTracker, follow, make_tracker
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """graphflow: multi-stream video analytics as a graph of Engines declared in JSON."""
-from .channel import Stopped
-from .detections import Detections
-from .engine import Engine, EngineContext, Param
-from .errors import GraphError, GraphflowError, ParamError
-from .message import EOS, Message, StreamEnd
+from graphflow.detections import Detections
+from graphflow.engine import Engine, EngineContext, Param
+from graphflow.errors import GraphError, GraphflowError, ParamError
+from graphflow.message import EOS, Message, StreamEnd
+from graphflow.runtime.links import Stopped
 
 __all__ = ["Detections", "Engine", "EngineContext", "Param", "Stopped", "Message", "EOS", "StreamEnd", "GraphError",
            "GraphflowError", "ParamError"]

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from graphflow.cli.parser import main
 
 sys.exit(main())

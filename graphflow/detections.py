@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import GraphflowError
+from graphflow.errors import GraphflowError
 
 FIELDS = ("box", "score", "class_id", "label", "track_id", "attributes")  # dict keys, in the order JSON shows them
 BOX_DECIMALS, SCORE_DECIMALS = 2, 4

@@ -5,14 +5,14 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import ParamError
-from .message import Message, StreamEnd
+from graphflow.errors import GraphflowError, ParamError
+from graphflow.message import Message, StreamEnd
 
 REQUIRED = object()
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
@@ -80,8 +80,10 @@ class EngineContext:
 
     def __init__(self, engine_id: str, send: Callable[[Message | StreamEnd, str], None] | None = None,
                  alloc: Callable[[tuple[int, ...], np.dtype, str], np.ndarray | None] | None = None,
-                 stopping: threading.Event | None = None, log: logging.Logger | None = None) -> None:
+                 stopping: threading.Event | None = None, log: logging.Logger | None = None,
+                 services: Mapping[str, Any] | None = None) -> None:
         self.engine_id = engine_id
+        self._services = services or {}  # collaborators its process was handed (e.g. the service's controller)
         self._deliver = send
         self._slot = alloc  # a writable array for a port (a shared-memory slot), or None: a plain array will do
         self.stopping = stopping if stopping is not None else threading.Event()
@@ -100,6 +102,14 @@ class EngineContext:
         shape, dtype = tuple(shape), np.dtype(dtype)
         arr = self._slot(shape, dtype, port) if self._slot is not None else None
         return arr if arr is not None else np.empty(shape, dtype)
+
+    def service(self, name: str) -> Any:
+        """A collaborator the process running this engine was handed by name (`Launcher(services=...)`): how an
+        engine placed in a thread reaches the object that started the graph, without a global."""
+        if name not in self._services:
+            raise GraphflowError(f"engine {self.engine_id!r} needs {name!r}, which only the process that starts this "
+                                 f"graph with it can hand over (place the engine in a thread of that process)")
+        return self._services[name]
 
     @contextmanager
     def busy(self) -> Iterator[None]:

@@ -1,7 +1,7 @@
 """Small functions used by the example graphs' `map` engines."""
 from __future__ import annotations
 
-from .message import Message
+from graphflow.message import Message
 
 
 def double_value(msg: Message) -> Message:

@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .detections import Detections
+from graphflow.detections import Detections
 
 
 @dataclass

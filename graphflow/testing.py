@@ -9,8 +9,8 @@ from typing import Any
 
 import anyio
 
-from .engine import Engine, EngineContext
-from .message import Message, StreamEnd
+from graphflow.engine import Engine, EngineContext
+from graphflow.message import Message, StreamEnd
 
 
 def call(fn: Any, *args: Any) -> Any:

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from graphflow import graph, runtime
-from graphflow.supervise import clean_stale_rundirs
+from graphflow import graph
+from graphflow import runtime
+from graphflow.runtime.supervise import clean_stale_rundirs
 
 ENGINES = '''
 import queue, threading, time

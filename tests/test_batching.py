@@ -16,12 +16,12 @@ from skimage import data
 
 from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
-from graphflow import Message, ParamError, graph
+from graphflow import Message, ParamError
+from graphflow import graph
 from graphflow.testing import run_engine, start_engine
-from graphflow.batching import (BATCH_POLICY, DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued,
-                                Scheduler)
-from graphflow.vision import backends
-from graphflow.vision.models import resolve_model
+from graphflow.batching.scheduler import BATCH_POLICY, DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
+from graphflow.media import backends
+from graphflow.media.models import resolve_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 

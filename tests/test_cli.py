@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import graphflow
-import graphflow.inspect
-from graphflow import Engine, Message, cli, runtime
+import graphflow.graph.render
+from graphflow import Engine, Message
+from graphflow import cli
+from graphflow.cli import launch
+from graphflow import runtime
 from graphflow import graph as graph_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +173,7 @@ def test_png_labels_fit_and_boxes_do_not_overlap(write_graph):
     doc["connections"] = [[end.replace("trk_a.", "a_rather_long_engine_name_for_the_tracker.") for end in c]
                           for c in doc["connections"]]
     g = graph_mod.load(write_graph(doc))
-    fig = graphflow.inspect.figure(g)
+    fig = graphflow.graph.render.figure(g)
     renderer = fig.canvas.get_renderer()
     fig.draw(renderer)
     labels = [t for t in fig.axes[0].texts if t.get_bbox_patch() is not None]
@@ -202,7 +205,7 @@ def test_summary_puts_streams_first_and_survives_partial_stats(tmp_path, write_g
     died = runtime.Summary(stats={"src": {"engine": "src", "received": 10, "sent": 10, "streams": {"s0": 10}},
                                   "f": {"engine": "f", "state": "died"}},
                            errors=["engine 'f' (process 123) died: killed by SIGKILL"], wall_s=2.0, failed=True)
-    lines = cli._summary_lines(died, g)
+    lines = launch.summary_lines(died, g)
     assert lines[0] == "graphflow: FAILED — exit 1; all sources finished after 2.0s"
     assert lines[1] == "streams:" and lines[3].split() == ["s0", "10", "5.0", "-", "-", "-"]
     table = lines[lines.index("engines:") + 1:]
@@ -217,7 +220,7 @@ def test_live_table_shows_source_states_and_no_busy_time_without_messages():
     stats = {"src": {"engine": "src", "state": "running", "received": 0, "sent": 0, "busy_s": 11.0,
                      "metrics": {"sources": {"cam1": {"state": "reconnecting"}, "cam2": {"state": "connecting"}}}}}
     console = Console(record=True, width=120)
-    console.print(cli._progress_table(stats, 30.0, ["src"]))
+    console.print(launch.progress_table(stats, 30.0, ["src"]))
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in console.export_text().splitlines() if line.count("│") > 3}
     assert rows["src"][:5] == ["running", "0", "0", "0.0", "-"]

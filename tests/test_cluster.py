@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from graphflow.placement import Coordinator, NoCapacity, stream_labels
+from graphflow.cluster.placement import Coordinator, NoCapacity, stream_labels
 from graphflow.errors import GraphflowError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_serve_without_ray_never_imports_it(tmp_path: Path):
     pytest.importorskip("uvicorn")
     from test_service import free_port, wait_for
 
-    got = subprocess.run([sys.executable, "-c", "import sys, graphflow.service, graphflow.api, graphflow.cli; "
+    got = subprocess.run([sys.executable, "-c", "import sys, graphflow.serve.main, graphflow.serve.api, graphflow.cli; "
                           "assert 'ray' not in sys.modules"], capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     make_clip(tmp_path / "clip.mp4")

@@ -1,7 +1,7 @@
-"""The dashboard of `graphflow serve`: live previews (graphflow.preview), their HTTP routes, and the page itself
+"""The dashboard of `graphflow serve`: live previews (graphflow.serve.previews), their HTTP routes, and the page itself
 driven in a real headless Chromium (skipped when Debian's chromium or Playwright is absent).
 
-The HTTP side runs in a real uvicorn over `graphflow.api.create_app` with `Feeds`, a small Controller that decodes
+The HTTP side runs in a real uvicorn over `graphflow.serve.api.create_app` with `Feeds`, a small Controller that decodes
 graphs/data/demo.mp4 with PyAV and evaluates real rules (graphflow.vision.rules) on one synthetic track walking
 left to right across the frame, so line crossings happen at a known place and direction."""
 from __future__ import annotations
@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graphflow.api import create_app
+from graphflow.serve.api import create_app
 from graphflow.errors import GraphflowError
-from graphflow.graph import load
-from graphflow.service import LiveFeed
+from graphflow.graph.loader import load
+from graphflow.serve.live import LiveFeed
 from graphflow.message import Message
-from graphflow.preview import Previews, graph_png
-from graphflow.service import StreamMeter
+from graphflow.serve.previews import Previews, graph_png
+from graphflow.serve.streams import StreamMeter
 from graphflow.vision.rules import RuleSet, parse_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ class Feed:
 
 
 class Feeds:
-    """A graphflow.api.Controller over Feed threads, with the events kept in memory."""
+    """A graphflow.serve.api.Controller over Feed threads, with the events kept in memory."""
 
     def __init__(self, graph_file: str = "graphs/demo.json") -> None:
         self.previews = Previews(max_fps=8, max_width=480)
@@ -576,14 +576,15 @@ def test_page_asks_for_the_token_once_and_sends_it(feeds, page):
 # the page over the real service -----------------------------------------------------------------------------------
 @pytest.fixture
 def service(tmp_path):
-    from graphflow.graph import build
-    from graphflow.service import Service, _prepare
-    from graphflow.store import Store
+    from graphflow.graph.loader import build
+    from graphflow.serve.controller import Service
+    from graphflow.serve.main import prepare_graph
+    from graphflow.serve.store import Store
 
     doc = json.loads((ROOT / "graphs" / "demo.json").read_text())
     del doc["engines"]["out"]  # no files: the service's tap ends the graph
     doc["connections"] = [c for c in doc["connections"] if "out.in" not in c]
-    source, rule, _ = _prepare(doc)
+    source, rule, _ = prepare_graph(doc)
     store = Store(tmp_path / "state.db")
     svc = Service(build(doc, str(tmp_path / "graph.json")), store, source, rule, [VIDEO.parent])
     svc.start()

@@ -17,7 +17,8 @@ from graphflow.engines.decode import Decode
 from graphflow import Message, ParamError
 from graphflow.testing import run_source
 from graphflow.vision.osd import VideoWriter, draw
-from graphflow.vision.video import SourceError, open_source
+from graphflow.media.video import SourceError
+from graphflow.media.sources import open_source
 
 DEMO = Path(__file__).resolve().parent.parent / "graphs" / "data" / "demo.mp4"
 DEMO_FRAMES, DEMO_FPS = 250, 25

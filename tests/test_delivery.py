@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from graphflow.channel import Inbox, StreamQueue
+from graphflow.runtime.links import Inbox, StreamQueue
 from graphflow.message import EOS, Message
-from graphflow.shm import ShmContext
+from graphflow.runtime.shm import ShmContext
 
 ENGINES = textwrap.dedent('''
     import json, time
@@ -202,7 +202,7 @@ def test_drop_oldest_drops_from_the_stream_with_most_queued_and_serves_streams_i
 PRODUCER = textwrap.dedent('''
     import json, sys
     import numpy as np
-    from graphflow.shm import ShmContext
+    from graphflow.runtime.shm import ShmContext
     ctx = ShmContext("prod", sys.argv[1], ["prod", "a"])
     frame = ctx.pool("incarnation.out", 2).acquire((1080, 1920, 3), np.dtype(np.uint8))
     frame[...] = int(sys.argv[2])
@@ -264,7 +264,7 @@ def test_a_stream_end_is_never_dropped_and_comes_after_its_streams_messages():
 
 
 def test_a_stream_end_crosses_a_process_boundary():
-    from graphflow.channel import decode, encode
+    from graphflow.runtime.links import decode, encode
     from graphflow.message import StreamEnd
 
     assert decode(encode(StreamEnd("cam 1"))) == StreamEnd("cam 1")

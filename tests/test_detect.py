@@ -6,10 +6,10 @@ import onnx
 import pytest
 from skimage import data
 
-from graphflow.vision.backends import make_backend
+from graphflow.media.backends import make_backend
 from graphflow.vision.detect import DetectParams, decode_yolov5, decode_yolov8, nms, postprocess, yolox_grid
 from graphflow.vision.letterbox import LetterboxSpec, letterbox, unletterbox_boxes
-from graphflow.vision.models import MODELS_DIR, guess_output_format, resolve_model
+from graphflow.media.models import MODELS_DIR, guess_output_format, resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ from skimage import data
 
 from graphflow import Detections, Engine, Message
 from graphflow.engines.track import Track
-from graphflow.channel import Inbox, LocalLink, decode, encode
+from graphflow.runtime.links import Inbox, LocalLink, decode, encode
 from graphflow.detections import plain
-from graphflow.graph import build
-from graphflow.runtime import run
+from graphflow.graph.loader import build
+from graphflow.runtime.launcher import run
 from graphflow.testing import run_engine
-from graphflow.vision.backends import make_backend
+from graphflow.media.backends import make_backend
 from graphflow.vision.detect import DECODERS, DetectParams, finish_candidates, nms, pack_candidates
 from graphflow.vision.letterbox import letterbox, unletterbox_boxes
-from graphflow.vision.models import resolve_model
+from graphflow.media.models import resolve_model
 from graphflow.vision.mot import read_mot
 from graphflow.vision.tracking import ByteTracker, follow
 

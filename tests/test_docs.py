@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from graphflow.engines.publish import SINKS, sink_kinds
-from graphflow import cli, graph
-from graphflow.vision.backends import BACKENDS
+from graphflow import cli
+from graphflow import graph
+from graphflow.media.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -139,7 +140,7 @@ def constant_model(path: Path, input_hw: tuple[int, int], output_shape: tuple[in
 def test_readme_detector_heads_and_preprocessing_are_what_infer_reads(tmp_path, name, head, anchors, preprocessing):
     """A model file with the output shape the README gives for a head is read as that head, with the README's
     preprocessing and COCO's names for 80 classes."""
-    from graphflow.vision.models import resolve_model
+    from graphflow.media.models import resolve_model
 
     text = section("Bring your own detector")
     layout = re.search(rf"- {re.escape(name)}: `\[N, ([^\]]+)\]`", text).group(1)

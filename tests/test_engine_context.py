@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from graphflow import Engine, EngineContext, Message, ParamError, Stopped
-from graphflow.channel import Inbox, LocalLink
+from graphflow.runtime.links import Inbox, LocalLink
 from graphflow.engines.publish import Publish
 from graphflow.testing import Harness, run_engine, start_engine
 

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from graphflow import fields, graph
+from graphflow.graph import fields, load as graph
 from graphflow.errors import GraphflowError
-from graphflow.policy import SAFE_ENGINES, Policy
+from graphflow.graph.restrictions import SAFE_ENGINES, Restrictions
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERYTHING = {  # a valid graph with every built-in engine, rule kind, sink kind and most fields, to mutate too
@@ -213,7 +213,7 @@ def test_damaged_graph_text(workdir, data):
 def test_mutated_example_graphs_restricted(workdir, doc):
     """In restricted mode a graph is refused in one line, or every file, URI, address and module it names is
     within the policy."""
-    policy = Policy(output_root=workdir, media_roots=(ROOT / "graphs",), engines=SAFE_ENGINES | {"map"},
+    policy = Restrictions(output_root=workdir, media_roots=(ROOT / "graphs",), engines=SAFE_ENGINES | {"map"},
                     modules=("graphflow.examples",))
     try:
         with time_limit(LIMIT_S):

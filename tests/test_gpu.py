@@ -15,12 +15,10 @@ from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
 from graphflow import ParamError
 from graphflow.testing import run_engine
-from graphflow.vision import backends, models
-from graphflow.vision.detect import (DECODERS, DetectParams, batch_candidates, decode_yolox, finish_candidates, nms,
-                                     pack_candidates, postprocess)
-from graphflow.vision.letterbox import (LetterboxSpec, PinnedStaging, letterbox, letterbox_batch, letterbox_batch_cupy,
-                                       letterbox_cupy, unletterbox_boxes)
-from graphflow.vision.video import open_source
+from graphflow.media import backends, models
+from graphflow.vision.detect import DECODERS, DetectParams, batch_candidates, decode_yolox, finish_candidates, nms, pack_candidates, postprocess
+from graphflow.vision.letterbox import LetterboxSpec, PinnedStaging, letterbox, letterbox_batch, letterbox_batch_cupy, letterbox_cupy, unletterbox_boxes
+from graphflow.media.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = str(ROOT / "graphs" / "data" / "demo.mp4")
@@ -187,7 +185,7 @@ def test_nvdec_decode_matches_software(gpu_check):
 
 @pytest.mark.skipif(_nvdec_ready(), reason="NVDEC works here, so there is no fallback to see")
 def test_hwaccel_cuda_falls_back_to_software(caplog):
-    with caplog.at_level(logging.WARNING, logger="graphflow.vision.video"):
+    with caplog.at_level(logging.WARNING, logger="graphflow.media.video"):
         source = open_source({"uri": VIDEO, "hwaccel": "cuda", "start": 2.0, "max_frames": 30})
         frames = list(source)
         source.close()

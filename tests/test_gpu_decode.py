@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from graphflow.engines.infer import Infer
-from graphflow import Message, graph
+from graphflow import Message
+from graphflow import graph
 from graphflow.testing import run_engine
 from graphflow.vision.detect import box_iou
-from graphflow.vision.gpudecode import GpuFrame, letterbox_nv12_batch, nv12_to_rgb_numpy, yuv_terms
+from graphflow.media.nvdec import GpuFrame, letterbox_nv12_batch, nv12_to_rgb_numpy, yuv_terms
 from graphflow.vision.letterbox import LetterboxSpec, letterbox_batch
-from graphflow.vision.models import REGISTRY
-from graphflow.vision.video import SourceError, open_source
+from graphflow.media.models import REGISTRY
+from graphflow.media.video import SourceError
+from graphflow.media.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = str(ROOT / "graphs" / "data" / "demo.mp4")

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from graphflow import memory
+from graphflow.runtime import memory
 
 pytestmark = pytest.mark.skipif(memory._LIBC is None, reason="needs glibc")
 
 ARENAS = r"""
 import ctypes, os, sys, tempfile, threading
 import numpy
-from graphflow.memory import limit_arenas, release_free_memory
+from graphflow.runtime.memory import limit_arenas, release_free_memory
 if sys.argv[1] != "0":
     assert limit_arenas(int(sys.argv[1]))
 

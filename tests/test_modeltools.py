@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from graphflow import cli
-from graphflow.modeltools import ModelToolError, detection_agreement, inspect_model, quantize_model
+from graphflow.media.modelinfo import ModelToolError, inspect_model
+from graphflow.media.quantize import detection_agreement, quantize_model
 from onnx_models import shaped_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +89,11 @@ def test_agreement_counts_matches_per_class_and_iou():
 
 def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from graphflow.modeltools import calibration_frames
+    from graphflow.media.quantize import calibration_frames
     from graphflow.vision.detect import DetectParams, postprocess
     from graphflow.vision.letterbox import letterbox
-    from graphflow.vision.backends import OnnxRuntimeBackend
-    from graphflow.vision.models import resolve_model
+    from graphflow.media.backends import OnnxRuntimeBackend
+    from graphflow.media.models import resolve_model
 
     out = tmp_path / "nano.int8.onnx"
     done = quantize_model("yolox-nano", DEMO, out, frames=16)
@@ -120,9 +121,9 @@ def test_quantize_writes_an_int8_model_that_agrees_with_fp32(tmp_path):
 
 def test_calibration_tensors_are_what_infer_feeds_the_model():
     """Calibration sees the model input infer makes from decoded frames: letterboxed BGR 0-255, bit for bit."""
-    from graphflow.modeltools import calibration_frames, calibration_tensors
+    from graphflow.media.quantize import calibration_frames, calibration_tensors
     from graphflow.vision.letterbox import letterbox_batch
-    from graphflow.vision.models import resolve_model
+    from graphflow.media.models import resolve_model
 
     spec = resolve_model("yolox-nano")
     frames = calibration_frames(DEMO, 3, seed=2)
@@ -137,7 +138,7 @@ def test_conv_stats_find_a_layer_that_amplifies_channels_rounded_away(tmp_path):
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from graphflow.modeltools import conv_stats, sensitive_nodes
+    from graphflow.media.quantize import conv_stats, sensitive_nodes
 
     scale = numpy_helper.from_array(np.array([1.0, 0.001], np.float32).reshape(1, 2, 1, 1), "scale")
     weights = {"amplify": np.array([[[[0.01]], [[1.0]]]], np.float32), "even": np.ones((1, 2, 1, 1), np.float32)}

@@ -14,7 +14,7 @@ from graphflow.engines.publish import Publish
 from graphflow import Detections, Message, ParamError
 from graphflow.detections import plain
 from graphflow.message import pack, unpack
-from graphflow.registry import resolve
+from graphflow.graph.registry import resolve
 from graphflow.testing import run_engine, run_source
 from graphflow.vision.mot import MotFormatError, parse_mot, read_mot
 

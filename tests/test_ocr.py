@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 from graphflow.vision.ocr import db_boxes, edit_distance, read_signs, same_text, text_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,9 @@ from graphflow.engines.infer import Infer
 from graphflow.engines.preprocess import Preprocess
 from graphflow.engines.rule import Rule
 from graphflow.engines.track import Track
-from graphflow import Message, graph, runtime
+from graphflow import Message
+from graphflow import graph
+from graphflow import runtime
 from graphflow.testing import run_engine
 
 VIDEO = str(Path(__file__).resolve().parents[1] / "graphs" / "data" / "demo.mp4")

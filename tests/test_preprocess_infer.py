@@ -116,7 +116,8 @@ def test_infer_in_a_process_letterboxes_shared_memory_frames_like_the_preprocess
     import json
     from pathlib import Path
 
-    from graphflow import graph, runtime
+    from graphflow import graph
+    from graphflow import runtime
 
     video = str(Path(__file__).resolve().parents[1] / "graphs" / "data" / "demo.mp4")
 

@@ -10,8 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from graphflow import graph, runtime
-from graphflow.runtime import Stats
+from graphflow import graph
+from graphflow import runtime
+from graphflow.runtime.actor import Stats
 
 ENGINES = '''
 import os, signal, sys, time

@@ -11,7 +11,7 @@ import pytest
 
 from graphflow import graph
 from graphflow.errors import GraphError
-from graphflow.policy import SAFE_ENGINES, Policy
+from graphflow.graph.restrictions import SAFE_ENGINES, Restrictions
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT / "graphs" / "data" / "demo.mp4"
@@ -23,7 +23,7 @@ def site(tmp_path):
     (tmp_path / "media").mkdir()
     (tmp_path / "out").mkdir()
     shutil.copy(VIDEO, tmp_path / "media" / "cam1.mp4")  # a copy: a link leading out of the root is refused
-    return tmp_path, Policy(output_root=tmp_path / "out", media_roots=(tmp_path / "media",))
+    return tmp_path, Restrictions(output_root=tmp_path / "out", media_roots=(tmp_path / "media",))
 
 
 def doc(uri="cam1.mp4", sinks=None, model="yolox-nano", **extra):
@@ -63,7 +63,7 @@ def test_types_outside_the_allow_list_are_not_imported(site, tmp_path, monkeypat
     assert not (tmp_path / "imported").exists()
     bad["engines"]["x"]["type"] = "this:x"
     assert "engines.x.type: engine type 'this:x' is not allowed" in refused(bad, policy)
-    allowed = Policy(output_root=policy.output_root, media_roots=policy.media_roots, modules=("noisy",))
+    allowed = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, modules=("noisy",))
     bad["engines"]["x"] = {"type": "noisy:E"}
     assert graph.build(bad, "net.json", policy=allowed).nodes["x"].cls.__name__ == "E"
     assert (tmp_path / "imported").exists()
@@ -74,11 +74,11 @@ def test_map_functions_and_sink_paths_are_checked(site):
     document = doc(fn={"type": "map", "params": {"function": "os:system"}}, log={"type": "sink"})
     document["connections"] += [["det", "fn"], ["fn", "log"]]
     assert "engines.fn.type: engine type 'map' is not allowed in restricted mode" in refused(document, policy)
-    policy = Policy(output_root=policy.output_root, media_roots=policy.media_roots, engines=SAFE_ENGINES | {"map"})
+    policy = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, engines=SAFE_ENGINES | {"map"})
     assert "engines.fn.params.function: module 'os' is not allowed in restricted mode (allowed: none)" in \
         refused(document, policy)
     document["engines"]["fn"]["params"]["function"] = "graphflow.examples:identity"
-    allowed = Policy(output_root=policy.output_root, media_roots=policy.media_roots, engines=policy.engines,
+    allowed = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, engines=policy.engines,
                      modules=("graphflow.examples",))
     assert graph.build(document, "net.json", policy=allowed).nodes["log"].params == {}  # '-': stdout
     document["engines"]["log"]["params"] = {"path": "../x.jsonl"}
@@ -119,7 +119,7 @@ def test_overwrite_true_lets_a_declared_output_be_replaced(site, tmp_path, monke
         "from graphflow import Engine, Param\nclass Report(Engine):\n    outputs = ()\n"
         "    path_fields = {'files[].path': 'write'}\n    files = Param(list, [])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    policy = Policy(output_root=policy.output_root, media_roots=policy.media_roots, modules=("reports",))
+    policy = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, modules=("reports",))
     (policy.output_root / "r.txt").write_text("old")
     report = {"type": "reports:Report", "params": {"files": [{"path": "r.txt"}]}}
     document = doc(rep=report)
@@ -204,7 +204,7 @@ def test_a_state_folder_may_exist_but_stays_inside_the_output_root(site, tmp_pat
         "from graphflow import Engine, Param\nclass Keep(Engine):\n    outputs = ()\n"
         "    spool = Param(str, path='state')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    policy = Policy(output_root=policy.output_root, media_roots=policy.media_roots, modules=("keepers",))
+    policy = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, modules=("keepers",))
     (policy.output_root / "spool").mkdir()
     (policy.output_root / "spool" / "0001.log").write_text("pending")
     document = doc(keep={"type": "keepers:Keep", "params": {"spool": "spool"}})

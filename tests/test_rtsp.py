@@ -21,7 +21,8 @@ import pytest
 from graphflow.engines.decode import Decode
 from graphflow import Message
 from graphflow.testing import run_source
-from graphflow.vision.video import SourceError, open_source
+from graphflow.media.video import SourceError
+from graphflow.media.sources import open_source
 
 DEMO = Path(__file__).resolve().parent.parent / "graphs" / "data" / "demo.mp4"
 SYSTEM_PYTHON = "/usr/bin/python3"  # python3-gi is installed for Debian's Python, not the project's

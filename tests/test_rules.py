@@ -262,7 +262,8 @@ def test_rule_classes_are_checked_against_the_labels_of_the_detector_upstream():
     import json
     from pathlib import Path
 
-    from graphflow import GraphError, graph
+    from graphflow import GraphError
+    from graphflow import graph
 
     demo = Path(__file__).resolve().parents[1] / "graphs" / "demo.json"
     doc = json.loads(demo.read_text())
@@ -300,7 +301,7 @@ def test_a_model_files_class_names_come_from_its_metadata_or_a_labels_file(tmp_p
     import onnx
 
     from graphflow.engines.infer import Infer
-    from graphflow.vision.models import MODELS_DIR
+    from graphflow.media.models import MODELS_DIR
 
     model = onnx.load(str(MODELS_DIR / "yolox_nano.onnx"))
     names = {i: f"thing{i}" for i in range(80)}
@@ -387,7 +388,8 @@ def test_attribute_filter_in_a_graph_file_fails_validation_in_one_line():
     import json
     from pathlib import Path
 
-    from graphflow import GraphError, graph
+    from graphflow import GraphError
+    from graphflow import graph
 
     demo = Path(__file__).resolve().parents[1] / "graphs" / "demo.json"
     doc = json.loads(demo.read_text())

@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 
 USER_ENGINES = textwrap.dedent('''
     import asyncio

@@ -10,7 +10,10 @@ from graphflow.engines.decode import Decode
 from graphflow.engines.infer import Infer
 from graphflow.engines.secondary import Secondary
 from graphflow.engines.track import Track
-from graphflow import Message, ParamError, cli, graph, runtime
+from graphflow import Message, ParamError
+from graphflow import cli
+from graphflow import graph
+from graphflow import runtime
 from graphflow.testing import run_engine, run_source
 from graphflow.vision.crops import CropSpec, Reuse, crop_region, crop_tensor
 from graphflow.vision.ocr import character_list, ctc_decode

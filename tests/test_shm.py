@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphflow import graph, runtime
-from graphflow.channel import decode, encode
+from graphflow import graph
+from graphflow import runtime
+from graphflow.runtime.links import decode, encode
 from graphflow.message import Message
-from graphflow.shm import ShmContext
+from graphflow.runtime.shm import ShmContext
 
 
 HOSTS = ("prod", "a", "b", "victim")

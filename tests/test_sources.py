@@ -21,7 +21,8 @@ from graphflow.engines.decode import Decode
 from graphflow.engines.source import Source
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_source
-from graphflow.vision.video import SourceError, SourceSpec, open_source
+from graphflow.media.video import SourceError, SourceSpec
+from graphflow.media.sources import open_source
 
 DEMO = Path(__file__).resolve().parent.parent / "graphs" / "data" / "demo.mp4"
 CLIP_FRAMES, CLIP_FPS, CLIP_GOP = 100, 25, 10

@@ -10,7 +10,7 @@ from graphflow.engines.rule import Rule
 from graphflow.engines.track import Track
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_engine, start_engine
-from graphflow.batching import RETIRED_KEEP, BatchPolicy, Scheduler
+from graphflow.batching.scheduler import RETIRED_KEEP, BatchPolicy, Scheduler
 
 W, H = 640, 360
 LINE = [[0.5, 0.0], [0.5, 1.0]]
@@ -95,7 +95,8 @@ def test_the_scheduler_forgets_ended_streams_and_keeps_a_bounded_record_of_them(
 
 def test_the_runtime_forgets_the_counters_of_streams_long_ended(monkeypatch):
     """Per-stream counters of every engine stay bounded while streams come and go (the last ENDED_KEEP stay)."""
-    from graphflow import graph, runtime
+    from graphflow import graph
+    from graphflow import runtime
 
     monkeypatch.setattr(runtime, "ENDED_KEEP", 3)
     doc = {"engines": {"src": {"type": "source", "params": {"count": 2, "streams": 10}},

@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 
 ENGINES = '''
 import os, signal, time
@@ -150,6 +151,6 @@ print("RESULT", summary.failed, summary.stats["src"]["sent"])
 
 
 def test_back_off_doubles_from_first_to_its_cap():
-    from graphflow.backoff import backoff
+    from graphflow.runtime.backoff import backoff
     assert [backoff(n) for n in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
     assert backoff(10**9, first=1.0, cap=30.0) == 30.0  # no overflow after a long outage

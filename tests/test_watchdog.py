@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 
 ENGINES = '''
 import os, time

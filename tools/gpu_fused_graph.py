@@ -5,7 +5,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from graphflow import graph, runtime
+from graphflow import graph
+from graphflow import runtime
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__).parse_args()

@@ -19,7 +19,7 @@ import numpy as np
 from graphflow.detections import Detections
 from graphflow.engine import Param
 from graphflow.errors import ParamError
-from graphflow.fields import Shaped, check_keys, schema
+from graphflow.graph.fields import Shaped, check_keys, schema
 
 log = logging.getLogger(__name__)
 

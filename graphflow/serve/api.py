@@ -1,0 +1,449 @@
+"""The REST API of `graphflow serve`: an ASGI app (Starlette) over a `Controller` that runs the graph.
+
+Every error is one line of JSON (`{"error": "..."}`) with a 4xx code; request bodies are size-limited and
+validated by the controller with the same checks as a graph file; mutating requests need the service token
+when one is set (always when the service listens beyond loopback)."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from graphflow.errors import GraphflowError
+
+if TYPE_CHECKING:
+    from graphflow.serve.live import LiveFeed
+
+MAX_BODY = 64 * 1024
+log = logging.getLogger(__name__)
+
+
+class Controller(Protocol):
+    """What the API needs from the running service (graphflow.serve.controller.Service implements it)."""
+
+    feed: LiveFeed  # the live events: each `/events/live` client subscribes to it
+
+    def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]: ...
+    def remove_stream(self, stream: str) -> None: ...
+    def streams(self) -> list[dict[str, Any]]: ...
+    def stream(self, stream: str) -> dict[str, Any]: ...
+    def rules(self, stream: str) -> list[dict[str, Any]]: ...
+    def set_rules(self, stream: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def graph(self) -> dict[str, Any]: ...
+    def healthy(self) -> bool: ...
+    def ready(self) -> bool: ...
+    def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]: ...
+    def metrics(self) -> tuple[bytes, str]: ...
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "graphflow service", "version": "1"},
+    "components": {
+        "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+            "StreamSpec": {"type": "object", "required": ["id", "uri"], "properties": {
+                "id": {"type": "string"}, "uri": {"type": "string"}, "fps": {"type": "number"},
+                "loop": {"type": "boolean"}, "realtime": {"type": "boolean"}, "start": {"type": "number"},
+                "max_frames": {"type": "integer"}, "transport": {"type": "string"}},
+                "additionalProperties": True},
+            "Stream": {"type": "object", "properties": {
+                "id": {"type": "string"}, "uri": {"type": "string"}, "state": {"type": "string", "enum": [
+                    "connecting", "running", "reconnecting", "failed", "ended", "stopped"]},
+                "frames": {"type": "integer"}, "fps": {"type": "number"}, "drops": {"type": "integer"},
+                "latency_ms": {"type": "object", "properties": {"p50": {"type": "number"}, "p95": {"type": "number"}}}}},
+            "Rules": {"type": "array", "items": {"type": "object"}},
+        }},
+    "paths": {
+        "/streams": {
+            "get": {"summary": "list streams", "responses": {"200": {"description": "streams", "content": {
+                "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Stream"}}}}}}},
+            "post": {"summary": "add a stream", "security": [{"token": []}], "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/StreamSpec"}}}},
+                "responses": {"201": {"description": "added"}, "400": {"description": "invalid"},
+                              "401": {"description": "no or wrong token"}, "409": {"description": "id exists"}}}},
+        "/streams/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "one stream", "responses": {"200": {"description": "the stream"},
+                                                           "404": {"description": "unknown"}}},
+            "delete": {"summary": "remove a stream", "security": [{"token": []}],
+                       "responses": {"204": {"description": "removed"}, "404": {"description": "unknown"}}}},
+        "/streams/{id}/rules": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "the stream's analytics rules", "responses": {"200": {"description": "rules"}}},
+            "put": {"summary": "replace the stream's rules (applied live)", "security": [{"token": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Rules"}}}},
+                    "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"}}}},
+        "/events": {"get": {"summary": "recent events, newest first", "parameters": [
+            {"name": n, "in": "query", "schema": {"type": t}} for n, t in
+            (("stream", "string"), ("kind", "string"), ("since", "number"), ("limit", "integer"))],
+            "responses": {"200": {"description": "events"}}}},
+        "/events/live": {"get": {"summary": "live events (Server-Sent Events)",
+                                 "responses": {"200": {"description": "text/event-stream"}}}},
+        "/graph": {"get": {"summary": "engines, placement and per-engine stats", "responses": {"200": {"description": "graph"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+        "/healthz": {"get": {"summary": "the service runs", "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {"get": {"summary": "every engine is set up", "responses": {"200": {"description": "ready"},
+                                                                            "503": {"description": "not yet"}}}},
+    },
+}
+
+
+def create_app(controller: Controller, token: str | None = None) -> Any:
+    """The Starlette app serving `controller`; `token`, when set, is required on POST/PUT/DELETE."""
+    from starlette.applications import Starlette
+
+    wrap = _guarded(token)
+    routes = [*_stream_routes(controller, wrap), *_service_routes(controller, wrap),
+              *dashboard_routes(controller, wrap, _call)]
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+
+
+def _error(status: int, message: str) -> Any:
+    """The API's error answer: one line of JSON."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": _one_line(message)}, status_code=status)
+
+
+async def _body(request: Any) -> Any:
+    """The request's JSON body, refused over MAX_BODY bytes (declared or streamed) or when it does not parse."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except ValueError as exc:
+        raise ApiError(400, f"body is not JSON: {exc}") from None
+
+
+def _authorise(request: Any, token: str | None) -> None:
+    """Refuse a mutating request without the service token (when one is set)."""
+    if token is None or request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Controller calls may wait on engines: run them off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _failure(request: Any, exc: Exception) -> Any:
+    """The answer to what a handler raised: a status per kind of error, or 500 for a bug of ours (one line for the
+    client, the traceback in the server's log). Call it from the `except` block."""
+    if isinstance(exc, ApiError):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, KeyError):
+        return _error(404, f"no stream {exc.args[0]!r}")
+    if isinstance(exc, FileExistsError):
+        return _error(409, str(exc))
+    if isinstance(exc, (GraphflowError, ValueError)):
+        return _error(400, str(exc))
+    if isinstance(exc, TimeoutError):
+        return _error(503, str(exc))
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _guarded(token: str | None) -> Any:
+    """A wrapper for handlers: the token check first, and every error answered as one line of JSON."""
+    def wrap(handler: Any) -> Any:
+        async def endpoint(request: Any) -> Any:
+            try:
+                _authorise(request, token)
+                return await handler(request)
+            except Exception as exc:
+                return _failure(request, exc)
+        return endpoint
+    return wrap
+
+
+async def _not_found(request: Any, exc: Exception) -> Any:
+    return _error(getattr(exc, "status_code", 404), f"{request.method} {request.url.path}: "
+                  f"{getattr(exc, 'detail', 'not found')}")
+
+
+def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
+    """Streams (list, add, get, remove), a stream's rules, and the events (recent, and live)."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def list_streams(request: Any) -> Response:
+        if request.method == "POST":
+            spec = await _body(request)
+            if not isinstance(spec, dict):
+                raise ApiError(400, "body must be a JSON object with at least 'id' and 'uri'")
+            return JSONResponse(await _call(controller.add_stream, spec), status_code=201)
+        return JSONResponse(await _call(controller.streams))
+
+    async def one_stream(request: Any) -> Response:
+        stream = request.path_params["id"]
+        if request.method == "DELETE":
+            await _call(controller.remove_stream, stream)
+            return Response(status_code=204)
+        return JSONResponse(await _call(controller.stream, stream))
+
+    async def rules(request: Any) -> Response:
+        stream = request.path_params["id"]
+        if request.method == "PUT":
+            new = await _body(request)
+            if not isinstance(new, list):
+                raise ApiError(400, "body must be a JSON list of rules")
+            return JSONResponse(await _call(controller.set_rules, stream, new))
+        return JSONResponse(await _call(controller.rules, stream))
+
+    async def events(request: Any) -> Response:
+        q = request.query_params
+        try:
+            since = float(q["since"]) if "since" in q else None
+            limit = min(max(int(q.get("limit", 100)), 1), 10_000)
+        except ValueError:
+            raise ApiError(400, "since must be a number (epoch seconds) and limit an integer") from None
+        return JSONResponse(await _call(controller.events, q.get("stream"), q.get("kind"), since, limit))
+
+    return [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
+            Route("/streams/{id}", wrap(one_stream), methods=["GET", "DELETE"]),
+            Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
+            Route("/events", wrap(events)), Route("/events/live", _live_events(controller))]
+
+
+def _live_events(controller: Controller) -> Any:
+    """The endpoint of `/events/live[?stream=ID]`: events as Server-Sent Events while the client stays, with a
+    keep-alive comment every second without one."""
+    from starlette.responses import Response, StreamingResponse
+
+    async def live(request: Any) -> Response:
+        queue = controller.feed.subscribe()
+        stream_filter = request.query_params.get("stream")
+
+        async def feed() -> Any:
+            loop = asyncio.get_running_loop()
+            try:
+                yield b": graphflow events\n\n"
+                while True:
+                    items = await loop.run_in_executor(None, _take, queue, 1.0)
+                    if items is None:
+                        yield b": keep-alive\n\n"
+                        continue
+                    for item in items:
+                        if stream_filter is None or item.get("stream") == stream_filter:
+                            yield f"data: {json.dumps(item, default=str)}\n\n".encode()
+            finally:
+                controller.feed.unsubscribe(queue)
+        return StreamingResponse(feed(), media_type="text/event-stream")
+    return live
+
+
+def _service_routes(controller: Controller, wrap: Any) -> list[Any]:
+    """The service as a whole: its graph, metrics, health, readiness and this API's OpenAPI description."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def graph(request: Any) -> Response:
+        return JSONResponse(await _call(controller.graph))
+
+    async def metrics(request: Any) -> Response:
+        data, content_type = await _call(controller.metrics)
+        return Response(data, media_type=content_type)
+
+    async def healthz(request: Any) -> Response:
+        ok = controller.healthy()
+        return JSONResponse({"ok": ok}, status_code=200 if ok else 503)
+
+    async def readyz(request: Any) -> Response:
+        ok = controller.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def openapi(request: Any) -> Response:
+        return JSONResponse(OPENAPI)
+
+    return [Route("/graph", wrap(graph)), Route("/metrics", wrap(metrics)), Route("/healthz", healthz),
+            Route("/readyz", readyz), Route("/openapi.json", openapi)]
+
+
+def _take(queue: Any, timeout: float) -> list[dict[str, Any]] | None:
+    """Whatever a subscriber queue holds, waiting up to `timeout` s for the first item; None if nothing came."""
+    import queue as queue_mod
+
+    try:
+        items = [queue.get(timeout=timeout)]
+    except queue_mod.Empty:
+        return None
+    while True:
+        try:
+            items.append(queue.get_nowait())
+        except queue_mod.Empty:
+            return items
+
+
+# dashboard: the web page, live previews and the graph picture ------------------------------------------------------
+WEB = Path(__file__).with_name("web")
+MJPEG_BOUNDARY = "graphflow-preview"
+SNAPSHOT_WAIT_S = 3.0  # a snapshot waits this long for a first picture
+SNAPSHOT_HOLD_S = 1.5  # a snapshot keeps its stream's previews coming this long, for the page's next poll
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+OPENAPI["paths"].update({
+    "/": {"get": {"summary": "the dashboard (HTML)", "responses": {"200": {"description": "text/html"}}}},
+    "/streams/{id}/preview.mjpg": {"parameters": _ID, "get": {
+        "summary": "live annotated video, MJPEG (multipart/x-mixed-replace); encoded only while watched",
+        "responses": {"200": {"description": "multipart JPEG stream"}, "404": {"description": "unknown"}}}},
+    "/streams/{id}/preview.jpg": {"parameters": _ID + [{"name": "after", "in": "query", "schema": {"type": "integer"}}],
+                                  "get": {"summary": "one annotated JPEG: the newest, or the first numbered above "
+                                                     "`after` (its number in X-Preview)", "responses": {
+                                      "200": {"description": "image/jpeg"}, "204": {"description": "no picture yet"},
+                                      "404": {"description": "unknown"}}}},
+    "/streams/{id}/preview.json": {"parameters": _ID, "get": {
+        "summary": "live rule figures (geometry in pixels, line counts, zone occupancy), frame size, viewers",
+        "responses": {"200": {"description": "figures"}}}},
+    "/streams/{id}/events/{frame}.jpg": {"parameters": _ID + [{"name": "frame", "in": "path", "required": True,
+                                                                "schema": {"type": "integer"}}], "get": {
+        "summary": "the picture of an event's frame, when it was watched", "responses": {
+            "200": {"description": "image/jpeg"}, "404": {"description": "not kept"}}}},
+    "/graph.png": {"get": {"summary": "the graph's engines and connections, drawn",
+                           "responses": {"200": {"description": "image/png"}}}},
+})
+
+
+def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
+    """Routes of the dashboard: `/` and `/web/*` (static files shipped in the package), a stream's live preview as
+    MJPEG (`preview.mjpg`, a viewer while connected), as one JPEG (`preview.jpg[?after=N]`: the newest, or the
+    first numbered above N, its number in X-Preview; 204 while there is none), its rule figures
+    (`preview.json`), the picture of an event's frame (`events/{frame}.jpg`) and the graph picture (`/graph.png`).
+    Previews come from `controller.previews` (graphflow.serve.previews.Previews); without it they answer 404."""
+    from starlette.responses import FileResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    async def index(request: Any) -> Response:
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    return [Route("/", index), Mount("/web", StaticFiles(directory=WEB), name="web"),
+            Route("/streams/{id}/preview.mjpg", wrap(_mjpeg(controller, call))),
+            Route("/streams/{id}/preview.jpg", wrap(_snapshot(controller, call))),
+            Route("/streams/{id}/preview.json", wrap(_figures(controller, call))),
+            Route("/streams/{id}/events/{frame:int}.jpg", wrap(_event_picture(controller))),
+            Route("/graph.png", wrap(_graph_picture(controller, call)))]
+
+
+def _previews(controller: Controller) -> Any:
+    """The controller's live previews; ApiError 404 when the service keeps none."""
+    previews = getattr(controller, "previews", None)
+    if previews is None:
+        raise ApiError(404, "live previews are off in this service")
+    return previews
+
+
+def _mjpeg(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.mjpg`: a multipart JPEG stream, the stream watched while the client stays; it ends
+    when the stream is removed."""
+    from starlette.responses import Response, StreamingResponse
+
+    async def mjpeg(request: Any) -> Response:
+        stream = request.path_params["id"]
+        previews = _previews(controller)
+        await call(controller.stream, stream)
+
+        async def feed() -> Any:
+            with previews.watch(stream):
+                seen = 0
+                while True:
+                    preview = await previews.next(stream, seen, 1.0)
+                    if preview is None:
+                        try:
+                            await call(controller.stream, stream)
+                        except KeyError:
+                            return  # removed: the viewer's image ends
+                        continue
+                    seen = preview.n
+                    yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(preview.jpeg)}"
+                           f"\r\nX-Frame: {preview.frame}\r\n\r\n").encode() + preview.jpeg + b"\r\n"
+        return StreamingResponse(feed(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                                 headers={"Cache-Control": "no-cache, no-store"})
+    return mjpeg
+
+
+def _snapshot(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.jpg[?after=N]`: one JPEG, fresh or the first numbered above N, waiting for it up to
+    SNAPSHOT_WAIT_S; the stream's previews then keep coming SNAPSHOT_HOLD_S for the page's next poll."""
+    from starlette.responses import Response
+
+    async def snapshot(request: Any) -> Response:
+        stream = request.path_params["id"]
+        previews = _previews(controller)
+        await call(controller.stream, stream)
+        try:
+            after = int(request.query_params.get("after", -1))
+        except ValueError:
+            raise ApiError(400, "after must be an integer (the X-Preview number of the last picture)") from None
+        with previews.watch(stream):
+            preview = previews.latest(stream)
+            if after >= 0 or preview is None or time.time() - preview.time > 2.0 / previews.max_fps:
+                floor = after if after >= 0 else (preview.n if preview is not None else 0)
+                preview = await previews.next(stream, floor, SNAPSHOT_WAIT_S)
+        previews.hold(stream, SNAPSHOT_HOLD_S)
+        if preview is None:  # no picture yet (connecting, or no frame came within SNAPSHOT_WAIT_S): not an error
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        return Response(preview.jpeg, media_type="image/jpeg", headers={
+            "Cache-Control": "no-store", "X-Preview": str(preview.n), "X-Frame": str(preview.frame)})
+    return snapshot
+
+
+def _figures(controller: Controller, call: Any) -> Any:
+    """The endpoint of `preview.json`: the stream's rule figures and frame size, and how many watch it."""
+    from starlette.responses import JSONResponse, Response
+
+    async def figures(request: Any) -> Response:
+        stream = request.path_params["id"]
+        previews = _previews(controller)
+        await call(controller.stream, stream)
+        return JSONResponse({"viewers": previews.viewers(stream), **previews.info(stream)})
+    return figures
+
+
+def _event_picture(controller: Controller) -> Any:
+    """The endpoint of `events/{frame}.jpg`: the kept picture of an event's frame, 404 when it was not kept."""
+    from starlette.responses import Response
+
+    async def event_picture(request: Any) -> Response:
+        stream, frame = request.path_params["id"], request.path_params["frame"]
+        preview = _previews(controller).picture(stream, frame)
+        if preview is None:
+            raise ApiError(404, f"no picture of frame {frame} of stream {stream!r} "
+                                "(only the last ones watched are kept)")
+        return Response(preview.jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    return event_picture
+
+
+def _graph_picture(controller: Controller, call: Any) -> Any:
+    """The endpoint of `/graph.png`: the controller's drawing of the graph, 404 when it draws none."""
+    from starlette.responses import Response
+
+    async def graph_picture(request: Any) -> Response:
+        draw = getattr(controller, "graph_png", None)
+        if draw is None:
+            raise ApiError(404, "this service draws no graph picture")
+        return Response(await call(draw), media_type="image/png")
+    return graph_picture

@@ -1,0 +1,106 @@
+"""Prometheus text for `GET /metrics`: per-engine counters, per-stream fps and latency, infer batching,
+shared-memory slots and restarts — read from the launcher's stats and the service's tap at scrape time."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# key in an engine's stats → (family name, help)
+ENGINE_COUNTERS = {
+    "received": ("graphflow_engine_in", "messages received"),
+    "sent": ("graphflow_engine_out", "messages sent"),
+    "dropped": ("graphflow_engine_drops", "messages dropped by a drop policy"),
+    "errors": ("graphflow_engine_errors", "errors reported"),
+    "busy_s": ("graphflow_engine_busy_seconds", "time spent in the engine's code"),
+    "restarts": ("graphflow_engine_restarts", "process restarts"),
+}
+# key of engine_gauges() → (family name, help)
+ENGINE_GAUGES = {
+    "depth": ("graphflow_engine_queue_depth", "messages waiting at the engine's inputs"),
+    "slots": ("graphflow_shm_slots_in_use", "shared-memory frame slots in use"),
+    "batch": ("graphflow_infer_batch_size", "mean batch size"),
+    "busy": ("graphflow_infer_busy_share", "share of time the accelerator ran batches"),
+}
+
+
+def render(service: Any) -> tuple[bytes, str]:
+    """The service's metrics in the Prometheus text format, and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(_Collector(service))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    """Reads the service at each scrape: engines from the launcher's stats, streams from the service's meters."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def collect(self) -> Any:
+        yield from engine_families(dict(self.service.launcher.stats))
+        with self.service.lock:
+            meters = dict(self.service.meters)
+        yield from stream_families(meters, time.monotonic())
+
+
+def engine_families(stats: dict[str, dict[str, Any]]) -> list[Any]:
+    """Per-engine counters and gauges from the launcher's stats, the service's own tap left out."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from graphflow.serve.tap import TAP
+
+    counters = {key: CounterMetricFamily(name, doc, labels=["engine"]) for key, (name, doc) in ENGINE_COUNTERS.items()}
+    gauges = {key: GaugeMetricFamily(name, doc, labels=["engine"]) for key, (name, doc) in ENGINE_GAUGES.items()}
+    for eid, s in stats.items():
+        if eid == TAP:
+            continue
+        for key, family in counters.items():
+            family.add_metric([eid], float(s.get(key) or 0))
+        for key, value in engine_gauges(s).items():
+            gauges[key].add_metric([eid], value)
+    return [*counters.values(), *gauges.values()]
+
+
+def engine_gauges(s: dict[str, Any]) -> dict[str, float]:
+    """The gauges of one engine's stats: its queue depth, and the shared-memory slots in use, mean batch size and
+    accelerator busy share when its metrics report them."""
+    m = s.get("metrics") or {}
+    values = {"depth": float(s.get("depth") or 0)}
+    shm = m.get("shm")
+    if isinstance(shm, dict) and shm:
+        values["slots"] = float(shm.get("slots_busy", 0))
+    if isinstance(m.get("mean_batch"), (int, float)):
+        values["batch"] = float(m["mean_batch"])
+    if isinstance(m.get("busy_fraction"), (int, float)):
+        values["busy"] = float(m["busy_fraction"])
+    return values
+
+
+def stream_families(meters: dict[str, Any], now: float) -> list[Any]:
+    """Per-stream fps, frame and event counts and the latency histogram, from the service's stream meters."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    fps = GaugeMetricFamily("graphflow_stream_fps", "frames per second at the end of the graph", labels=["stream"])
+    frames = CounterMetricFamily("graphflow_stream_frames", "frames at the end of the graph", labels=["stream"])
+    events = CounterMetricFamily("graphflow_stream_events", "analytics events", labels=["stream"])
+    latency = HistogramMetricFamily("graphflow_stream_latency_seconds", "capture to end of graph", labels=["stream"])
+    for stream, meter in meters.items():
+        fps.add_metric([stream], meter.fps(now))
+        frames.add_metric([stream], meter.frames)
+        events.add_metric([stream], meter.events)
+        latency.add_metric([stream], latency_buckets(meter.buckets), meter.latency_sum)
+    return [fps, frames, events, latency]
+
+
+def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:
+    """A meter's per-bucket latency counts (service.LATENCY_BUCKETS, then the overflow) as cumulative Prometheus
+    buckets."""
+    from graphflow.serve.streams import LATENCY_BUCKETS
+
+    cumulative, buckets = 0, []
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets

@@ -1,0 +1,90 @@
+"""What the service knows of a stream: its id and source checks, and its latency meter."""
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from graphflow.batching.scheduler import StreamRecord
+from graphflow.errors import GraphflowError
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
+    """A stream's `uri` must be an rtsp:// address or a file under a media root; a file's is made absolute in
+    `spec`, so a restored (or moved) stream opens the same file whatever the current folder."""
+    uri = spec.get("uri")
+    if not isinstance(uri, str) or not uri:
+        raise GraphflowError("streams: 'uri' must be a file under a media root or an rtsp:// address")
+    if "://" in uri:
+        if not uri.startswith(("rtsp://", "rtsps://")):
+            raise GraphflowError(f"streams.uri: scheme not allowed (rtsp:// or a file under a media root; got {uri!r})")
+        return
+    path = Path(uri).expanduser().resolve()
+    if not any(path.is_relative_to(root) for root in media_roots):
+        roots = ", ".join(map(str, media_roots)) or "none configured (--media)"
+        raise GraphflowError(f"streams.uri: {uri!r} is not under a media root ({roots})")
+    spec["uri"] = str(path)
+
+
+def stream_id(spec: dict[str, Any]) -> str:
+    """A new stream's `id`, checked (a non-empty string)."""
+    stream = spec.get("id")
+    if not isinstance(stream, str) or not stream:
+        raise GraphflowError("streams: 'id' must be a non-empty string")
+    return stream
+
+
+def each_stream(ids: list[str], one: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`one(stream)` for each of `ids`, leaving out a stream removed meanwhile (`one` raised KeyError)."""
+    out = []
+    for stream in ids:
+        try:
+            out.append(one(stream))
+        except KeyError:
+            pass
+    return out
+
+
+class StreamMeter:
+    """Frames, fps (over the last 5 s), events and capture→tap latency of one stream, as the tap sees them: the
+    latency percentiles from the batching stage's StreamRecord, plus cumulative buckets for Prometheus."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.events = 0
+        self.recent: deque[float] = deque(maxlen=512)  # arrival times (monotonic)
+        self.latency = StreamRecord()
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # counts per bucket for Prometheus (last: +Inf)
+        self.latency_sum = 0.0
+
+    def add(self, now: float, latency: float | None) -> None:
+        self.frames += 1
+        self.recent.append(now)
+        if latency is not None:
+            self.latency.add(latency)
+            self.latency_sum += latency
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+
+    def fps(self, now: float) -> float:
+        window = [t for t in self.recent if now - t <= 5.0]
+        if len(window) < 2:
+            return 0.0
+        return (len(window) - 1) / max(window[-1] - window[0], 1e-6)
+
+    def percentiles(self) -> dict[str, float | None]:
+        p50, p95 = self.latency.percentiles_ms()
+        return {"p50": p50, "p95": p95}
