@@ -75,6 +75,10 @@ def test_each_task_runs_its_own_engines_and_rules(site: Path):
                  what="crossings on both streams")
         assert rules_seen(server, stream="cam1") == {"door"} and rules_seen(server, stream="cam2") == {"aisle"}
         assert rules_seen(server, task="aisles") == {"aisle"}
+        # both tasks define their detector alike: one model instance batches both tasks' frames
+        det = [server.call("GET", f"/tasks/{t}")[1]["engines"]["det"]["stats"] for t in ("doors", "aisles")]
+        assert all(d["received"] > 0 for d in det)
+        assert [server.call("GET", f"/tasks/{t}")[1]["shared"]["det"] for t in ("doors", "aisles")] == [2, 2]
         status, text = server.call("GET", "/metrics")
         assert status == 200 and 'task="aisles"' in text and 'engine="det",task="doors"' in text
         # a stream moves to the other task: from then on its events are that task's

@@ -10,6 +10,7 @@ from typing import Any
 
 from graphflow.errors import GraphflowError
 from graphflow.message import Message
+from graphflow.runtime.sharing import STAGES, SharedStages
 from graphflow.serve.live import LiveFeed
 from graphflow.serve.previews import Previews, graph_png
 from graphflow.serve.store import Store
@@ -57,6 +58,7 @@ class Service:
         self.previews = Previews(max_fps=preview_fps, max_width=preview_width)
         self.started = time.monotonic()
         self.summaries: dict[str, Any] = {}  # task → the summary of its last stopped graph
+        self.stages = SharedStages()  # e.g. one detector for every task whose infer engine is defined alike
 
     # lifecycle ---------------------------------------------------------------------------------------------
     def start(self, file_tasks: list[Task] = ()) -> None:
@@ -81,7 +83,7 @@ class Service:
                 log.error("stream %r from the state file not restored: %s", row["spec"].get("id"), exc)
 
     def _start(self, task: Task) -> None:
-        task.start({TAP: TaskTap(self, task.id)})
+        task.start({TAP: TaskTap(self, task.id), STAGES: self.stages})
 
     def _start_new(self, tid: str, doc: Any, labels: Any) -> Task:
         task = build_task(tid, doc, "<task>", restrictions=self.restrictions, labels=labels)

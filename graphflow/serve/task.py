@@ -159,7 +159,9 @@ class Task:
                                     "streams_held": (s.get("metrics") or {}).get("streams_held")}}
         edges = [{"from": f"{e.src}.{e.src_port}", "to": f"{e.dst}.{e.dst_port}", "policy": e.policy}
                  for e in self.topology.edges if e.dst != TAP]
-        return {"name": self.topology.name, "engines": nodes, "connections": edges}
+        shared = {eid: (stats.get(eid, {}).get("metrics") or {}).get("shared_by") for eid in nodes}
+        return {"name": self.topology.name, "engines": nodes, "connections": edges,
+                "shared": {eid: n for eid, n in shared.items() if n}}
 
 
 def build_task(tid: str, doc: Any, file: str, overrides: dict | None = None, restrictions: Any = None,
