@@ -186,7 +186,6 @@ class Points(Converted):
 
     count: int | None = None  # exactly this many points
     at_least = 1
-    at_most: int | None = None
 
     def __init__(self, doc: str) -> None:
         super().__init__(list, form="a list of [x, y] points", doc=doc)
@@ -199,8 +198,6 @@ class Points(Converted):
             raise ParamError(where, f"needs exactly {self.count} points (got {len(arr)})")
         if len(arr) < self.at_least:
             raise ParamError(where, f"needs at least {self.at_least} points (got {len(arr)})")
-        if self.at_most is not None and len(arr) > self.at_most:
-            raise ParamError(where, f"rule {rule!r}: at most {self.at_most} points (got {len(arr)})")
         if (arr < 0).any():
             raise ParamError(where, "coordinates must be ≥ 0")
         return arr
@@ -211,17 +208,17 @@ class Polygon(Points):
     GeoJSON rings repeat it) is dropped."""
 
     at_least = 3
-    at_most = MAX_POINTS + 1  # the closing point is dropped below
 
     def __init__(self) -> None:
         super().__init__(f"the zone's 3 to {MAX_POINTS} corners, in order around it, {UNITS}")
 
     def convert(self, value: list, where: str, rule: str) -> np.ndarray:
+        closed = len(value) > 3 and value[0] == value[-1]
+        if len(value) - closed > MAX_POINTS:  # before any work on them
+            raise ParamError(where, f"rule {rule!r}: at most {MAX_POINTS} points (got {len(value)})")
         points = super().convert(value, where, rule)
-        if len(points) > 3 and np.array_equal(points[0], points[-1]):
+        if closed:
             points = points[:-1]
-        if len(points) > MAX_POINTS:
-            raise ParamError(where, f"rule {rule!r}: at most {MAX_POINTS} points (got {len(points)})")
         problem = polygon_problem(points)
         if problem is not None:
             raise ParamError(where, f"rule {rule!r}: {problem}")
