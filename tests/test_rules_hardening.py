@@ -101,7 +101,7 @@ def test_a_frame_against_the_largest_zone_is_cheap():
     t0 = time.perf_counter()
     for f, tracks in enumerate(frames):
         rs.evaluate("cam", f, f / FPS, tracks, W, H)
-    assert (time.perf_counter() - t0) / len(frames) < 0.05  # 200 tracks × 256 edges: well under a millisecond
+    assert (time.perf_counter() - t0) / len(frames) < 0.05  # 200 tracks × 256 edges: a few milliseconds
 
 
 def quadratic_problem(points: np.ndarray) -> str | None:
