@@ -24,9 +24,9 @@ class Rule(FrameEngine):
 
     inputs = ("in",)
     outputs = ("out",)
-    rules = Param(list, doc=f'list of {{"kind": {"|".join(RULE_CLASSES)}, key: value...}}; the keys of each kind are listed '
-                            'under its rule kinds; "attributes" counts only tracks whose second-stage results match, '
-                            'e.g. {"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
+    rules = Param(list, doc=f'list of {{"kind": {"|".join(RULE_CLASSES)}, key: value...}}; the keys of each kind are '
+                            'listed under its rule kinds; "attributes" counts only tracks whose second-stage results '
+                            'match, e.g. {"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
     fps = Param(float, 25.0, ge=0.001, doc="frame rate for event times when a message has no pts")
     forget_after = Param(float, 5.0, ge=0, doc="seconds after which an unseen track is dropped from rule state")
     overlay = Param(bool, True, doc="add data['rules']: each rule's geometry in pixels and counts, for the video sink's osd")

@@ -99,7 +99,8 @@ class _Edges:
         """Whether any two edges meet wrongly, by a sweep over their ends in x order (Shamos and Hoey): an edge is
         tested against the edges just above and below it when it enters the sweep and the two that become
         neighbours when it leaves; n log n comparisons (the active list's inserts are memory moves)."""
-        events = sorted([(*self.left[i], 1, i) for i in range(self.n)] + [(*self.right[i], 0, i) for i in range(self.n)])
+        events = sorted([(*self.left[i], 1, i) for i in range(self.n)]
+                        + [(*self.right[i], 0, i) for i in range(self.n)])
         active: list[int] = []  # edges crossing the sweep line, bottom to top
         for _, _, enters, i in events:  # at one point, edges leave before others enter
             if enters:
@@ -127,7 +128,8 @@ class _Edges:
         a, b = p, np.roll(p, -1, axis=0)
 
         def side(p0: np.ndarray, p1: np.ndarray, r: np.ndarray) -> np.ndarray:
-            cross = (p1[..., 0] - p0[..., 0]) * (r[..., 1] - p0[..., 1]) - (p1[..., 1] - p0[..., 1]) * (r[..., 0] - p0[..., 0])
+            cross = ((p1[..., 0] - p0[..., 0]) * (r[..., 1] - p0[..., 1])
+                     - (p1[..., 1] - p0[..., 1]) * (r[..., 0] - p0[..., 0]))
             return np.where(np.abs(cross) <= eps, 0, np.sign(cross))
 
         def within(p0: np.ndarray, p1: np.ndarray, r: np.ndarray) -> np.ndarray:
