@@ -205,3 +205,43 @@ def test_the_tasks_command_adds_lists_and_removes(site: Path, tmp_path: Path):
         assert run("rm", "aisles").stdout.strip() == "removed task aisles"
     finally:
         server.stop()
+
+
+def readme_block(heading: str, index: int) -> str:
+    """The `index`-th bash block of the README section under `heading`."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)[index]
+
+
+def test_the_readme_tasks_example_runs_as_written(tmp_path: Path):
+    """The README's `graphflow serve` line and each curl line after it, from a copy of the repository's graphs/ (the
+    port is the only change: a free one for 8080)."""
+    heading = "Tasks: several pipelines in one service"
+    serve_line = readme_block(heading, 0).split("#")[0].split()
+    assert serve_line[:2] == ["graphflow", "serve"]
+    shutil.copytree(ROOT / "graphs", tmp_path / "graphs", ignore=shutil.ignore_patterns("*.jsonl", "*.mp4.*", "mot_*"))
+    port = str(free_port())
+    args = [a if a != "8080" else port for a in serve_line[2:]]
+    proc = subprocess.Popen([sys.executable, "-m", "graphflow", "serve", *args], cwd=tmp_path,
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: subprocess.run(["curl", "-sf", f"localhost:{port}/readyz"], capture_output=True).returncode
+                 == 0, timeout=120, what="the service")
+        answers = []
+        for line in readme_block(heading, 1).strip().splitlines():
+            got = subprocess.run(["bash", "-c", line.replace("8080", port) + " -w '\\n%{http_code}'"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=200)
+            body, _, code = got.stdout.rpartition("\n")
+            assert got.returncode == 0 and code.startswith("2"), (line, got.stdout, got.stderr)
+            answers.append(json.loads(body) if body.strip() else None)
+        assert [t["id"] for t in answers[0]] == ["demo", "crowd"]
+        assert answers[1]["task"] == "crowd" and answers[2]["id"] == "night" and answers[3]["task"] == "night"
+        assert answers[4]["graph"]["engines"]["gate"]["params"]["rules"][0]["min_count"] == 3
+        assert answers[4]["streams"] == ["gate"] and answers[4]["shared"]["det"] >= 3  # demo, crowd, night (+ the old
+        # night graph in stats reported before it left)
+    finally:
+        proc.terminate()
+        proc.wait(30)
