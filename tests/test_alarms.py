@@ -144,6 +144,7 @@ def test_a_restarted_webhook_publisher_delivers_its_spooled_backlog(tmp_path):
     ({"kind": "webhook", "url": "ftp://x"}, "sinks[0].url"),
     ({"kind": "webhook", "url": "http://x", "secret_env": "GRAPHFLOW_NO_SUCH_VARIABLE"}, "sinks[0].secret_env"),
     ({"kind": "webhook", "url": "http://x", "headers": {"X-A": 1}}, "sinks[0].headers"),
+    ({"kind": "webhook", "url": "http://x", "headers": {"X-A": "a\r\nX-B: b"}}, "sinks[0].headers"),
     ({"kind": "mqtt", "prefix": "a/+/b"}, "sinks[0].prefix"),
     ({"kind": "mqtt", "prefix": ""}, "sinks[0].prefix"),
     ({"kind": "mqtt", "port": 0}, "sinks[0].port"),

@@ -69,9 +69,10 @@ class WebhookSink(BrokerSink):
         if spec["secret"] and spec["secret_env"]:
             raise ParamError(at(field, "secret_env"), "give the key in `secret` or `secret_env`, not both")
         secret_from(at(field, "secret_env"), spec["secret"], spec["secret_env"])
-        bad = [k for k, v in spec["headers"].items() if not isinstance(v, str) or not re.fullmatch(r"[!-9;-~]+", k)]
+        bad = [k for k, v in spec["headers"].items()
+               if not re.fullmatch(r"[!-9;-~]+", k) or not isinstance(v, str) or re.search(r"[\r\n\x00]", v)]
         if bad:
-            raise ParamError(at(field, "headers"), f"must map header names to strings (got {bad[0]!r})")
+            raise ParamError(at(field, "headers"), f"must map header names to one-line strings (got {bad[0]!r})")
 
     def __init__(self, spec: dict[str, Any], owner: Engine, index: int, where: str | None = None) -> None:
         super().__init__(spec, owner, index, where)

@@ -120,10 +120,13 @@ class Output:
 
     @classmethod
     def declared_keys(cls) -> dict[str, Param]:
-        """Every key of this kind: the Params of the class and its bases, by name."""
+        """Every key of this kind by name: the class's own Params first, then those of its bases (a subclass's
+        declaration of a key wins)."""
         found: dict[str, Param] = {}
-        for klass in reversed(cls.__mro__):
-            found.update({k: v for k, v in vars(klass).items() if isinstance(v, Param)})
+        for klass in cls.__mro__:
+            for k, v in vars(klass).items():
+                if isinstance(v, Param):
+                    found.setdefault(k, v)
         return found
 
     @classmethod
