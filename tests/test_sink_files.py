@@ -117,8 +117,10 @@ def test_a_size_change_starts_a_new_file_and_keeps_the_earlier_one(tmp_path):
 
 def test_file_sinks_create_their_folders(tmp_path):
     out = tmp_path / "not" / "yet"
-    sinks = [{"kind": "jsonl", "path": str(out / "j" / "a.jsonl")}, {"kind": "mot", "path": str(out / "m" / "{stream}.txt")},
-             {"kind": "video", "path": str(out / "v" / "{stream}" / "rec.mp4")}, {"kind": "snapshot", "path": str(out / "s")}]
+    sinks = [{"kind": "jsonl", "path": str(out / "j" / "a.jsonl")},
+             {"kind": "mot", "path": str(out / "m" / "{stream}.txt")},
+             {"kind": "video", "path": str(out / "v" / "{stream}" / "rec.mp4")},
+             {"kind": "snapshot", "path": str(out / "s")}]
     engine = Publish("out", {"sinks": sinks})
     engine.check()                            # validation creates nothing
     assert not out.exists()
@@ -142,7 +144,8 @@ def test_a_previous_runs_file_is_kept_unless_overwrite(tmp_path):
     run_engine(Publish, {"sinks": [{"kind": "jsonl", "path": str(path)}]}, frames("cam", 2, start=10))
     (kept,) = tmp_path.glob("events@*Z.jsonl")
     assert lines_of([kept]) == [0, 1, 2] and lines_of([path]) == [10, 11]
-    run_engine(Publish, {"sinks": [{"kind": "jsonl", "path": str(path), "overwrite": True}]}, frames("cam", 1, start=20))
+    run_engine(Publish, {"sinks": [{"kind": "jsonl", "path": str(path), "overwrite": True}]},
+               frames("cam", 1, start=20))
     assert lines_of([path]) == [20] and list(tmp_path.glob("events@*")) == [kept]
 
 

@@ -108,7 +108,8 @@ class Output:
         super().__init_subclass__(**kwargs)
         if "kind" in vars(cls):  # a kind of its own; bases without one (BrokerSink) are not kinds
             if cls.kind in SINKS:
-                raise ValueError(f"sink kind {cls.kind!r} is defined twice ({SINKS[cls.kind].__name__}, {cls.__name__})")
+                raise ValueError(f"sink kind {cls.kind!r} is defined twice "
+                                 f"({SINKS[cls.kind].__name__}, {cls.__name__})")
             SINKS[cls.kind] = cls
 
     def __init__(self, spec: dict[str, Any], owner: Engine, index: int, where: str | None = None) -> None:

@@ -119,7 +119,8 @@ class BufferedSink(Output):
         """What is still waiting at shutdown is lost: counted and said once."""
         left = len(self.queue)
         self.lost += left
-        self.owner.log.error("%s: %d items not delivered at shutdown (%s); counted as lost", self.name, left, self.error or self.down or "stopped")
+        self.owner.log.error("%s: %d items not delivered at shutdown (%s); counted as lost", self.name, left,
+                             self.error or self.down or "stopped")
 
     def release(self) -> None:
         """Close the connection or file handles."""
@@ -152,7 +153,8 @@ class BrokerSink(BufferedSink):
             folder = Path(spec["spool"])
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                queue = Spool(folder / f"{safe_name(owner.id)}.{index}.{self.kind}.db", int(spec["spool_max_mb"] * 2**20))
+                queue = Spool(folder / f"{safe_name(owner.id)}.{index}.{self.kind}.db",
+                              int(spec["spool_max_mb"] * 2**20))
             except OSError as exc:
                 raise ParamError(at(f"sinks[{index}]" if where is None else where, "spool"),
                                  f"cannot open the spool in {str(folder)!r} ({exc})") from None
@@ -238,7 +240,8 @@ class BrokerSink(BufferedSink):
         if hung:
             self.down = f"no answer within {self._wait_limit():.1f}s"
         if len(self.queue) and isinstance(self.queue, Spool):
-            self.owner.log.warning("%s: %d items not delivered yet stay in %s for the next run", self.name, len(self.queue), self.queue.path)
+            self.owner.log.warning("%s: %d items not delivered yet stay in %s for the next run", self.name,
+                                   len(self.queue), self.queue.path)
         elif len(self.queue):
             self.left_over()
         if not hung:  # a thread still blocked on the broker keeps its connection; it is a daemon

@@ -15,14 +15,15 @@ from graphflow.engines.publish.brokers import BufferedSink
 
 class Publish(Engine):
     """Writes every message to each configured sink: JSON lines, ZeroMQ, Redis, annotated MP4, MOT results, JPEGs,
-    webhooks, MQTT. A sink that fails stops alone with one error line; what it could not write is counted in `metrics()['lost']`."""
+    webhooks, MQTT. A sink that fails stops alone with one error line; what it could not write is counted in
+    `metrics()['lost']`."""
 
     inputs = ("in",)
     outputs = ()
     path_fields = {"sinks[].path": "write", "sinks[].spool": "state"}  # relative to the graph file
     bind_fields = ("sinks[].address",)
-    sinks = Param(list, doc='list of {"kind": "jsonl"|"zmq"|"redis"|"video"|"mot"|"snapshot"|"webhook"|"mqtt", '
-                            'key: value...}; the keys of each kind are listed under its sink kinds')
+    sinks = Param(list, doc='list of {"kind": KIND, key: value...}; the kinds and their keys are listed under '
+                            'sink kinds')
     buffer = Param(int, 1000, ge=1, doc="broker sink items kept in memory while a sink fails (oldest dropped, counted)")
     retry = Param(float, 0.5, ge=0, doc="first retry delay in seconds after a sink failure, doubled per failure")
     retry_max = Param(float, 30.0, ge=0, doc="cap on the retry delay in seconds")

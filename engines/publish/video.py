@@ -102,8 +102,8 @@ class VideoSink(PerStreamSink):
 
 class SnapshotSink(BufferedSink):
     """A JPEG per event: a crop around the event's track box, the full frame, or the annotated frame, named
-    `<stream>_<rule>_t<track>_f<frame>_<event>.jpg` in the folder `path` (each part a safe name: see `stream_path`); at most `max_count` are taken. Messages
-    without an image are skipped."""
+    `<stream>_<rule>_t<track>_f<frame>_<event>.jpg` in the folder `path`, each part a safe name (see
+    `safe_name`); at most `max_count` are taken. Messages without an image are skipped."""
 
     kind = "snapshot"
     errors = (OSError,)
@@ -175,8 +175,8 @@ class SnapshotSink(BufferedSink):
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(picture if rgb else picture[..., ::-1])).save(
                 buf, format="JPEG", quality=self.quality)
-            name = (f"{safe_name(msg.stream)}_{safe_name(event.get('rule'))}_t{safe_name('all' if track is None else track)}"
-                    f"_f{msg.seq:06d}_{safe_name(event.get('event'))}.jpg")
+            parts = (msg.stream, event.get("rule"), "all" if track is None else track)
+            name = "{}_{}_t{}".format(*map(safe_name, parts)) + f"_f{msg.seq:06d}_{safe_name(event.get('event'))}.jpg"
             out.append((self.dir / name, buf.getvalue()))
             self.taken += 1
         return out
