@@ -256,3 +256,10 @@ def test_the_sink_engine_names_its_own_field(params, text):
     with pytest.raises(ParamError) as err:
         Sink("out", params).check()
     assert str(err.value).startswith("path: ") and err.value.field == "path"
+
+
+def test_a_stream_back_in_the_same_run_keeps_its_earlier_file_even_with_overwrite(tmp_path):
+    msgs = [*frames("cam", 2), StreamEnd("cam"), *frames("cam", 3, start=2)]
+    run_engine(Publish, {"sinks": [{"kind": "mot", "path": str(tmp_path / "r_{stream}.txt"), "overwrite": True}]}, msgs)
+    (earlier,) = tmp_path.glob("r_cam@*.txt")
+    assert len(earlier.read_text().splitlines()) == 2 and len((tmp_path / "r_cam.txt").read_text().splitlines()) == 3

@@ -1,9 +1,9 @@
 """What file sinks share: the files one output path gets over time, and per-stream files that fail alone.
 
 The current file is always at the sink's path (the stream's path for per-stream sinks). When it rotates (`rotate_mb`,
-`rotate_s`, a video's frame size change) or a run finds a file of a previous run there, that file is kept beside it
-as an earlier segment, `<name>@<UTC time it ended><suffix>` (`events@20261207T152600123Z.jsonl`), unless
-`overwrite` replaces a previous run's file. Retention (`keep_files`, `keep_mb`, `keep_days`) deletes the oldest
+`rotate_s`, a video's frame size change, a stream that ended and comes back) or a run finds a file of a previous run
+there, that file is kept beside it as an earlier segment, `<name>@<UTC time it ended><suffix>`
+(`events@20261207T152600123Z.jsonl`), unless `overwrite` replaces a previous run's file. Retention (`keep_files`, `keep_mb`, `keep_days`) deletes the oldest
 earlier segments each time a file starts. `@` never occurs in a stream's safe name, so one stream's segments are
 never taken for another stream's files."""
 from __future__ import annotations
@@ -32,6 +32,10 @@ class FileSink(Output):
     keep_days = Param(float, 0.0, ge=0, doc="earlier files older than this many days are deleted (0 = kept)")
     overwrite = Param(bool, False, doc="replace a previous run's file instead of keeping it as an earlier file")
 
+    def __init__(self, spec: dict[str, Any], owner: Engine, index: int, where: str | None = None) -> None:
+        super().__init__(spec, owner, index, where)
+        self.since = time.time()  # a file last written before this is a previous run's
+
     def segments(self, path: str | Path) -> Segments:
         return Segments(Path(path), self)
 
@@ -42,7 +46,6 @@ class Segments:
     def __init__(self, path: Path, sink: FileSink) -> None:
         self.path, self.sink = path, sink
         self.started = 0.0  # monotonic time the current file began
-        self.first = True  # the next begin() is this run's first: a file there is a previous run's
         stem, suffix = path.stem, path.suffix
         self.pattern = re.compile(rf"{re.escape(stem)}@\d{{8}}T\d{{9}}Z(-\d+)?{re.escape(suffix)}")
 
@@ -52,14 +55,15 @@ class Segments:
         path to create."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
-            if self.first and self.sink.overwrite:
+            modified = self.path.stat().st_mtime
+            previous = modified < self.sink.since  # not this run's (a stream that ended and came back is)
+            if previous and self.sink.overwrite:
                 self.path.unlink()
             else:
-                kept = self.path.rename(self.stamped(self.path.stat().st_mtime))
-                if self.first:
+                kept = self.path.rename(self.stamped(modified))
+                if previous:
                     self.sink.owner.log.info("%s: kept the previous run's %s as %s", self.sink.name, self.path.name,
                                              kept.name)
-        self.first = False
         self.prune()
         self.started = time.monotonic()
         return self.path
