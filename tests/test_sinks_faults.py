@@ -400,3 +400,32 @@ def test_bad_fault_keys_name_the_field(spec, field):
         Publish("pub", {"sinks": [spec]}).check()
     assert err.value.field == field and "\n" not in str(err.value)
 
+
+
+def test_a_sink_kind_is_one_class_registered_by_being_defined(tmp_path):
+    from graphflow.engines.publish import SINKS
+    from graphflow.engines.publish.base import Output
+
+    class Shout(Output):
+        """Each stream id in capitals, one per line."""
+
+        kind = "shout_test"
+        path = Param(str, doc="output file")
+
+        def write(self, msg: Message) -> None:
+            with open(self.path, "a") as file:
+                file.write(msg.stream.upper() + "\n")
+            self.written += 1
+
+    try:
+        assert SINKS["shout_test"] is Shout and list(sink_kinds()["shout_test"]) == ["path"]
+        engine = Publish("out", {"sinks": [{"kind": "shout_test", "path": str(tmp_path / "s.txt")}]})
+        run_engine(engine, messages=event_msgs(2))
+        assert (tmp_path / "s.txt").read_text() == "CAM1\nCAM1\n" and engine.metrics()["sinks"]["0:shout_test"][
+            "written"] == 2
+        with pytest.raises(ParamError, match=r"^sinks\[0\]\.loud: unknown key for a shout_test sink \(known: path\)$"):
+            Publish("out", {"sinks": [{"kind": "shout_test", "path": "x", "loud": True}]}).check()
+        with pytest.raises(ValueError, match="sink kind 'shout_test' is defined twice"):
+            type("Again", (Output,), {"kind": "shout_test"})
+    finally:
+        SINKS.pop("shout_test", None)
