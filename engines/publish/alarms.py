@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from typing import Any
 
@@ -123,7 +124,8 @@ class MqttSink(BrokerSink):
     host = Param(str, "127.0.0.1", doc="broker host name or address")
     port = Param(int, 1883, ge=1, le=65535, doc="broker TCP port")
     prefix = Param(str, "graphflow", doc="first topic levels (one per site or task, e.g. site1/graphflow)")
-    client_id = Param(str, "", doc="MQTT client id ('' = graphflow-<engine>-<sink index>); unique per broker")
+    client_id = Param(str, "", doc="MQTT client id, unique on the broker "
+                                   "('' = graphflow-<engine>-<sink index>-<random>)")
     username = Param(str, "", doc="user name ('' = none)")
     password_env = Param(str, "", doc="name of an environment variable holding the password")
     keepalive = Param(int, 30, ge=5, le=3600, doc="seconds between keep-alive pings")
@@ -146,6 +148,8 @@ class MqttSink(BrokerSink):
         self.available = f"{self.prefix}/available"
         self.client: Any = None  # a paho Client while connected; a new one per connection
         self.connack = threading.Event()
+        # random per process: two tasks or replicas with the same engine id never take each other's connection
+        self.default_id = f"graphflow-{safe_name(owner.id)[:32]}-{index}-{uuid.uuid4().hex[:8]}"
 
     @property
     def target(self) -> str:
@@ -163,9 +167,8 @@ class MqttSink(BrokerSink):
         """A new connection with its last will; `online` is published (retained) once the broker accepted it."""
         import paho.mqtt.client as mqtt  # here: a process without an mqtt sink does not import it
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id or
-                             f"graphflow-{safe_name(self.owner.id)}-{self.index}", clean_session=True,
-                             reconnect_on_failure=False)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id or self.default_id,
+                             clean_session=True, reconnect_on_failure=False)
         client.will_set(self.available, "offline", qos=1, retain=True)
         if self.username:
             client.username_pw_set(self.username, self.password)
