@@ -263,3 +263,20 @@ def test_a_stream_back_in_the_same_run_keeps_its_earlier_file_even_with_overwrit
     run_engine(Publish, {"sinks": [{"kind": "mot", "path": str(tmp_path / "r_{stream}.txt"), "overwrite": True}]}, msgs)
     (earlier,) = tmp_path.glob("r_cam@*.txt")
     assert len(earlier.read_text().splitlines()) == 2 and len((tmp_path / "r_cam.txt").read_text().splitlines()) == 3
+
+
+def test_snapshots_of_a_second_run_never_replace_the_first_runs(tmp_path):
+    image = np.full((40, 60, 3), 10, np.uint8)
+    event = {"rule": "door", "event": "enter", "track_id": 1}
+
+    def shot(value: int) -> Message:
+        return Message(stream="cam", seq=0, arrays={"image": image + value},
+                       data={"tracks": [{"box": [5, 5, 30, 30], "track_id": 1}], "events": [event]})
+
+    for value in (0, 100):                   # the same stream, rule, track, frame and event twice
+        run_engine(Publish, {"sinks": [{"kind": "snapshot", "path": str(tmp_path), "mode": "frame"}]}, [shot(value)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["cam_door_t1_f000000_enter-1.jpg", "cam_door_t1_f000000_enter.jpg"]
+    from PIL import Image
+    with Image.open(tmp_path / names[1]) as first, Image.open(tmp_path / names[0]) as second:
+        assert np.asarray(first).mean() < 30 < np.asarray(second).mean()

@@ -103,7 +103,8 @@ class VideoSink(PerStreamSink):
 class SnapshotSink(BufferedSink):
     """A JPEG per event: a crop around the event's track box, the full frame, or the annotated frame, named
     `<stream>_<rule>_t<track>_f<frame>_<event>.jpg` in the folder `path`, each part a safe name (see
-    `safe_name`); at most `max_count` are taken. Messages without an image are skipped."""
+    `safe_name`), never over an existing file (a second run's gets `-1`, `-2`…); at most `max_count` are taken.
+    Messages without an image are skipped."""
 
     kind = "snapshot"
     errors = (OSError,)
@@ -190,8 +191,27 @@ class SnapshotSink(BufferedSink):
     def send(self, pending: deque[tuple[Path, bytes]]) -> None:
         while pending:
             path, jpeg = pending[0]
-            path.write_bytes(jpeg)
+            self.save(path, jpeg)
             pending.popleft()
+
+    @staticmethod
+    def save(path: Path, jpeg: bytes) -> None:
+        """Write a new file: `path`, or `<name>-1.jpg`, `-2`… when a previous run left one of that name (never
+        over it); a write that fails leaves no partial file."""
+        for n in range(1000):
+            candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                file = open(candidate, "xb")
+            except FileExistsError:
+                continue
+            try:
+                with file:
+                    file.write(jpeg)
+            except OSError:
+                candidate.unlink(missing_ok=True)
+                raise
+            return
+        raise FileExistsError(f"{path}: 1000 files of that name exist already")
 
     def metrics(self) -> dict[str, Any]:
         return {**super().metrics(), "taken": self.taken, "skipped": self.skipped}
