@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -137,6 +138,32 @@ def test_a_restarted_webhook_publisher_delivers_its_spooled_backlog(tmp_path):
         receiver.close()
     got = once_each(receiver.took)
     assert sorted((e["stream"], e["frame"]) for e in got.values()) == [("cam1", i) for i in range(5)] + [("late", 0)]
+
+
+def test_webhook_over_https_verifies_the_receiver(tmp_path, monkeypatch):
+    """https:// with the receiver's certificate checked against the trusted ones (here a self-signed one, trusted
+    through SSL_CERT_FILE); an untrusted receiver is retried, not posted to."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    receiver = Receiver(port)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    receiver.server.socket = context.wrap_socket(receiver.server.socket, server_side=True)
+    url = f"https://127.0.0.1:{port}/hook"
+    try:
+        untrusted = Publish("out", {"sinks": [{"kind": "webhook", "url": url, "timeout": 2.0}], "retry": 0.0})
+        run_engine(untrusted, messages=event_msgs(1))
+        assert not receiver.took and "CERTIFICATE_VERIFY_FAILED" in untrusted.metrics()["sinks"]["0:webhook"]["error"]
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        run_engine(Publish, {"sinks": [{"kind": "webhook", "url": url, "timeout": 2.0}]}, event_msgs(2))
+    finally:
+        receiver.close()
+    assert [body["frame"] for body, _ in receiver.took] == [0, 1]
 
 
 @pytest.mark.parametrize("spec, field", [
