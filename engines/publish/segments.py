@@ -4,8 +4,8 @@ The current file is always at the sink's path (the stream's path for per-stream 
 `rotate_s`, a video's frame size change, a stream that ended and comes back) or a run finds a file of a previous run
 there, that file is kept beside it as an earlier segment, `<name>@<UTC time it ended><suffix>`
 (`events@20261207T152600123Z.jsonl`), unless `overwrite` replaces a previous run's file. Retention (`keep_files`,
-`keep_mb`, `keep_days`) deletes the oldest earlier segments each time a file starts. `@` never occurs in a stream's safe name, so one stream's segments are
-never taken for another stream's files."""
+`keep_mb`, `keep_days`) deletes the oldest earlier segments each time a file starts. `@` never occurs in a stream's
+safe name, so one stream's segments are never taken for another stream's files."""
 from __future__ import annotations
 
 import re
