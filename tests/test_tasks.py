@@ -172,6 +172,9 @@ def test_tasks_streams_and_rules_come_back_after_a_restart(site: Path):
         assert status == 201 and added["labels"] == {"gpu": False}
         assert server.call("POST", "/streams", live(site, "cam2", "aisles"))[0] == 201
         rules = [{"id": "left", "kind": "line_cross", "line": [[0.3, 0.0], [0.3, 1.0]]}]
+        misspelt = [{**rules[0], "classes": ["persn"]}]  # the service checks class names as `validate` does
+        status, error = server.call("PUT", "/streams/cam2/rules", misspelt)
+        assert status == 400 and "rules[0].classes" in error["error"] and "persn" in error["error"], error
         assert server.call("PUT", "/streams/cam2/rules", rules)[0] == 200
     finally:
         server.stop()

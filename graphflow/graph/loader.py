@@ -336,20 +336,24 @@ def _check_upstream(graph: Graph) -> None:
     """Call `check_upstream(params, upstream)` of each engine class that defines it, with the (class, params) of
     every engine feeding it directly or not, in graph order: cross-engine checks such as a rule's class names
     against the labels of the model upstream. Params come with their defaults filled in."""
-    g = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
-    g.add_nodes_from(graph.nodes)
-    order = list(nx.topological_sort(g))
     for node in graph.nodes.values():
         hook = getattr(node.cls, "check_upstream", None)
         if hook is None:
             continue
-        before = nx.ancestors(g, node.id)
-        upstream = [(graph.nodes[a].cls, _complete(graph.nodes[a])) for a in order if a in before]
         with _reported(graph.file, f"engines.{node.id}", f"{node.type} check_upstream()"):
-            hook(_complete(node), upstream)
+            hook(complete_params(node), upstream_of(graph, node.id))
 
 
-def _complete(node: Node) -> dict[str, Any]:
+def upstream_of(graph: Graph, engine: str) -> list[tuple[type[Engine], dict[str, Any]]]:
+    """(class, params with defaults) of every engine feeding `engine`, directly or not, in graph order: what an
+    engine's `check_upstream` is given (also by the service, checking a stream's new rules)."""
+    g = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
+    g.add_nodes_from(graph.nodes)
+    before = nx.ancestors(g, engine)
+    return [(graph.nodes[a].cls, complete_params(graph.nodes[a])) for a in nx.topological_sort(g) if a in before]
+
+
+def complete_params(node: Node) -> dict[str, Any]:
     """A copy of the node's params with every declared default filled in."""
     defaults = {name: p.default for name, p in node.cls.declared_params().items() if not p.required}
     return copy.deepcopy({**defaults, **node.params})

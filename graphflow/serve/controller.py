@@ -340,6 +340,7 @@ class Service:
             task = self.tasks.get(self.specs[stream]["task"])
         if task is None or task.roles.rule is None:
             raise GraphflowError(f"this stream's task ({self.specs[stream]['task']}) has no rule engine")
+        task.check_rules(rules)  # the class names too: a misspelt one would never fire
         task.command(task.roles.rule, "set_rules", {"stream": stream, "rules": rules})
         with self.lock:
             self.rules_of[stream] = rules

@@ -145,6 +145,18 @@ class Task:
         """The rules the task's graph file gives its rule engine (a stream without rules of its own has these)."""
         return list(self.topology.nodes[self.roles.rule].params.get("rules", [])) if self.roles.rule else []
 
+    def check_rules(self, rules: list[dict[str, Any]]) -> None:
+        """A stream's new rules, checked as the graph file's would be (keys, geometry, and class names against the
+        model upstream); a one-line error naming the field."""
+        from graphflow.graph.loader import complete_params, upstream_of
+
+        if self.roles.rule is None:
+            raise GraphflowError(f"task {self.id!r} has no rule engine")
+        node = self.topology.nodes[self.roles.rule]
+        hook = getattr(node.cls, "check_upstream", None)
+        if hook is not None:
+            hook({**complete_params(node), "rules": rules}, upstream_of(self.topology, node.id))
+
     def describe(self) -> dict[str, Any]:
         """The task's graph as the API shows it: engines with placement and stats, and connections (tap left out)."""
         stats = self.stats()
