@@ -295,12 +295,18 @@ def _live_events(controller: Controller) -> Any:
 
 
 def _task_routes(controller: Any, wrap: Any) -> list[Any]:
-    """Tasks (list, add, get, replace, remove) and a task's graph picture; none for a controller of one graph."""
+    """Tasks (list, add, get, replace, remove) and a task's graph picture; a controller of one graph (the cluster
+    front) lists none and refuses the rest."""
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     if not hasattr(controller, "tasks_list"):
-        return []
+        async def no_tasks(request: Any) -> Response:
+            if request.method == "GET" and request.url.path == "/tasks":
+                return JSONResponse([])
+            raise ApiError(400, "this service runs one graph: tasks need `graphflow serve` without --ray")
+        return [Route("/tasks", wrap(no_tasks), methods=["GET", "POST"]),
+                Route("/tasks/{id}", wrap(no_tasks), methods=["GET", "PUT", "DELETE"])]
     tasks: TaskController = controller
 
     async def task_body(request: Any) -> dict[str, Any]:
