@@ -2,7 +2,7 @@
 `iou` and `bytetrack` against the trackers people pick, all fed the same detections in the same run.
 
 Usage: python bench/tracking.py [--quick] [--seeds 10 | --seeds 100-109] [--no-sweep] [--only NAME,...]
-                                [--write-walkers DIR]
+                                [--check-hota] [--write-walkers DIR]
 
 Peers (each left out, with a note, when its package is missing): BoxMOT's ByteTrack, OC-SORT and BoT-SORT
 (without ReID and without camera-motion compensation: there are no images, and both cameras stand still);
@@ -17,6 +17,8 @@ each box is missed with p=0.10, its centre jittered by N(0, 4% of w/h) and its s
 Poisson(0.3) false positives per frame with scores U(0.1, 0.6). Every seed gives one detection file per
 sequence, written in MOTChallenge format and read back with graphflow.vision.mot (the `detfile` engine's
 parser). Metrics are per sequence, pooled over seeds (motmetrics' OVERALL; TrackEval's combined HOTA).
+HOTA is TrackEval's metric fed in memory; `--check-hota` shows it equal to TrackEval's own MOTChallenge
+pipeline (files, loader, preprocessing) on the tracker results motmetrics ships.
 Seeds 0-9 are the reported ones; graphflow's own constants are chosen on other seeds (`--seeds 100-109`).
 
 Two comparisons: every tracker with its default parameters; and a sweep of ten settings per tracker (its own
@@ -225,12 +227,15 @@ def partial(fn: Callable[..., Step], *args: Any) -> Callable[..., Step]:
 
 
 # Each sweep: the tracker's own start-threshold and its count of hits before a track is shown (or the closest
-# knobs it has), 3 x 3, plus one setting of its match threshold; the defaults are among them.
+# knobs it has), 3 x 3, plus one setting of its match threshold; graphflow's: hits x coast (frames a lost track
+# is still reported), and its thresholds one at a time. The defaults are among the ten.
 TRACKERS = [
     Tracker("graphflow-iou", "", partial(graphflow_step, IoUTracker),
-            grid(track_thresh=[0.4, 0.5, 0.6], min_hits=[1, 2, 3]) + [{"match_thresh": 0.8}]),
+            grid(min_hits=[1, 2], coast=[0, 1, 2]) + [{"track_thresh": v} for v in (0.3, 0.4, 0.6)]
+            + [{"match_thresh": 0.7}]),
     Tracker("graphflow-bytetrack", "", partial(graphflow_step, ByteTracker),
-            grid(track_thresh=[0.4, 0.5, 0.6], min_hits=[1, 2, 3]) + [{"match_thresh": 0.7}]),
+            grid(min_hits=[1, 2], coast=[0, 1, 2]) + [{"track_thresh": 0.4}, {"track_thresh": 0.6},
+                                                      {"new_track_thresh": 0.6}, {"match_thresh": 0.7}]),
     Tracker("boxmot-bytetrack", "boxmot", partial(boxmot_step, "ByteTrack"),
             grid(track_thresh=[0.35, 0.45, 0.55], match_thresh=[0.7, 0.8, 0.9]) + [{"track_buffer": 50}]),
     Tracker("boxmot-ocsort", "boxmot", partial(boxmot_step, "OcSort"),
@@ -340,6 +345,42 @@ class Scorer:
         return out
 
 
+def check_hota() -> None:
+    """HOTA as this bench computes it (`hota_data`) against TrackEval's whole MOTChallenge pipeline (files in its
+    folder layout, its loader and preprocessing), on the tracker results motmetrics ships (test.txt)."""
+    import shutil
+
+    import trackeval
+    data = Path(mm.__file__).parent / "data"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "seqmaps").mkdir()
+        (root / "seqmaps" / "MOT15-train.txt").write_text("name\n" + "\n".join(SEQUENCES) + "\n")
+        for seq in SEQUENCES:
+            gt_dir = root / "gt" / "MOT15-train" / seq / "gt"
+            gt_dir.mkdir(parents=True)
+            shutil.copy(data / seq / "gt.txt", gt_dir / "gt.txt")
+            length = read_mot(data / seq / "gt.txt").last_frame
+            (gt_dir.parent / "seqinfo.ini").write_text(f"[Sequence]\nname={seq}\nseqLength={length}\n")
+            res_dir = root / "trackers" / "MOT15-train" / "shipped" / "data"
+            res_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(data / seq / "test.txt", res_dir / f"{seq}.txt")
+        config = {**trackeval.Evaluator.get_default_eval_config(), "PRINT_RESULTS": False, "PRINT_CONFIG": False,
+                  "OUTPUT_SUMMARY": False, "OUTPUT_DETAILED": False, "PLOT_CURVES": False, "TIME_PROGRESS": False}
+        dataset = {**trackeval.datasets.MotChallenge2DBox.get_default_dataset_config(), "GT_FOLDER": str(root / "gt"),
+                   "TRACKERS_FOLDER": str(root / "trackers"), "BENCHMARK": "MOT15", "SPLIT_TO_EVAL": "train",
+                   "SEQMAP_FOLDER": str(root / "seqmaps"), "TRACKERS_TO_EVAL": ["shipped"], "PRINT_CONFIG": False}
+        results, _ = trackeval.Evaluator(config).evaluate([trackeval.datasets.MotChallenge2DBox(dataset)],
+                                                          [trackeval.metrics.HOTA()])
+    theirs = results["MotChallenge2DBox"]["shipped"]
+    hota = trackeval.metrics.HOTA()
+    for seq in SEQUENCES:
+        ours = np.mean(hota.eval_sequence(hota_data(read_mot(data / seq / "gt.txt"), read_mot(data / seq / "test.txt")))["HOTA"])
+        ref = np.mean(theirs[seq]["pedestrian"]["HOTA"]["HOTA"])
+        print(f"{seq}: HOTA {ours:.6f} here, {ref:.6f} by TrackEval's MOTChallenge pipeline"
+              + ("" if abs(ours - ref) < 1e-9 else "  MISMATCH"))
+
+
 # ---------------------------------------------------------------- speed
 
 def throughput(make: Callable[[], Step], frames: int, repeats: int) -> tuple[float, float]:
@@ -433,9 +474,14 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true", help="defaults only")
     ap.add_argument("--only", help="comma-separated tracker names (default: all that are installed)")
     ap.add_argument("--write-walkers", metavar="DIR", help="write the example scene's gt/det files to DIR and exit")
+    ap.add_argument("--check-hota", action="store_true",
+                    help="compare this bench's HOTA with TrackEval's MOTChallenge pipeline on motmetrics' test.txt and exit")
     args = ap.parse_args()
     if args.write_walkers:
         write_walkers(Path(args.write_walkers))
+        return
+    if args.check_hota:
+        check_hota()
         return
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

@@ -24,7 +24,7 @@ class Track(FrameEngine):
     algorithm = Param(str, "bytetrack", choices=("iou", "bytetrack"), doc="tracker kind")
     track_thresh = Param(float, 0.5, ge=0, le=1, doc="score from which a detection is 'high' (may start/keep tracks)")
     low_thresh = Param(float, 0.1, ge=0, le=1, doc="bytetrack: lowest score used in the second association")
-    new_track_thresh = Param(float, -1.0, le=1, doc="bytetrack: score a new track needs (-1: track_thresh + 0.1)")
+    new_track_thresh = Param(float, -1.0, le=1, doc="bytetrack: score a new track needs (-1: track_thresh)")
     match_thresh = Param(float, 0.8, ge=0, le=1, doc="largest 1-IoU cost of a match (0.8: IoU ≥ 0.2)")
     track_buffer = Param(int, 30, ge=0, doc="frames a lost track is kept")
     min_hits = Param(int, 2, ge=1, doc="matches before a track is reported (those in a stream's first frame: at once)")

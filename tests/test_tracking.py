@@ -260,6 +260,6 @@ def test_track_engine_defaults_are_the_tracker_classes_defaults():
             if name == "self" or not hasattr(engine, name):
                 continue
             value = getattr(engine, name)
-            if name == "new_track_thresh":  # the engine's -1 stands for the class's None (track_thresh + 0.1)
+            if name == "new_track_thresh":  # the engine's -1 stands for the class's None (track_thresh)
                 value = None if value < 0 else value
             assert value == p.default, (cls.__name__, name, value, p.default)
