@@ -227,15 +227,15 @@ def partial(fn: Callable[..., Step], *args: Any) -> Callable[..., Step]:
 
 
 # Each sweep: the tracker's own start-threshold and its count of hits before a track is shown (or the closest
-# knobs it has), 3 x 3, plus one setting of its match threshold; graphflow's: hits x coast (frames a lost track
-# is still reported), and its thresholds one at a time. The defaults are among the ten.
+# knobs it has), 3 x 3, plus one setting of its match threshold; graphflow's: coast (frames a lost track is
+# still reported) with hits or smoothing, and its thresholds one at a time. The defaults are among the ten.
 TRACKERS = [
     Tracker("graphflow-iou", "", partial(graphflow_step, IoUTracker),
             grid(min_hits=[1, 2], coast=[0, 1, 2]) + [{"track_thresh": v} for v in (0.3, 0.4, 0.6)]
             + [{"match_thresh": 0.7}]),
     Tracker("graphflow-bytetrack", "", partial(graphflow_step, ByteTracker),
-            grid(min_hits=[1, 2], coast=[0, 1, 2]) + [{"track_thresh": 0.4}, {"track_thresh": 0.6},
-                                                      {"new_track_thresh": 0.6}, {"match_thresh": 0.7}]),
+            grid(smooth=[False, True], coast=[0, 1, 2]) + [{"min_hits": 1}, {"min_hits": 1, "smooth": True},
+                                                           {"track_thresh": 0.4}, {"new_track_thresh": 0.6}]),
     Tracker("boxmot-bytetrack", "boxmot", partial(boxmot_step, "ByteTrack"),
             grid(track_thresh=[0.35, 0.45, 0.55], match_thresh=[0.7, 0.8, 0.9]) + [{"track_buffer": 50}]),
     Tracker("boxmot-ocsort", "boxmot", partial(boxmot_step, "OcSort"),

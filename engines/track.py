@@ -29,6 +29,8 @@ class Track(FrameEngine):
     track_buffer = Param(int, 30, ge=0, doc="frames a lost track is kept")
     min_hits = Param(int, 2, ge=1, doc="matches before a track is reported (those in a stream's first frame: at once)")
     class_aware = Param(bool, True, doc="match detections only to tracks of the same class")
+    smooth = Param(bool, False, doc="bytetrack: report a box at its Kalman-filtered centre (with the detection's "
+                                    "size) rather than the detection's own, less jitter")
     coast = Param(int, 0, ge=0, doc="frames a lost track is still reported, at its predicted box with no score "
                                     "(0: only tracks matched in the frame)")
 
@@ -39,7 +41,7 @@ class Track(FrameEngine):
         common = {"track_thresh": self.track_thresh, "match_thresh": self.match_thresh, "track_buffer": self.track_buffer,
                   "min_hits": self.min_hits, "class_aware": self.class_aware, "coast": self.coast}
         if self.algorithm == "bytetrack":
-            common.update(low_thresh=self.low_thresh,
+            common.update(low_thresh=self.low_thresh, smooth=self.smooth,
                           new_track_thresh=None if self.new_track_thresh < 0 else self.new_track_thresh)
         return make_tracker(self.algorithm, **common)
 
