@@ -99,6 +99,7 @@ class Scheduler:
         self.stats = stats or BatchStats(settings.max_batch, clock=clock)
         self.clock = clock
         self.waiting = FairQueue(settings.drop, per_stream=settings.queue)
+        self.block = settings.drop == "block"
         self.cond = threading.Condition()
         self.closed = False  # no more input: what is queued goes out without waiting
         self.aborted = False  # stop now: what is queued is abandoned
@@ -122,15 +123,17 @@ class Scheduler:
             keep: bool = False) -> bool:
         """Queue a frame of `stream`; False when it was not queued because of a stop (block policy) or abort.
         `keep`: an item that is not a frame (a message passed on, a stream's end) — never dropped, never waits."""
-        block = self.settings.drop == "block" and not keep
+        block = self.block and not keep
         with self.cond:
             if self.closed:
                 raise RuntimeError(f"scheduler closed: frame of stream {stream!r} after end of stream")
             if stream not in self.waiting.streams:
                 self.stats.revive(stream)
-            while block and self.waiting.full(stream) and not self.aborted and not (stop and stop.is_set()):
+            full = block and self.waiting.full(stream)
+            while full and not self.aborted and not (stop and stop.is_set()):
                 self.cond.wait(POLL_S)
-            if self.aborted or (block and self.waiting.full(stream)):
+                full = self.waiting.full(stream)
+            if self.aborted or full:
                 self.stats.dropped(stream)  # stopped while waiting for room
                 return False
             before = len(self.waiting)

@@ -26,6 +26,7 @@ class FairQueue:
         if policy not in DROP_POLICIES:
             raise ValueError(f"drop policy must be one of {', '.join(DROP_POLICIES)} (got {policy!r})")
         self.policy, self.per_stream, self.capacity = policy, per_stream, capacity
+        self.latest, self.drops = policy == "latest", policy != "block"
         self.streams: dict[str, deque[tuple[Any, bool, Any]]] = {}  # (stamp, kept, item), oldest first
         self.counts: dict[str, int] = {}  # items that count against the bounds (not kept ones), per queued stream
         self.size = 0  # counted items in all
@@ -58,8 +59,16 @@ class FairQueue:
             q.append((stamp, True, item))
             self.kept += 1
             return {}
+        stale = self.counts[stream] if self.latest else 0
+        if stale and not self.kept:  # every queued item is counted: the newest takes the place of the others
+            n = len(q)
+            stamp = q[0][0]
+            q.clear()
+            q.append((stamp, False, item))
+            self.counts[stream] = 1
+            self.size -= n - 1
+            return {stream: n}
         dropped: dict[str, int] = {}
-        stale = self.counts[stream] if self.policy == "latest" else 0
         if stale:  # the newest replaces the others in their place: the stream waits since its oldest came
             stamp = self._head(stream)
         q.append((stamp, False, item))
@@ -67,12 +76,12 @@ class FairQueue:
         self.size += 1
         if stale:
             dropped[stream] = self._drop(stream, stale)
-        if self.policy == "block":
+        if not self.drops:
             return dropped
         if self.per_stream is not None and self.counts[stream] > self.per_stream:
             dropped[stream] = dropped.get(stream, 0) + self._drop(stream, 1)
         while self.capacity is not None and self.size > self.capacity:
-            victim = max((s for s, n in self.counts.items() if n), key=lambda s: (self.counts[s], -self._head(s)))
+            victim = self._victim()
             dropped[victim] = dropped.get(victim, 0) + self._drop(victim, 1)
         return dropped
 
@@ -101,6 +110,16 @@ class FairQueue:
         """`stream` ended: if nothing of it is queued, it no longer counts as served in this round."""
         if stream not in self.streams:
             self.served.discard(stream)
+
+    def _victim(self) -> str:
+        """The stream that pays for room: the one with the most counted items; of those, the one waiting longest."""
+        most = max(self.counts.values())
+        tied = [s for s, n in self.counts.items() if n == most]
+        if len(tied) == 1:
+            return tied[0]
+        if not self.kept:  # every head is a counted item
+            return min(tied, key=lambda s: self.streams[s][0][0])
+        return min(tied, key=self._head)
 
     def _head(self, stream: str) -> Any:
         """Stamp of the oldest counted item of `stream`."""
