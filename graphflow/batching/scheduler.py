@@ -136,15 +136,16 @@ class Scheduler:
             if self.aborted or full:
                 self.stats.dropped(stream)  # stopped while waiting for room
                 return False
-            before = len(self.waiting)
             entry = Queued(stream, item, time.time() if origin is None else origin)
             dropped = self.waiting.append(stream, entry, self.clock(), keep)
-            for name, n in dropped.items():
-                self.stats.dropped(name, n)
-            ready = len(self.waiting)
+            if dropped:  # made room (or replaced a stale frame): what a batch could take did not grow
+                for name, n in dropped.items():
+                    self.stats.dropped(name, n)
+                return True
             # wake the taker only when its decision changes: the first frame starts a deadline, the frame that fills
             # the batch makes it due now (a wake-up per frame costs the GIL-bound threads dearly)
-            if ready > before and (ready == 1 or ready == self.cap):
+            ready = len(self.waiting)
+            if ready == 1 or ready == self.cap:
                 self.cond.notify_all()
             return True
 

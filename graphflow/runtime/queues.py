@@ -59,27 +59,16 @@ class FairQueue:
             q.append((stamp, True, item))
             self.kept += 1
             return {}
-        stale = self.counts[stream] if self.latest else 0
-        if stale and not self.kept:  # every queued item is counted: the newest takes the place of the others
-            n = len(q)
-            stamp = q[0][0]
-            q.clear()
-            q.append((stamp, False, item))
-            self.counts[stream] = 1
-            self.size -= n - 1
-            return {stream: n}
-        dropped: dict[str, int] = {}
-        if stale:  # the newest replaces the others in their place: the stream waits since its oldest came
-            stamp = self._head(stream)
+        if self.latest and self.counts[stream]:
+            return self._replace(stream, q, item)
         q.append((stamp, False, item))
         self.counts[stream] += 1
         self.size += 1
-        if stale:
-            dropped[stream] = self._drop(stream, stale)
         if not self.drops:
-            return dropped
+            return {}
+        dropped: dict[str, int] = {}
         if self.per_stream is not None and self.counts[stream] > self.per_stream:
-            dropped[stream] = dropped.get(stream, 0) + self._drop(stream, 1)
+            dropped[stream] = self._drop(stream, 1)
         while self.capacity is not None and self.size > self.capacity:
             victim = self._victim()
             dropped[victim] = dropped.get(victim, 0) + self._drop(victim, 1)
@@ -110,6 +99,22 @@ class FairQueue:
         """`stream` ended: if nothing of it is queued, it no longer counts as served in this round."""
         if stream not in self.streams:
             self.served.discard(stream)
+
+    def _replace(self, stream: str, q: deque[tuple[Any, bool, Any]], item: Any) -> dict[str, int]:
+        """`latest`: `item` takes the place of the counted items of `stream` (their oldest one's stamp: the stream
+        waits since it came), which are dropped; its kept items stay where they are."""
+        stale = self.counts[stream]
+        stamp = self._head(stream) if self.kept else q[0][0]
+        if not self.kept:  # every queued item is counted
+            q.clear()
+            q.append((stamp, False, item))
+            self.counts[stream] = 1
+            self.size -= stale - 1
+            return {stream: stale}
+        q.append((stamp, False, item))
+        self.counts[stream] += 1
+        self.size += 1
+        return {stream: self._drop(stream, stale)}
 
     def _victim(self) -> str:
         """The stream that pays for room: the one with the most counted items; of those, the one waiting longest."""
