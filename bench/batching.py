@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from graphflow import Engine, Message, Param
 from graphflow import graph
 from graphflow import runtime  # noqa: E402
-from graphflow.batching.scheduler import BatchStats  # noqa: E402
+from graphflow.batching import BatchStats  # noqa: E402
 from graphflow.media.backends import make_backend  # noqa: E402
 from graphflow.vision.detect import DetectParams, postprocess  # noqa: E402
 from graphflow.vision.letterbox import letterbox, letterbox_cupy  # noqa: E402

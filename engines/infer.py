@@ -16,15 +16,7 @@ from typing import Any
 import numpy as np
 
 from graphflow import Message, Param, ParamError, Stopped, StreamEnd
-from graphflow.batching.scheduler import (
-    DROP_POLICIES,
-    BatchPipeline,
-    BatchPolicy,
-    BatchStats,
-    Queued,
-    Scheduler,
-    WorkerFailures,
-)
+from graphflow.batching import Batched, BatchPipeline, BatchStats, Queued, Scheduler, WorkerFailures
 from graphflow.frames import FrameEngine
 from graphflow.media.backends import BACKENDS, make_backend, powers_of_two, stack_batch
 from graphflow.media.models import REGISTRY, ModelSpec, resolve_model
@@ -72,7 +64,7 @@ def frame_names(batch: list[Queued], limit: int = 8) -> str:
     return ", ".join(names) + (f", … ({len(batch)} frames)" if len(batch) > limit else "")
 
 
-class Infer(FrameEngine):
+class Infer(Batched, FrameEngine):
     """Object detector: batches tensors across streams, runs the model, decodes, NMS, maps boxes back.
 
     Consumes arrays["tensor"] (with `letterbox: true`, arrays["image"]); a message that is not a frame (no image,
@@ -89,15 +81,6 @@ class Infer(FrameEngine):
     conf = Param(float, 0.3, ge=0.0, le=1.0, doc="minimum detection score")
     iou = Param(float, 0.45, ge=0.0, le=1.0, doc="NMS IoU threshold (per class)")
     classes = Param(list, [], doc="keep only these classes (names or ids); empty keeps all")
-    max_batch = Param(int, 1, ge=1, doc="most frames run together, taken in rounds from all streams (longest-waiting "
-                                         "first)")
-    max_wait_ms = Param(float, 10.0, ge=0.0, doc="longest a frame waits for its batch to fill")
-    queue = Param(int, 8, ge=1, doc="frames held per stream before the drop policy applies")
-    drop = Param(str, "block", choices=DROP_POLICIES,
-                 doc="full stream queue: block (back-pressure upstream), drop_oldest, or latest (also skip stale "
-                     "frames: each batch takes a stream's newest frame only)")
-    target_latency_ms = Param(float, 0.0, ge=0.0, doc="adapt batch size and wait to hold per-stream p95 latency "
-                                                      "under this (0: off)")
     threads = Param(int, 0, ge=0, doc="CPU threads for each model instance (0: up to 4)")
     instances = Param(int, 1, ge=1, doc="model copies running batches at once (CPU: e.g. one per core with "
                                         "threads 1; GPU: 1)")
@@ -317,9 +300,7 @@ class DetectorStage:
         for runner in self.runners:
             runner.load(self.spec.path)
         self.runner = self.runners[0]
-        policy = BatchPolicy(max_batch=maker.max_batch, max_wait_s=maker.max_wait_ms / 1e3, queue=maker.queue,
-                             drop=maker.drop, target_latency_s=maker.target_latency_ms / 1e3)
-        self.scheduler = Scheduler(policy, BatchStats(maker.max_batch, slots=maker.instances),
+        self.scheduler = Scheduler(maker.batch_settings(), BatchStats(maker.max_batch, slots=maker.instances),
                                    on_drop=lambda entry: entry.item.owner.dropped(entry))
         self.owners: list[Infer] = []
         self.lock = threading.Lock()

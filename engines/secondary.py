@@ -4,8 +4,8 @@ its result under its own `name` beside what earlier stages added (type, colour, 
 
 Frames are queued in the batching scheduler infer uses (graphflow.batching: per-stream queues, batches
 across streams in fair rounds, a wait deadline, assemble/run/finish threads); a batch's crops, from all its frames, go
-through the model together. Messages that are not frames take the same queue, so they leave behind the frames of
-their stream that came before them.
+through the model together. Messages that are not frames take the same queue (never dropped by its drop policy),
+so they leave behind the frames of their stream that came before them.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from graphflow import Detections, Message, Param, ParamError, Stopped, StreamEnd
-from graphflow.batching.scheduler import BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler, WorkerFailures
+from graphflow.batching import Batched, BatchPipeline, BatchStats, Queued, Scheduler, WorkerFailures
 from graphflow.frames import FrameEngine
 from graphflow.media.modelinfo import image_layout, input_size, inspect_model, metadata_names
 from graphflow.media.models import open_session, read_labels
@@ -44,7 +44,7 @@ class Job:
     picks: list[int] = dataclasses.field(default_factory=list)
 
 
-class Secondary(FrameEngine):
+class Secondary(Batched, FrameEngine):
     """Second-stage model on detected objects: crops them, batches the crops across frames and streams, and adds
     `attributes` ({"label", "score"} or {"text", "score"}) to each object; tracked objects are re-inferred only
     every `interval` frames or when their box grew by `grow`, and carry their last result in between.
@@ -53,6 +53,7 @@ class Secondary(FrameEngine):
 
     inputs = ("in",)
     outputs = ("out",)
+    batch_defaults: ClassVar[dict[str, Any]] = {"max_batch": 4}  # a batch: the crops of up to 4 frames
     model = Param(str, path="read", names=tuple(PPOCR_MODELS),
                   doc="ONNX classifier ([N, classes] output) or CTC recogniser ([N, steps, classes]), or ppocr-rec / "
                       "ppocr-cls (PP-OCR, from rapidocr-onnxruntime); `graphflow model inspect` names the params")
@@ -78,9 +79,7 @@ class Secondary(FrameEngine):
                                        "result in between (0: every frame)")
     grow = Param(float, 0.0, ge=0.0, doc="also re-infer a tracked object when its box area grew by this factor "
                                          "since its last inference (0: off)")
-    max_batch = Param(int, 4, ge=1, doc="most frames whose crops run together, in rounds from all streams")
     max_crops = Param(int, 32, ge=1, doc="most crops in one model run (a batch's crops run in slices of this)")
-    max_wait_ms = Param(float, 10.0, ge=0.0, doc="longest a frame waits for its batch to fill")
     threads = Param(int, 1, ge=0, doc="onnxruntime CPU threads (0: onnxruntime's default)")
 
     def check(self) -> None:
@@ -142,8 +141,7 @@ class Secondary(FrameEngine):
         self.reuse_lock = threading.Lock()  # decisions on the engine thread, results on the finishing thread
         self.counts = {"objects": 0, "crops_inferred": 0, "crops_reused": 0, "crops_skipped": 0}
         self.failures = WorkerFailures()
-        policy = BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3)
-        self.scheduler = Scheduler(policy, BatchStats(self.max_batch))
+        self.scheduler = Scheduler(self.batch_settings(), BatchStats(self.max_batch))
         self.pipeline = BatchPipeline(self.scheduler, self._counted(self._assemble), [self._counted(self._run)],
                                       self._finish, self._failed, name=self.id)
         self.pipeline.start()
@@ -192,11 +190,11 @@ class Secondary(FrameEngine):
 
     def pass_on(self, msg: Message) -> None:
         """A message that is not a frame queues behind its stream's frames, and leaves unchanged."""
-        self.scheduler.put(msg.stream, Job(msg), None, self.stopping)
+        self.scheduler.put(msg.stream, Job(msg), None, self.stopping, keep=True)
 
     def pass_end(self, end: StreamEnd) -> None:
         """A stream's end queues behind its frames too; when it leaves, the stream's track results are forgotten."""
-        self.scheduler.put(end.stream, Job(end), None, self.stopping)
+        self.scheduler.put(end.stream, Job(end), None, self.stopping, keep=True)
 
     def _assemble(self, batch: list[Queued]) -> tuple[np.ndarray, list[int]]:
         """The crops of every frame in the batch, in order, as one [K, …] float32 array, and each frame's count."""

@@ -2,7 +2,6 @@
 built on them with the real model on real photos, up to `graphflow launch --stats`."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -19,7 +18,9 @@ from graphflow.engines.preprocess import Preprocess
 from graphflow import Message, ParamError
 from graphflow import graph
 from graphflow.testing import run_engine, start_engine
-from graphflow.batching.scheduler import BATCH_POLICY, DROP_POLICIES, BatchPipeline, BatchPolicy, BatchStats, Queued, Scheduler
+from graphflow.batching import Batched, BatchPipeline, BatchSettings, BatchStats, Queued, Scheduler
+from graphflow.batching.settings import KNOBS
+from graphflow.runtime.queues import DROP_POLICIES
 from graphflow.media import backends
 from graphflow.media.models import resolve_model
 
@@ -27,7 +28,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def scheduler(**policy) -> Scheduler:
-    return Scheduler(BatchPolicy(**policy))
+    return Scheduler(BatchSettings(**policy))
 
 
 def fill(s: Scheduler, stream: str, n: int = 1, start: int = 0) -> None:
@@ -52,28 +53,44 @@ def tensors() -> list[Message]:
     return run_engine(Preprocess, {}, frames)["out"]
 
 
-def test_batch_policy_fields_are_checked_by_their_params():
-    """BatchPolicy's fields are the Params of BATCH_POLICY: a wrong value is a ParamError naming the field, as an
-    engine param's is; the drop policies are the edges' one set."""
-    assert list(BATCH_POLICY) == [f.name for f in dataclasses.fields(BatchPolicy)]
-    assert BATCH_POLICY["drop"].choices is DROP_POLICIES and graph.EDGE["policy"].choices is DROP_POLICIES
-    assert BatchPolicy() == BatchPolicy(1, 0.0, 8, "block", 0.0) and BatchPolicy(max_wait_s=1).max_wait_s == 1.0
+def test_batch_settings_are_the_one_declaration_of_the_knobs_and_checked_by_it():
+    """The knobs are declared once (Batched): BatchSettings, infer and secondary all take those Params, a wrong value
+    is a ParamError naming the knob, as an engine param's is; the drop policies are the edges' one set; an engine's
+    own default (secondary's max_batch 4) is an override of the one declaration, listed as such."""
+    from graphflow.engines.secondary import Secondary
+
+    assert list(KNOBS) == ["max_batch", "max_wait_ms", "queue", "drop", "target_latency_ms"]
+    for engine in (Infer, Secondary):
+        declared = engine.declared_params()
+        assert all(declared[name] is p for name, p in KNOBS.items() if name not in engine.batch_defaults)
+    assert Infer.declared_params()["max_batch"].default == 1 and Secondary.declared_params()["max_batch"].default == 4
+    assert Secondary.declared_params()["max_batch"].doc == KNOBS["max_batch"].doc
+    assert Secondary("sec", {"model": "crops.onnx"}).batch_settings() == BatchSettings(max_batch=4) != Infer().batch_settings()
+    assert Infer("det", {"max_wait_ms": 25, "drop": "latest"}).batch_settings() == BatchSettings(max_wait_ms=25.0, drop="latest")
+    assert KNOBS["drop"].choices is DROP_POLICIES and graph.EDGE["policy"].choices is DROP_POLICIES
+    assert BatchSettings() == BatchSettings(max_batch=1, max_wait_ms=10.0, queue=8, drop="block", target_latency_ms=0.0)
+    assert BatchSettings(max_wait_ms=1).max_wait_ms == 1.0
     for field, value, message in (("max_batch", 0, "must be ≥ 1 (got 0)"), ("queue", 2.5, "must be an integer"),
                                   ("drop", "newest", "must be one of block, latest, drop_oldest (got 'newest')"),
-                                  ("target_latency_s", -0.1, "must be ≥ 0.0 (got -0.1)")):
+                                  ("target_latency_ms", -0.1, "must be ≥ 0.0 (got -0.1)"),
+                                  ("max_wait_s", 1, "unknown batching knob")):
         with pytest.raises(ParamError) as err:
-            BatchPolicy(**{field: value})
+            BatchSettings(**{field: value})
         assert err.value.field == field and message in err.value.message and "\n" not in str(err.value)
+    with pytest.raises(ParamError, match="max_batch: must be ≥ 1"):
+        Secondary("sec", {"model": "crops.onnx", "max_batch": 0})
+    with pytest.raises(TypeError, match="'max_crops' is not a batching knob"):
+        type("Odd", (Batched,), {"batch_defaults": {"max_crops": 2}})
 
 
 def test_round_robin_fast_stream_cannot_starve_slow_one():
-    s = scheduler(max_batch=4, max_wait_s=1.0, queue=100, drop="drop_oldest")
+    s = scheduler(max_batch=4, max_wait_ms=1000, queue=100, drop="drop_oldest")
     fill(s, "fast", 40)
     fill(s, "slow", 1)
     first = taken(s.take())
     assert ("slow", 0) in first and first.count(("slow", 0)) == 1
     assert [seq for stream, seq in first if stream == "fast"] == [0, 1, 2]  # per-stream FIFO
-    s = scheduler(max_batch=2, max_wait_s=1.0, queue=100)
+    s = scheduler(max_batch=2, max_wait_ms=1000, queue=100)
     for name in "abc":
         fill(s, name, 6)
     served = [stream for _ in range(3) for stream, _ in taken(s.take())]
@@ -84,7 +101,7 @@ def test_within_a_round_the_longest_waiting_frame_goes_first():
     """A stream that joins, or whose frame comes later, does not overtake frames already waiting: one frame at a
     time, frames go in the order they came, whatever the order the streams were first seen in; fairness holds."""
     now = [0.0]
-    s = Scheduler(BatchPolicy(max_batch=1, max_wait_s=0.0, queue=100), clock=lambda: now[0])
+    s = Scheduler(BatchSettings(max_batch=1, max_wait_ms=0, queue=100), clock=lambda: now[0])
     for t, stream in enumerate("abcd"):  # four streams seen, in this order, and served: nothing waits
         now[0] = t
         fill(s, stream)
@@ -98,7 +115,7 @@ def test_within_a_round_the_longest_waiting_frame_goes_first():
     fill(s, "c", 1, start=2)  # c had its turn in this round: after the others
     assert [taken(s.take())[0] for _ in range(4)] == [("a", 1), ("b", 1), ("new", 0), ("c", 2)]
     # a backlog still goes one frame per stream per round, oldest heads first
-    s = Scheduler(BatchPolicy(max_batch=3, max_wait_s=0.0, queue=100), clock=lambda: now[0])
+    s = Scheduler(BatchSettings(max_batch=3, max_wait_ms=0, queue=100), clock=lambda: now[0])
     for t, stream in enumerate(["x", "y", "z"]):
         now[0] = 20 + t
         fill(s, stream, 5)
@@ -109,20 +126,20 @@ def test_within_a_round_the_longest_waiting_frame_goes_first():
 
 
 def test_latest_and_drop_oldest_count_drops_per_stream():
-    s = scheduler(max_batch=8, max_wait_s=0.0, queue=3, drop="latest")
+    s = scheduler(max_batch=8, max_wait_ms=0, queue=3, drop="latest")
     fill(s, "a", 10)  # queue bound 3: 7 dropped on arrival
     fill(s, "b", 2)
     assert sorted(taken(s.take())) == [("a", 9), ("b", 1)]  # only the newest of each: a 7, 8 and b 0 are stale
     m = s.metrics()
     assert m["streams"]["a"]["dropped"] == 9 and m["streams"]["b"]["dropped"] == 1 and m["dropped"] == 10
-    s = scheduler(max_batch=8, max_wait_s=0.0, queue=3, drop="drop_oldest")
+    s = scheduler(max_batch=8, max_wait_ms=0, queue=3, drop="drop_oldest")
     fill(s, "a", 10)
     assert taken(s.take()) == [("a", 7), ("a", 8), ("a", 9)]
     assert s.metrics()["streams"]["a"]["dropped"] == 7
 
 
 def test_block_policy_waits_for_room_and_gives_up_on_stop():
-    s = scheduler(max_batch=2, max_wait_s=0.0, queue=2, drop="block")
+    s = scheduler(max_batch=2, max_wait_ms=0, queue=2, drop="block")
     fill(s, "a", 2)
     done = threading.Event()
     t = threading.Thread(target=lambda: (s.put("a", 2), done.set()))
@@ -167,7 +184,7 @@ def taken_at(s: Scheduler, clock: FakeClock, early: float, due: float) -> list[t
 
 def test_max_wait_bounds_how_long_a_lone_frame_waits():
     clock = FakeClock()
-    s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.05), clock=clock)
+    s = Scheduler(BatchSettings(max_batch=8, max_wait_ms=50), clock=clock)
     fill(s, "a", 1)  # arrives at 0 s
     assert taken_at(s, clock, 1000.04, 1000.05) == [("a", 0)]
 
@@ -176,7 +193,7 @@ def test_a_partial_batch_leaves_early_by_its_assembly_time():
     """max_wait counts until the batch is ready to run: with assembly measured at 80 ms a lone frame's batch is
     formed 80 ms before the 200 ms wait is over (never more than half the wait early)."""
     clock = FakeClock()
-    s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.2), clock=clock)
+    s = Scheduler(BatchSettings(max_batch=8, max_wait_ms=200), clock=clock)
     s.lead_s = 0.08
     fill(s, "a", 1)
     assert taken_at(s, clock, 1000.11, 1000.12) == [("a", 0)]
@@ -184,6 +201,34 @@ def test_a_partial_batch_leaves_early_by_its_assembly_time():
     clock.now = 1001.0
     fill(s, "a", 1, start=1)
     assert taken_at(s, clock, 1001.09, 1001.1) == [("a", 1)]
+
+
+def test_latest_replaces_a_waiting_frame_without_restarting_its_wait():
+    """Under `latest` a stream's newest frame replaces the one waiting (counted as a drop) and goes when the first
+    one's wait is over: a camera sending faster than max_wait cannot hold its batch back for ever."""
+    clock = FakeClock()
+    s = Scheduler(BatchSettings(max_batch=8, max_wait_ms=50, drop="latest"), clock=clock)
+    fill(s, "a", 1)  # at 0 ms
+    clock.now = 1000.03
+    fill(s, "a", 1, start=1)  # at 30 ms: replaces frame 0
+    assert taken_at(s, clock, 1000.049, 1000.05) == [("a", 1)]
+    assert s.metrics()["streams"]["a"]["dropped"] == 1
+
+
+def test_kept_items_are_never_dropped_nor_wait_for_room():
+    """Messages that are not frames (secondary's passed-on messages and stream ends) go in with `keep`: a full
+    drop_oldest queue drops frames around them, never them, and under `block` they do not wait for room."""
+    s = scheduler(max_batch=8, max_wait_ms=0, queue=1, drop="drop_oldest")
+    fill(s, "a", 2)
+    assert s.put("a", "end", keep=True)
+    fill(s, "a", 2, start=2)
+    assert taken(s.take()) == [("a", "end"), ("a", 3)] and s.metrics()["streams"]["a"]["dropped"] == 3
+    s = scheduler(max_batch=8, max_wait_ms=0, queue=1, drop="block")
+    fill(s, "a", 1)
+    stop = threading.Event()
+    stop.set()
+    assert s.put("a", "end", stop=stop, keep=True) and not s.put("a", 1, stop=stop)
+    assert taken(s.take()) == [("a", 0), ("a", "end")]
 
 
 def test_busy_timeline_fill_and_flatness():
@@ -239,7 +284,7 @@ def test_pipeline_credits_device_spans_instead_of_host_time():
             spans.append((t0 + 0.01, t0 + 0.014) if report else None)
             return batch
 
-        s = Scheduler(BatchPolicy(max_batch=1, max_wait_s=0.0, queue=100), clock=clock)
+        s = Scheduler(BatchSettings(max_batch=1, max_wait_ms=0, queue=100), clock=clock)
         pipe = BatchPipeline(s, lambda batch: [q.item for q in batch], [run], lambda q, out: None,
                              lambda b, e: None, spans=[lambda: spans[-1]])
         pipe.start()
@@ -280,7 +325,7 @@ def test_infer_message_copies_keep_every_field():
 
 
 def test_pipeline_keeps_order_when_instances_finish_out_of_order():
-    s = scheduler(max_batch=2, max_wait_s=0.0, queue=100)
+    s = scheduler(max_batch=2, max_wait_ms=0, queue=100)
     done, errors = [], []
 
     def run(delay: float):
@@ -308,7 +353,7 @@ def test_adaptive_latency_target_cuts_wait_and_batch():
     frames' p95 latency down to about it."""
     def run(target_s: float) -> tuple[list[float], Scheduler]:
         clock = FakeClock()
-        s = Scheduler(BatchPolicy(max_batch=8, max_wait_s=0.1, queue=16, target_latency_s=target_s), clock=clock)
+        s = Scheduler(BatchSettings(max_batch=8, max_wait_ms=100, queue=16, target_latency_ms=target_s * 1e3), clock=clock)
         latencies: list[float] = []
         running: list[Queued] = []
         free_at = 0.0

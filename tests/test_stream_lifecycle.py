@@ -10,7 +10,8 @@ from graphflow.engines.rule import Rule
 from graphflow.engines.track import Track
 from graphflow import Message, ParamError, StreamEnd
 from graphflow.testing import run_engine, start_engine
-from graphflow.batching.scheduler import RETIRED_KEEP, BatchPolicy, Scheduler
+from graphflow.batching import BatchSettings, Scheduler
+from graphflow.batching.stats import RETIRED_KEEP
 
 W, H = 640, 360
 LINE = [[0.5, 0.0], [0.5, 1.0]]
@@ -81,7 +82,7 @@ def test_a_video_file_is_finished_when_its_stream_ends(tmp_path):
 
 
 def test_the_scheduler_forgets_ended_streams_and_keeps_a_bounded_record_of_them():
-    scheduler = Scheduler(BatchPolicy(max_batch=4, max_wait_s=0.0, queue=4, drop="drop_oldest"))
+    scheduler = Scheduler(BatchSettings(max_batch=4, max_wait_ms=0.0, queue=4, drop="drop_oldest"))
     for i in range(RETIRED_KEEP + 10):
         scheduler.put(f"s{i}", i)
         batch = scheduler.take()

@@ -8,8 +8,8 @@ from typing import Any
 import networkx as nx
 
 import graphflow.graph.fields as fields
-from graphflow.batching.scheduler import DROP_POLICIES
 from graphflow.engine import Engine, Param
+from graphflow.runtime.queues import DROP_POLICIES
 
 PLACEMENTS = ("thread", "process")
 

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -14,6 +14,7 @@ import numpy as np
 import zmq
 
 from graphflow.message import EOS, EndOfStream, Message, StreamEnd, pack, unpack
+from graphflow.runtime.queues import FairQueue
 from graphflow.runtime.shm import ShmContext, ShmError
 
 log = logging.getLogger(__name__)
@@ -30,90 +31,35 @@ class Closed(Stopped):
 
 
 class StreamQueue:
-    """One drop-policy connection's queue: a FIFO per stream, served round-robin, so a stream that sends more
-    cannot crowd the others out; end-of-stream comes out after every message.
+    """One drop-policy connection's queue: its messages in a FairQueue (a FIFO per stream, served in rounds, so a
+    stream that sends more cannot crowd the others out), `capacity` in all; end-of-stream comes out after every
+    message.
 
-    Full (`capacity` messages in all), it drops the oldest message of the stream that has the most queued
-    (ties: the one whose oldest message is oldest). `latest` also keeps only each stream's newest message.
-    A stream's end marker (StreamEnd) is never dropped and keeps its place after that stream's messages."""
+    Full, it drops the oldest message of the stream that has the most queued (ties: the one waiting longest).
+    `latest` also keeps only each stream's newest message. A stream's end marker (StreamEnd) is never dropped and
+    keeps its place after that stream's messages."""
 
     def __init__(self, policy: str, capacity: int) -> None:
-        self.policy, self.capacity = policy, capacity
-        self.streams: OrderedDict[str, deque[tuple[int, Message | StreamEnd]]] = OrderedDict()  # served in turn
-        self.counts: dict[str, int] = {}  # messages (not end markers) queued per stream
-        self.size = 0
-        self.ends = 0
+        self.fair = FairQueue(policy, capacity=capacity)
         self.eos = False
-        self._arrived = 0  # arrival number of the next message: ages for the tie-break
+        self._arrived = 0  # arrival number of the next message: its stamp in the fair queue
 
     def __len__(self) -> int:
-        return self.size + self.ends + self.eos
+        return len(self.fair) + self.eos
 
     def append(self, item: Message | StreamEnd | EndOfStream) -> dict[str, int]:
         """Queue `item`; returns the messages dropped to make room, per stream."""
         if item is EOS:
             self.eos = True
             return {}
-        dropped: dict[str, int] = {}
-        q = self.streams.get(item.stream)
-        if q is None:
-            q = self.streams[item.stream] = deque()
         self._arrived += 1
-        if isinstance(item, StreamEnd):
-            q.append((self._arrived, item))
-            self.ends += 1
-            return dropped
-        if self.policy == "latest" and self.counts.get(item.stream):
-            dropped[item.stream] = self._drop(item.stream, self.counts[item.stream])
-            q = self.streams.setdefault(item.stream, deque())
-        q.append((self._arrived, item))
-        self.counts[item.stream] = self.counts.get(item.stream, 0) + 1
-        self.size += 1
-        while self.size > self.capacity:
-            victim = max((s for s, n in self.counts.items() if n),
-                         key=lambda s: (self.counts[s], -self._oldest(s)))
-            dropped[victim] = dropped.get(victim, 0) + self._drop(victim, 1)
-        return dropped
-
-    def _oldest(self, stream: str) -> int:
-        return next(n for n, item in self.streams[stream] if not isinstance(item, StreamEnd))
-
-    def _drop(self, stream: str, n: int) -> int:
-        """Drop the `n` oldest messages of `stream` (its end markers stay); returns n."""
-        q = self.streams[stream]
-        kept: deque[tuple[int, Message | StreamEnd]] = deque()
-        left = n
-        while q:
-            entry = q.popleft()
-            if left and not isinstance(entry[1], StreamEnd):
-                left -= 1
-                continue
-            kept.append(entry)
-        self.streams[stream] = kept
-        self.counts[stream] -= n
-        self.size -= n
-        if not kept:
-            del self.streams[stream]
-        return n
+        return self.fair.append(item.stream, item, self._arrived, keep=isinstance(item, StreamEnd))
 
     def popleft(self) -> Message | StreamEnd | EndOfStream:
-        if not self.streams:
+        if not self.fair:
             self.eos = False
             return EOS
-        stream, q = next(iter(self.streams.items()))
-        item = q.popleft()[1]
-        if q:
-            self.streams.move_to_end(stream)
-        else:
-            del self.streams[stream]
-        if isinstance(item, StreamEnd):
-            self.ends -= 1
-        else:
-            self.size -= 1
-            self.counts[stream] -= 1
-            if not self.counts[stream]:
-                del self.counts[stream]
-        return item
+        return self.fair.popleft()
 
 
 class Inbox:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from graphflow.batching.scheduler import StreamRecord
 from graphflow.errors import GraphflowError
+from graphflow.latency import StreamRecord
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -61,7 +61,7 @@ def each_stream(ids: list[str], one: Callable[[str], dict[str, Any]]) -> list[di
 
 class StreamMeter:
     """Frames, fps (over the last 5 s), events and capture→tap latency of one stream, as the tap sees them: the
-    latency percentiles from the batching stage's StreamRecord, plus cumulative buckets for Prometheus."""
+    latency percentiles from a StreamRecord (graphflow.latency, as a batching stage keeps per stream), plus cumulative buckets for Prometheus."""
 
     def __init__(self) -> None:
         self.frames = 0
