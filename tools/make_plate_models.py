@@ -48,6 +48,9 @@ def nearest_colour_model(path: Path) -> Path:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for name, labels in (("plate_colour", list(COLOURS)), ("plate_class", [CLASSES[c] for c in COLOURS])):
         nearest_colour_model(OUT / f"{name}.onnx")
