@@ -796,6 +796,7 @@ class Publish(Engine):
     outputs = ()
     path_fields = {"sinks[].path": "write", "sinks[].spool": "state"}  # relative to the graph file
     bind_fields = ("sinks[].address",)
+    connect_fields = ("sinks[].url",)  # the brokers sinks send to
     sinks = Param(list, doc='list of {"kind": "jsonl"|"zmq"|"redis"|"video"|"mot"|"snapshot", key: value...}; '
                             'the keys of each kind are listed under its sink kinds')
     buffer = Param(int, 1000, ge=1, doc="redis/zmq items kept in memory while a sink fails (oldest dropped, counted)")
