@@ -18,7 +18,9 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--state", default="graphflow.db", help="SQLite file for streams, rules and events")
     p.add_argument("--token", default=os.environ.get("GRAPHFLOW_TOKEN"),
-                   help="required on POST/PUT/DELETE (Authorization: Bearer TOKEN); default $GRAPHFLOW_TOKEN")
+                   help="required on every request but /healthz and /readyz (Authorization: Bearer TOKEN, or "
+                        "?token= on GET); default $GRAPHFLOW_TOKEN")
+    p.add_argument("--metrics-open", action="store_true", help="leave /metrics readable without the token")
     p.add_argument("--media", action="append", default=[], metavar="DIR",
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE", help="override a param")
@@ -41,7 +43,7 @@ def _cmd_serve(args: Any) -> int:
     from graphflow import graph as graph_mod
 
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set), args.ray)
+                 graph_mod.parse_set(args.set), args.ray, args.metrics_open)
 
 
 def _cmd_streams(args: Any) -> int:

@@ -12,8 +12,8 @@ from graphflow.graph.model import Graph
 from graphflow.message import Message
 from graphflow.serve.live import LiveFeed
 from graphflow.serve.previews import Previews, graph_png
-from graphflow.serve.store import Store
-from graphflow.serve.streams import StreamMeter, check_stream_uri, each_stream, stream_id
+from graphflow.serve.store import StateError, Store
+from graphflow.serve.streams import StreamMeter, check_stream_uri, clashing, each_stream, redact, stream_id
 from graphflow.serve.tap import TAP
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class Service:
         self.feed = LiveFeed()
         self.lock = threading.Lock()
         self.pending: list[tuple[float, str, str, dict[str, Any]]] = []
+        self.unsaved_events = 0  # events the state file refused (full disk): delivered live, not kept
         self.previews = Previews(max_fps=preview_fps, max_width=preview_width)
         self.launcher = runtime.Launcher(graph, services={TAP: self})
         self.thread = threading.Thread(target=self._run, name="graph", daemon=True)
@@ -46,9 +47,11 @@ class Service:
         self.launcher.started.wait(60)
         for row in self.store.streams():
             try:
+                self._admit(row["spec"])
                 self._open(row["spec"], row["rules"])
-            except (GraphflowError, ValueError) as exc:
-                log.error("stream %r from the state file not restored: %s", row["spec"].get("id"), exc)
+            except (GraphflowError, ValueError, FileExistsError) as exc:
+                log.error("stream %r from the state file not restored: %s", redact(str(row["spec"].get("id"))[:80]),
+                          redact(str(exc)))
 
     def _run(self) -> None:
         try:
@@ -67,17 +70,26 @@ class Service:
 
     # controller --------------------------------------------------------------------------------------------
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
-        stream = stream_id(spec)
-        with self.lock:
-            if stream in self.specs:
-                raise FileExistsError(f"stream {stream!r} exists (DELETE it first)")
-        self._check_uri(spec)
-        self._open(spec, None)
+        """Checked, saved, then opened; a stream that does not open is taken out of the state file again."""
+        stream = self._admit(spec)
         self.store.put_stream(spec)
+        try:
+            self._open(spec, None)
+        except BaseException:
+            self.store.delete_stream(stream)
+            raise
         return self.stream(stream)
 
-    def _check_uri(self, spec: dict[str, Any]) -> None:
+    def _admit(self, spec: dict[str, Any]) -> str:
+        """The checks a new stream passes, from the API or the state file: its id, and its uri (made absolute)."""
+        stream = stream_id(spec)
+        with self.lock:
+            other = clashing(stream, self.specs)
+        if other is not None:
+            raise FileExistsError(f"stream {stream!r} exists (DELETE it first)" if other == stream else
+                                  f"stream {stream!r} would share file names with stream {other!r}")
         check_stream_uri(spec, self.media_roots)
+        return stream
 
     def _open(self, spec: dict[str, Any], rules: list[dict[str, Any]] | None) -> None:
         stream = spec["id"]
@@ -90,12 +102,14 @@ class Service:
             self.rules_of[stream] = rules
 
     def remove_stream(self, stream: str) -> None:
+        """Deleted from the state file, then stopped; when the file refuses the change the stream goes on."""
         with self.lock:
             if stream not in self.specs:
                 raise KeyError(stream)
-            del self.specs[stream]
-            self.rules_of.pop(stream, None)
         self.store.delete_stream(stream)
+        with self.lock:
+            self.specs.pop(stream, None)
+            self.rules_of.pop(stream, None)
         self.launcher.command(self.source, "remove_source", {"stream": stream})
 
     def stream_ended(self, stream: str) -> None:
@@ -119,10 +133,10 @@ class Service:
                 raise KeyError(stream)
             spec, meter = self.specs[stream], self.meters.get(stream) or StreamMeter()
         src = self._state(stream)
-        return {"id": stream, "uri": spec["uri"], "state": src.get("state", "connecting"),
+        return {"id": stream, "uri": redact(spec["uri"]), "state": src.get("state", "connecting"),
                 "frames": meter.frames, "fps": round(meter.fps(time.monotonic()), 2),
                 "drops": self._drops(stream),
-                "events": meter.events, "latency_ms": meter.percentiles(), "error": src.get("error", "")}
+                "events": meter.events, "latency_ms": meter.percentiles(), "error": redact(src.get("error", ""))}
 
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -139,15 +153,24 @@ class Service:
         return list(self.topology.nodes[self.rule].params.get("rules", [])) if self.rule else []
 
     def set_rules(self, stream: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Checked, saved, then applied; rules the engine refuses after all are taken out of the state file again."""
+        from graphflow.vision.rules import RuleSet
+
         if self.rule is None:
             raise GraphflowError("this graph has no rule engine")
         with self.lock:
             if stream not in self.specs:
                 raise KeyError(stream)
-        self.launcher.command(self.rule, "set_rules", {"stream": stream, "rules": rules})
+            before = self.rules_of.get(stream)
+        RuleSet(rules)
+        self.store.set_rules(stream, rules)
+        try:
+            self.launcher.command(self.rule, "set_rules", {"stream": stream, "rules": rules})
+        except BaseException:
+            self.store.set_rules(stream, before)
+            raise
         with self.lock:
             self.rules_of[stream] = rules
-        self.store.set_rules(stream, rules)
         return rules
 
     def graph(self) -> dict[str, Any]:
@@ -202,6 +225,12 @@ class Service:
                 self.flush_events()
 
     def flush_events(self) -> None:
+        """Save the pending events; when the state file refuses them they are counted in `unsaved_events` (they
+        were delivered live already)."""
         with self.lock:
             rows, self.pending = self.pending, []
-        self.store.add_events(rows)
+        try:
+            self.store.add_events(rows)
+        except StateError as exc:
+            self.unsaved_events += len(rows)
+            log.error("%s", exc)

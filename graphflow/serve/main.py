@@ -1,6 +1,7 @@
 """`graphflow serve`'s process: prepares the graph, starts the runtime, the controller and the HTTP server."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 from graphflow.errors import GraphflowError
 from graphflow.serve.controller import Service
 from graphflow.serve.store import Store
-from graphflow.serve.streams import is_loopback
+from graphflow.serve.streams import RedactCredentials, is_loopback
 from graphflow.serve.tap import TAP
 
 
@@ -46,11 +47,20 @@ def few_malloc_arenas() -> None:
         limit_arenas(int(count))
 
 
+def redact_logs() -> None:
+    """Hide URL credentials (`rtsp://user:password@…`) in every log line of this process."""
+    root = logging.getLogger()
+    for handler in root.handlers or [logging.lastResort]:
+        if handler is not None and not any(isinstance(f, RedactCredentials) for f in handler.filters):
+            handler.addFilter(RedactCredentials())
+
+
 def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None) -> int:
+          ray: str | None = None, metrics_open: bool = False) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code. With `ray` (`auto` or a cluster address) the
-    graph runs as one replica per node of that Ray cluster (graphflow.cluster), behind the same API."""
+    graph runs as one replica per node of that Ray cluster (graphflow.cluster), behind the same API.
+    `metrics_open` leaves `/metrics` readable without the token."""
     import json as json_mod
 
     try:
@@ -58,7 +68,10 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     except ImportError:
         raise GraphflowError("graphflow serve needs the service extra: pip install 'graphflow[serve]'") from None
     from graphflow import graph as graph_mod
-    from graphflow.serve.api import create_app
+    from graphflow.serve import http
+    from graphflow.serve.api import LOOPBACK_NAMES, create_app
+
+    redact_logs()
 
     if not is_loopback(host) and not token:
         raise GraphflowError(f"serve: listening on {host} needs a token (--token or GRAPHFLOW_TOKEN)")
@@ -73,18 +86,21 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     g = graph_mod.build(doc, str(path), overrides or {})
     roots = [Path(m) for m in (media or [str(path.resolve().parent)])]
     few_malloc_arenas()
-    store = Store(state)
+    store = Store(state)  # locked and read through before anything starts: a bad file stops here
     if ray:
         from graphflow.cluster.front import ClusterController
 
         service: Any = ClusterController(g, doc, str(path), overrides or {}, store, source, rule, roots, ray)
     else:
         service = Service(g, store, source, rule, roots)
-    service.start()
-    # open MJPEG and event streams must not hold a stop for long
-    config = uvicorn.Config(create_app(service, token), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    try:
+        service.start()
+    except BaseException:
+        store.close()
+        raise
+    hosts = LOOPBACK_NAMES | {host.lower()} if is_loopback(host) else None  # beyond loopback the token guards
+    app = create_app(service, token, hosts=hosts, metrics_open=metrics_open)
+    server = uvicorn.Server(http.config(app, host, port))
     print(f"graphflow serve: http://{host}:{port}/ (state {state}, media roots: "
           f"{', '.join(str(r) for r in service.media_roots)})", flush=True)
     def stop_serving(signum: int, _frame: Any) -> None:
