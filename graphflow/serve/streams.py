@@ -13,6 +13,7 @@ from typing import Any
 
 from graphflow.batching.scheduler import StreamRecord
 from graphflow.errors import GraphflowError
+from graphflow.media.urls import redact
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0)
 ID_MAX = 64
@@ -20,7 +21,6 @@ ID_MAX = 64
 # not starting with '.', so it is never a path step ('..'), markup or a header-breaking character.
 ID_RULE = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
 ID_FORM = f"1 to {ID_MAX} of A-Z a-z 0-9 _ - . (not starting with '.')"
-CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#]*@")  # the user[:password]@ of a URL
 
 
 def is_loopback(host: str) -> bool:
@@ -68,11 +68,6 @@ def clashing(stream: str, ids: Iterable[str]) -> str | None:
     """The id among `ids` that `stream` is, or would share file names with on a case-blind file system; else None."""
     folded = stream.casefold()
     return next((other for other in ids if other.casefold() == folded), None)
-
-
-def redact(text: str) -> str:
-    """`text` with the credentials of every URL in it hidden: `rtsp://user:pw@cam/1` → `rtsp://***@cam/1`."""
-    return CREDENTIALS.sub(r"\1***@", text)
 
 
 class RedactCredentials(logging.Filter):
