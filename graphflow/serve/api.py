@@ -63,7 +63,11 @@ def _one_line(text: str) -> str:
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
-    "info": {"title": "graphflow service", "version": "1"},
+    "info": {"title": "graphflow service", "version": "1", "description": (
+        "With a service token every request needs it (Authorization: Bearer TOKEN, or ?token= on a GET) but "
+        "/healthz, /readyz, /openapi.json and the dashboard's files. Bodies are application/json (else 415); "
+        "a foreign Origin or Host is 403; a change the state file cannot save is 507, and nothing is applied.")},
+    "security": [{"token": []}],
     "components": {
         "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
         "schemas": {
@@ -87,20 +91,24 @@ OPENAPI: dict[str, Any] = {
             "post": {"summary": "add a stream", "security": [{"token": []}], "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/StreamSpec"}}}},
                 "responses": {"201": {"description": "added"}, "400": {"description": "invalid"},
-                              "401": {"description": "no or wrong token"}, "409": {"description": "id exists"}}}},
+                              "401": {"description": "no or wrong token"}, "409": {"description": "id exists"},
+                              "415": {"description": "not application/json"},
+                              "507": {"description": "not saved, not added"}}}},
         "/streams/{id}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "one stream", "responses": {"200": {"description": "the stream"},
                                                            "404": {"description": "unknown"}}},
             "delete": {"summary": "remove a stream", "security": [{"token": []}],
-                       "responses": {"204": {"description": "removed"}, "404": {"description": "unknown"}}}},
+                       "responses": {"204": {"description": "removed"}, "404": {"description": "unknown"},
+                                     "507": {"description": "not saved, still running"}}}},
         "/streams/{id}/rules": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "the stream's analytics rules", "responses": {"200": {"description": "rules"}}},
             "put": {"summary": "replace the stream's rules (applied live)", "security": [{"token": []}],
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Rules"}}}},
-                    "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"}}}},
+                    "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"},
+                                  "507": {"description": "not saved, not applied"}}}},
         "/events": {"get": {"summary": "recent events, newest first", "parameters": [
             {"name": n, "in": "query", "schema": {"type": t}} for n, t in
             (("stream", "string"), ("kind", "string"), ("since", "number"), ("limit", "integer"))],
@@ -109,8 +117,9 @@ OPENAPI: dict[str, Any] = {
                                  "responses": {"200": {"description": "text/event-stream"}}}},
         "/graph": {"get": {"summary": "engines, placement and per-engine stats", "responses": {"200": {"description": "graph"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
-        "/healthz": {"get": {"summary": "the service runs", "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {"get": {"summary": "every engine is set up", "responses": {"200": {"description": "ready"},
+        "/healthz": {"get": {"summary": "the service runs", "security": [],
+                             "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {"get": {"summary": "every engine is set up", "security": [], "responses": {"200": {"description": "ready"},
                                                                             "503": {"description": "not yet"}}}},
     },
 }
