@@ -189,8 +189,12 @@ class ClusterController:
             if other is not None:
                 raise FileExistsError(f"stream {stream!r} exists (DELETE it first)" if other == stream else
                                       f"stream {stream!r} would share file names with stream {other!r}")
-            self.store.put_stream(spec)  # saved first: a StateError leaves nothing placed
             rid = self.coordinator.place(stream, want)
+            try:
+                self.store.put_stream(spec)  # saved before it is sent: a StateError leaves nothing placed
+            except BaseException:
+                self.coordinator.remove(stream)
+                raise
             self.records[stream] = _Stream(spec, None, rid)
         try:
             self._send_add(rid, stream)

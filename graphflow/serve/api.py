@@ -132,9 +132,8 @@ def create_app(controller: Controller, token: str | None = None, hosts: Collecti
     listening on every address, which needs a token); `max_viewers` caps open MJPEG streams."""
     from starlette.applications import Starlette
 
-    wrap = _guarded()
-    routes = [*_stream_routes(controller, wrap), *_service_routes(controller, wrap),
-              *dashboard_routes(controller, wrap, _call, max_viewers)]
+    routes = [*_stream_routes(controller, _guarded), *_service_routes(controller, _guarded),
+              *dashboard_routes(controller, _guarded, _call, max_viewers)]
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
     return Guard(app, token, None if hosts is None else frozenset(h.lower() for h in hosts),
                  OPEN_PATHS | ({"/metrics"} if metrics_open else set()))
@@ -254,16 +253,14 @@ def _failure(request: Any, exc: Exception) -> Any:
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _guarded() -> Any:
-    """A wrapper for handlers: every error answered as one line of JSON."""
-    def wrap(handler: Any) -> Any:
-        async def endpoint(request: Any) -> Any:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                return _failure(request, exc)
-        return endpoint
-    return wrap
+def _guarded(handler: Any) -> Any:
+    """`handler` with every error it raises answered as one line of JSON."""
+    async def endpoint(request: Any) -> Any:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _failure(request, exc)
+    return endpoint
 
 
 async def _not_found(request: Any, exc: Exception) -> Any:

@@ -33,6 +33,7 @@ class Service:
         self.rules_of: dict[str, list[dict[str, Any]]] = {}
         self.feed = LiveFeed()
         self.lock = threading.Lock()
+        self.changing = threading.Lock()  # one change (add, remove, rules) at a time: each is saved, then applied
         self.pending: list[tuple[float, str, str, dict[str, Any]]] = []
         self.unsaved_events = 0  # events the state file refused (full disk): delivered live, not kept
         self.previews = Previews(max_fps=preview_fps, max_width=preview_width)
@@ -71,13 +72,14 @@ class Service:
     # controller --------------------------------------------------------------------------------------------
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Checked, saved, then opened; a stream that does not open is taken out of the state file again."""
-        stream = self._admit(spec)
-        self.store.put_stream(spec)
-        try:
-            self._open(spec, None)
-        except BaseException:
-            self.store.delete_stream(stream)
-            raise
+        with self.changing:
+            stream = self._admit(spec)
+            self.store.put_stream(spec)
+            try:
+                self._open(spec, None)
+            except BaseException:
+                self.store.delete_stream(stream)
+                raise
         return self.stream(stream)
 
     def _admit(self, spec: dict[str, Any]) -> str:
@@ -103,14 +105,15 @@ class Service:
 
     def remove_stream(self, stream: str) -> None:
         """Deleted from the state file, then stopped; when the file refuses the change the stream goes on."""
-        with self.lock:
-            if stream not in self.specs:
-                raise KeyError(stream)
-        self.store.delete_stream(stream)
-        with self.lock:
-            self.specs.pop(stream, None)
-            self.rules_of.pop(stream, None)
-        self.launcher.command(self.source, "remove_source", {"stream": stream})
+        with self.changing:
+            with self.lock:
+                if stream not in self.specs:
+                    raise KeyError(stream)
+            self.store.delete_stream(stream)
+            with self.lock:
+                del self.specs[stream]
+                self.rules_of.pop(stream, None)
+            self.launcher.command(self.source, "remove_source", {"stream": stream})
 
     def stream_ended(self, stream: str) -> None:
         """Its end reached the tap: every engine upstream has freed its state for it."""
@@ -158,19 +161,20 @@ class Service:
 
         if self.rule is None:
             raise GraphflowError("this graph has no rule engine")
-        with self.lock:
-            if stream not in self.specs:
-                raise KeyError(stream)
-            before = self.rules_of.get(stream)
         RuleSet(rules)
-        self.store.set_rules(stream, rules)
-        try:
-            self.launcher.command(self.rule, "set_rules", {"stream": stream, "rules": rules})
-        except BaseException:
-            self.store.set_rules(stream, before)
-            raise
-        with self.lock:
-            self.rules_of[stream] = rules
+        with self.changing:
+            with self.lock:
+                if stream not in self.specs:
+                    raise KeyError(stream)
+                before = self.rules_of.get(stream)
+            self.store.set_rules(stream, rules)
+            try:
+                self.launcher.command(self.rule, "set_rules", {"stream": stream, "rules": rules})
+            except BaseException:
+                self.store.set_rules(stream, before)
+                raise
+            with self.lock:
+                self.rules_of[stream] = rules
         return rules
 
     def graph(self) -> dict[str, Any]:

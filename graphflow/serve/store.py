@@ -43,7 +43,7 @@ class Store:
         self.path = str(path)
         self.keep_events_s, self.keep_events = keep_events_s, keep_events
         self._lock = threading.Lock()
-        self._owner = _take_lock(self.path)
+        self._owner = _take_lock(self.path) if self.path != ":memory:" else None  # a memory store is nobody else's
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -54,7 +54,7 @@ class Store:
                 raise sqlite3.DatabaseError(bad)
             self._db.execute("SELECT id, spec, rules FROM streams").fetchall()
         except sqlite3.Error as exc:
-            os.close(self._owner)
+            self._release()
             raise GraphflowError(f"{self.path}: cannot use the state file ({' '.join(str(exc).split())}); "
                                  "move it away to start with no streams") from None
         self._added_since_prune = 0
@@ -62,7 +62,12 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._owner is not None:
             os.close(self._owner)
+            self._owner = None
 
     def _change(self, sql: str, args: tuple[Any, ...]) -> int:
         """Run one change in its own transaction; the rows it touched, or StateError when it could not be saved."""
