@@ -359,7 +359,14 @@ def test_idle_and_slow_connections_are_closed_after_the_head_timeout(site: Path)
         t0 = time.perf_counter()
         assert server.call("GET", "/streams")[0] == 200
         assert time.perf_counter() - t0 < 2.0
-        from graphflow.serve.http import HEAD_TIMEOUT_S
+        from graphflow.serve.http import HEAD_TIMEOUT_S, MAX_HEAD
+
+        huge = socket.create_connection(("127.0.0.1", server.port), timeout=30)  # a head that never ends, fast
+        try:
+            huge.sendall(b"GET /streams HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Pad: " + b"p" * (MAX_HEAD + 1024))
+            assert huge.recv(1024).startswith(b"HTTP/1.1 431")
+        finally:
+            huge.close()
 
         deadline = time.monotonic() + HEAD_TIMEOUT_S + 20
         for sock in idle:
