@@ -295,6 +295,12 @@ def test_other_sites_and_rebound_names_are_refused(site: Path):
         assert request(server, "GET", "/streams", headers={"Host": f"localhost:{server.port}"})[0] == 200
     finally:
         assert server.stop() == 0, server.log.read_text()
+    server = Server(site, "--allow-host", "cams.example")  # behind a reverse proxy that passes its own Host
+    try:
+        assert request(server, "GET", "/streams", headers={"Host": "cams.example"})[0] == 200
+        assert request(server, "GET", "/streams", headers={"Host": "evil.example"})[0] == 403
+    finally:
+        assert server.stop() == 0, server.log.read_text()
 
 
 def test_deep_duplicate_and_odd_bodies_get_one_line_400s(site: Path):

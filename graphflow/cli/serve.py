@@ -21,6 +21,9 @@ def add_subcommands(sub: Any) -> None:
                    help="required on every request but /healthz and /readyz (Authorization: Bearer TOKEN, or "
                         "?token= on GET); default $GRAPHFLOW_TOKEN")
     p.add_argument("--metrics-open", action="store_true", help="leave /metrics readable without the token")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name the service answers to besides 127.0.0.1, localhost and ::1 (a reverse proxy's); "
+                        "other Host headers get 403")
     p.add_argument("--media", action="append", default=[], metavar="DIR",
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE", help="override a param")
@@ -43,7 +46,7 @@ def _cmd_serve(args: Any) -> int:
     from graphflow import graph as graph_mod
 
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set), args.ray, args.metrics_open)
+                 graph_mod.parse_set(args.set), args.ray, args.metrics_open, args.allow_host)
 
 
 def _cmd_streams(args: Any) -> int:

@@ -57,10 +57,11 @@ def redact_logs() -> None:
 
 def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None, metrics_open: bool = False) -> int:
+          ray: str | None = None, metrics_open: bool = False, allow_hosts: list[str] | None = None) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code. With `ray` (`auto` or a cluster address) the
     graph runs as one replica per node of that Ray cluster (graphflow.cluster), behind the same API.
-    `metrics_open` leaves `/metrics` readable without the token."""
+    `metrics_open` leaves `/metrics` readable without the token; `allow_hosts` are more names a loopback service
+    answers to (a reverse proxy's, which passes its own `Host`)."""
     import json as json_mod
 
     try:
@@ -98,7 +99,8 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     except BaseException:
         store.close()
         raise
-    hosts = LOOPBACK_NAMES | {host.lower()} if is_loopback(host) else None  # beyond loopback the token guards
+    names = {host.lower(), *(h.lower() for h in allow_hosts or ())}
+    hosts = LOOPBACK_NAMES | names if is_loopback(host) else None  # beyond loopback the token guards
     app = create_app(service, token, hosts=hosts, metrics_open=metrics_open)
     server = uvicorn.Server(http.config(app, host, port))
     print(f"graphflow serve: http://{host}:{port}/ (state {state}, media roots: "
