@@ -240,7 +240,7 @@ def test_redis_sinks_send_only_to_loopback_or_allowed_brokers(site, url, brokers
     policy = Restrictions(output_root=tmp / "out", media_roots=(tmp / "media",), brokers=brokers)
     document = doc(sinks=[{"kind": "redis", "url": url}])
     if ok:
-        graph.build(document, "net.json", policy=policy)
+        graph.build(document, "net.json", restrictions=policy)
     else:
         text = refused(document, policy)
         assert text.startswith("net.json: engines.out.params.sinks[0].url: "), text
