@@ -544,7 +544,7 @@ async function refreshTasks() {
                 engines: text("div"), streams: text("p", null, "muted")};
         card.node.dataset.task = task.id;
         card.picture.alt = `the graph of task ${task.id}`;
-        card.picture.src = `/tasks/${encodeURIComponent(task.id)}/graph.png?t=${Date.now()}`;
+        card.picture.src = withToken(`/tasks/${encodeURIComponent(task.id)}/graph.png?t=${Date.now()}`);
         card.node.append(card.title, card.picture, card.engines, card.streams);
         taskCards.set(task.id, card);
         list.append(card.node);
