@@ -99,7 +99,7 @@ def serve_fails(site: Path, state: Path, *extra: str) -> list[str]:
 def test_stream_ids_are_a_safe_charset_and_restored_rows_are_checked_like_a_post(site: Path):
     server = Server(site)
     try:
-        for bad in ("x" * 60_000, "a/b", "..", ".hidden", "<script>", "a\nb", "a b", "", "x" * 65, 7):
+        for bad in ("x" * 60_000, "a/b", "..", ".hidden", "-rf", "_x", "<script>", "a\nb", "a b", "", "x" * 65, 7):
             one_line_error(server.call("POST", "/streams", spec(site, bad)), 400, "streams.id: must be 1 to 64 of")
         assert server.call("GET", "/streams") == (200, [])
         assert server.call("POST", "/streams", spec(site, "Cam.1_x-2"))[0] == 201

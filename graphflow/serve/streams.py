@@ -18,9 +18,10 @@ from graphflow.media.urls import redact
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0)
 ID_MAX = 64
 # A stream id names files (`{stream}` in sink paths), URL paths and metric labels: letters, digits, '_', '-' and '.',
-# not starting with '.', so it is never a path step ('..'), markup or a header-breaking character.
-ID_RULE = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
-ID_FORM = f"1 to {ID_MAX} of A-Z a-z 0-9 _ - . (not starting with '.')"
+# starting with a letter or digit (as a task id), so it is never a path step ('..'), an option, markup or a
+# header-breaking character.
+ID_RULE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
+ID_FORM = f"1 to {ID_MAX} of A-Z a-z 0-9 _ - . (starting with a letter or digit)"
 
 
 def is_loopback(host: str) -> bool:
