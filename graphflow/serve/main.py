@@ -9,6 +9,7 @@ from typing import Any
 from graphflow.errors import GraphflowError
 from graphflow.graph.restrictions import Restrictions
 from graphflow.serve.controller import Service
+from graphflow.serve.evidence import EvidencePolicy
 from graphflow.serve.store import Store
 from graphflow.serve.streams import RedactCredentials, is_loopback
 from graphflow.serve.task import Task, build_task
@@ -37,14 +38,16 @@ def redact_logs() -> None:
 
 def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None, tasks_dir: str | None = None, metrics_open: bool = False,
-          allow_hosts: list[str] | None = None, brokers: list[str] | None = None) -> int:
+          ray: str | None = None, tasks_dir: str | None = None, evidence: EvidencePolicy | None = EvidencePolicy(),
+          evidence_dir: str | None = None, metrics_open: bool = False, allow_hosts: list[str] | None = None,
+          brokers: list[str] | None = None) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code. Each graph file (and each `*.json` in
     `tasks_dir`) is a task named after its file; the first is the default task of streams that name none. With
     `ray` (`auto` or a cluster address) one graph runs as one replica per node of that Ray cluster (graphflow.cluster),
-    behind the same API. `metrics_open` leaves `/metrics` readable without the token; `allow_hosts` are more names a
-    loopback service answers to (a reverse proxy's, which passes its own `Host`); `brokers` (HOST:PORT) are servers
-    beyond loopback that tasks from the API may send to."""
+    behind the same API. With `evidence` (None: off) every event gets a snapshot, a crop and a clip in `evidence_dir`
+    (default: `evidence/` beside the state file). `metrics_open` leaves `/metrics` readable without the token;
+    `allow_hosts` are more names a loopback service answers to (a reverse proxy's, which passes its own `Host`);
+    `brokers` (HOST:PORT) are servers beyond loopback that tasks from the API may send to."""
     try:
         import uvicorn
     except ImportError:
@@ -77,7 +80,9 @@ def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, sta
                                              task.roles.source, task.roles.rule, roots, ray)
             service.start()
         else:
-            service = Service(store, roots, restrictions=restrictions)
+            folder = Path(evidence_dir) if evidence_dir else Path(state).resolve().parent / "evidence"
+            service = Service(store, roots, restrictions=restrictions,
+                              evidence=(folder, evidence) if evidence is not None else None)
             service.start(tasks)
     except BaseException:
         store.close()

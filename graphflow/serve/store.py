@@ -33,7 +33,8 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, graph TEXT NOT NULL, labels TEXT, added REAL NOT NULL);
 """
 # columns added since the first schema: (table, column, declaration), added to an older state file when opened
-MIGRATIONS = (("events", "task", "TEXT"),)
+MIGRATIONS = (("events", "task", "TEXT"), ("events", "eid", "TEXT"))
+INDEXES = "CREATE INDEX IF NOT EXISTS events_eid ON events (eid);"  # on migrated columns, made after them
 
 
 class StateError(Exception):
@@ -54,6 +55,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             self._migrate()
+            self._db.executescript(INDEXES)
             bad = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if bad != "ok":
                 raise sqlite3.DatabaseError(bad)
@@ -145,8 +147,9 @@ class Store:
             try:
                 self._db.execute("BEGIN")
                 try:
-                    self._db.executemany("INSERT INTO events (ts, stream, kind, body, task) VALUES (?, ?, ?, ?, ?)",
-                                         [(ts, s, k, json.dumps(b, default=str), t) for ts, s, k, b, t in events])
+                    self._db.executemany(
+                        "INSERT INTO events (ts, stream, kind, body, task, eid) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(ts, s, k, json.dumps(b, default=str), t, b.get("id")) for ts, s, k, b, t in events])
                     self._db.execute("COMMIT")
                 finally:
                     if self._db.in_transaction:
@@ -162,6 +165,15 @@ class Store:
         self._added_since_prune = 0
         self._db.execute("DELETE FROM events WHERE ts < ?", (time.time() - self.keep_events_s,))
         self._db.execute("DELETE FROM events WHERE n <= (SELECT MAX(n) FROM events) - ?", (self.keep_events,))
+
+    def event(self, eid: str) -> dict[str, Any] | None:
+        """The event whose body has this `id`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT n, ts, stream, kind, body, task FROM events WHERE eid = ?", (eid,)).fetchone()
+        if row is None:
+            return None
+        n, ts, s, k, body, t = row
+        return {"n": n, "ts": ts, "stream": s, "task": t, "kind": k, "event": json.loads(body)}
 
     def events(self, stream: str | None = None, kind: str | None = None, since: float | None = None,
                limit: int = 100, task: str | None = None) -> list[dict[str, Any]]:
