@@ -325,7 +325,7 @@ class Decode(Engine):
             self._play(stream, feed, frames, feed.stop)
         except Exception as exc:
             text = str(exc).splitlines()[0] if str(exc) else ""
-            self._give_up(stream, feed, f"source {feed.spec.uri}: {type(exc).__name__}{': ' + text if text else ''}")
+            self._give_up(stream, feed, f"source {feed.spec.shown}: {type(exc).__name__}{': ' + text if text else ''}")
             self.log.debug("%s: decoding thread failed", stream, exc_info=True)
         finally:
             self._put(frames, _Done(stream, feed), halt)

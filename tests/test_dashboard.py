@@ -6,6 +6,7 @@ graphs/data/demo.mp4 with PyAV and evaluates real rules (graphflow.vision.rules)
 left to right across the frame, so line crossings happen at a known place and direction."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -181,13 +182,14 @@ class Feeds:
 class Server:
     """create_app(controller, token) served by a real uvicorn on a free loopback port, in a thread."""
 
-    def __init__(self, controller: Any, token: str | None = None) -> None:
+    def __init__(self, controller: Any, token: str | None = None, **options: Any) -> None:
         import uvicorn
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(controller, token), log_level="warning", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(create_app(controller, token, **options), log_level="warning",
+                                timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -288,6 +290,50 @@ def test_previews_encode_only_watched_streams_at_the_capped_rate_and_width():
         assert previews.viewers("cam") == 0
     finally:
         previews.close()
+
+
+def test_previews_share_a_total_rate_and_copy_nothing_while_the_worker_is_behind():
+    """Many watched streams: each stream's interval grows so that all together stay within total_fps, and no
+    frame is copied while max_queued copies wait for the encoder, however many streams are watched."""
+    clock = Clock()
+    previews = Previews(max_fps=5.0, max_width=320, clock=clock, total_fps=10.0, max_queued=2)
+    image = first_frame()
+    try:
+        assert previews.interval(clock()) == 0.2
+        with contextlib.ExitStack() as stack:
+            for i in range(40):
+                stack.enter_context(previews.watch(f"cam{i}"))
+            clock.now += 1.0
+            assert previews.interval(clock()) == 4.0  # 40 streams share 10 previews a second
+            with previews._cond:  # hold the worker: every copy made now waits
+                for i in range(40):
+                    msg = frame_msg(1, image)
+                    msg.stream = f"cam{i}"
+                    previews.offer(msg)
+                queued = sum(1 for st in previews.streams.values() if st.job is not None)
+            assert queued == 2 and previews.skipped == 38
+    finally:
+        previews.close()
+
+
+def test_mjpeg_viewers_past_the_cap_get_a_one_line_503(feeds):
+    srv = Server(feeds, max_viewers=2)
+    open_ones = []
+    try:
+        feeds.add_stream({"id": "cam1", "uri": str(VIDEO), "fps": 10})
+        for _ in range(2):
+            open_ones.append(read_mjpeg_parts(f"{srv.url}/streams/cam1/preview.mjpg", 1)[1])
+        status, _, body = get(f"{srv.url}/streams/cam1/preview.mjpg")
+        assert status == 503 and "2 live previews open already" in json.loads(body)["error"]
+        open_ones.pop().close()
+        until(lambda: get(f"{srv.url}/streams/cam1/preview.json")[2] and feeds.previews.viewers("cam1") == 1,
+              "a viewer to leave")
+        _, again = read_mjpeg_parts(f"{srv.url}/streams/cam1/preview.mjpg", 1)  # room again
+        open_ones.append(again)
+    finally:
+        for response in open_ones:
+            response.close()
+        srv.close()
 
 
 def test_a_reader_waiting_before_the_frame_comes_gets_its_preview():
@@ -555,20 +601,28 @@ def test_drawing_a_line_and_saving_it_makes_crossing_events_appear(feeds, server
 
 
 def test_page_asks_for_the_token_once_and_sends_it(feeds, page):
+    """With a token every read needs it too: the page asks at once, keeps it for the tab (sessionStorage) and sends
+    it on its calls, its snapshots, its MJPEG view and its event stream (`?token=`, which cannot send headers)."""
     srv = Server(feeds, token="s3cret")
     try:
         page.goto(srv.url + "/")
-        page.fill("#add-id", "cam2")
-        page.fill("#add-uri", str(VIDEO))
-        page.click("#add-submit")
         page.wait_for_selector("#token-dialog[open]")
         page.fill("#token-input", "s3cret")
         page.click("#token-ok")
+        page.fill("#add-id", "cam2")
+        page.fill("#add-uri", str(VIDEO))
+        page.click("#add-submit")
         page.wait_for_selector('.tile[data-stream="cam2"]')
-        page.click('.tile[data-stream="cam2"] button.remove')
+        page.wait_for_function("() => Number(document.querySelector('.tile img').dataset.preview || 0) > 0")
+        page.click('.tile[data-stream="cam2"]')
+        page.wait_for_function("() => document.getElementById('s-live').naturalWidth > 0")
+        assert "token=s3cret" in page.eval_on_selector("#s-live", "img => img.src")
+        assert page.evaluate("() => sessionStorage.getItem('graphflow.token')") == "s3cret"
+        page.click("#s-remove")
         page.wait_for_selector('.tile[data-stream="cam2"]', state="detached")
-        assert page.locator("#token-dialog[open]").count() == 0  # asked once: the removal used the kept token
+        assert page.locator("#token-dialog[open]").count() == 0  # asked once: the rest used the kept token
         assert not feeds.feeds
+        assert get(srv.url + "/streams")[0] == 401 and get(srv.url + "/streams?token=s3cret")[0] == 200
     finally:
         srv.close()
 

@@ -36,3 +36,47 @@ def test_readme_engine_example_runs_from_the_users_folder(tmp_path):
     totals = [r for r in rows if "person_detections" in r]
     assert [(r["stream"], r["person_detections"]) for r in totals] == [("cam1", sum(r["people"] for r in frames))]
     assert totals[0]["person_detections"] > 0
+
+
+def test_readme_service_curl_examples_run_as_written(tmp_path):
+    """The `graphflow serve` curl lines of the README, run in order against a real service started as the README
+    says (from a copy of the repository's graphs folder): each answers without an error."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    if not shutil.which("curl"):
+        import pytest
+
+        pytest.skip("needs curl")
+    block = re.search(r"In another terminal:\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(lines) >= 5
+    shutil.copytree(ROOT / "graphs", tmp_path / "graphs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    graphflow = str(Path(sys.executable).with_name("graphflow"))
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([graphflow, "serve", "graphs/demo.json", "--port", str(port), "--state", "site.db"],
+                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert serve.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.3)
+        for line in lines:
+            run = subprocess.run(line.replace("localhost:8080", f"localhost:{port}"), shell=True, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and not run.stdout.startswith('{"error"'), (line, run.stdout, run.stderr)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+    assert os.path.exists(tmp_path / "site.db")

@@ -228,3 +228,31 @@ def test_a_stream_added_over_the_network_is_resolved_and_checked(site):
         policy.admit(Decode, {"sources": [{"id": "cam3", "uri": "http://example.com/x.mp4"}]})
     with pytest.raises(ParamError, match=r"^sources\[0\].uri: .* is outside a media root"):
         policy.admit(Decode, {"sources": [{"id": "cam3", "uri": "../out/../../secret.mp4"}]})
+
+
+@pytest.mark.parametrize("url,brokers,ok", [
+    ("redis://127.0.0.1:6379/0", (), True), ("redis://localhost/0", (), True),
+    ("redis://10.1.2.3:6379/0", (), False), ("rediss://cache.example.com:6380/0", (), False),
+    ("redis://10.1.2.3:6379/0", ("10.1.2.3:6379",), True), ("redis://10.1.2.3:6380/0", ("10.1.2.3:6379",), False),
+    ("redis://10.1.2.3/0", ("10.1.2.3:6379",), False), ("unix:///run/redis.sock", (), False)])
+def test_redis_sinks_send_only_to_loopback_or_allowed_brokers(site, url, brokers, ok):
+    tmp, _ = site
+    policy = Restrictions(output_root=tmp / "out", media_roots=(tmp / "media",), brokers=brokers)
+    document = doc(sinks=[{"kind": "redis", "url": url}])
+    if ok:
+        graph.build(document, "net.json", restrictions=policy)
+    else:
+        text = refused(document, policy)
+        assert text.startswith("net.json: engines.out.params.sinks[0].url: "), text
+
+
+def test_validate_restricted_takes_allowed_brokers(site):
+    tmp, _ = site
+    (tmp / "media" / "g.json").write_text(json.dumps(doc(sinks=[{"kind": "redis", "url": "redis://10.9.8.7:6379/0"}])))
+    base = [sys.executable, "-m", "graphflow", "validate", str(tmp / "media" / "g.json"), "--restricted",
+            "--output-root", str(tmp / "out")]
+    refused_run = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert refused_run.returncode == 2 and "is not an allowed broker" in refused_run.stderr
+    assert len(refused_run.stderr.strip().splitlines()) == 1
+    allowed = subprocess.run(base + ["--allow-broker", "10.9.8.7:6379"], capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr

@@ -181,7 +181,8 @@ def test_token_bad_bodies_and_uris_get_one_line_errors(site: Path):
         status, body = server.call("POST", "/streams", spec)
         assert status == 401 and "token" in body["error"]
         assert server.call("POST", "/streams", spec, token="wrong")[0] == 401
-        assert server.call("GET", "/streams") == (200, [])  # reading needs no token
+        assert server.call("GET", "/streams")[0] == 401  # reading needs the token too
+        assert server.call("GET", "/streams", token="s3cret") == (200, [])
         bad = [
             ("POST", "/streams", None, b"{not json", 400, "body is not JSON"),
             ("POST", "/streams", [1, 2], None, 400, "body must be a JSON object"),
@@ -201,7 +202,7 @@ def test_token_bad_bodies_and_uris_get_one_line_errors(site: Path):
         status, got = server.call("PUT", "/streams/cam1/rules", [{"kind": "zone", "polygon": [[0, 0], [1, 1]]}],
                                   token="s3cret")
         assert status == 400 and got["error"].startswith("rules[0]"), got
-        schema = server.call("GET", "/openapi.json")[1]
+        schema = server.call("GET", "/openapi.json")[1]  # open, as are /healthz and /readyz
         assert {"/streams", "/streams/{id}", "/streams/{id}/rules", "/metrics", "/events"} <= set(schema["paths"])
     finally:
         assert server.stop() == 0, server.log.read_text()

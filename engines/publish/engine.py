@@ -22,6 +22,7 @@ class Publish(Engine):
     outputs = ()
     path_fields = {"sinks[].path": "write", "sinks[].spool": "state"}  # relative to the graph file
     bind_fields = ("sinks[].address",)
+    connect_fields = ("sinks[].url",)  # the servers sinks send to (brokers, webhooks)
     sinks = Param(list, doc='list of {"kind": KIND, key: value...}; the kinds and their keys are listed under '
                             'sink kinds')
     buffer = Param(int, 1000, ge=1, doc="broker sink items kept in memory while a sink fails (oldest dropped, counted)")

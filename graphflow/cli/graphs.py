@@ -18,11 +18,12 @@ from graphflow.graph.restrictions import Restrictions
 
 def _restrictions(args: argparse.Namespace, path: str) -> Restrictions | None:
     """The restricted-mode policy `validate --restricted` checks a graph against (None without the flag): media
-    under --media-root (default: the graph's folder), outputs under --output-root, modules from --allow-module."""
+    under --media-root (default: the graph's folder), outputs under --output-root, modules from --allow-module,
+    brokers on loopback or from --allow-broker."""
     if not args.restricted:
         return None
     return Restrictions(output_root=args.output_root, media_roots=tuple(args.media_root or [Path(path).parent]),
-                  modules=tuple(args.allow_module))
+                  modules=tuple(args.allow_module), brokers=tuple(args.allow_broker))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --restricted: the folder outputs must stay in (default: the current folder)")
     p.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
                    help="with --restricted: a package or module whose engines and functions may be used")
+    p.add_argument("--allow-broker", action="append", default=[], metavar="HOST:PORT",
+                   help="with --restricted: a Redis server sinks may send to, besides those on loopback")
     p.set_defaults(fn=cmd_validate)
     p = with_graph("inspect", "show a graph as text, DOT or PNG")
     p.add_argument("--format", choices=("text", "dot", "png"), default="text")

@@ -20,7 +20,14 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--state", default="graphflow.db", help="SQLite file for streams, rules and events")
     p.add_argument("--token", default=os.environ.get("GRAPHFLOW_TOKEN"),
-                   help="required on POST/PUT/DELETE (Authorization: Bearer TOKEN); default $GRAPHFLOW_TOKEN")
+                   help="required on every request but /healthz and /readyz (Authorization: Bearer TOKEN, or "
+                        "?token= on GET); default $GRAPHFLOW_TOKEN")
+    p.add_argument("--metrics-open", action="store_true", help="leave /metrics readable without the token")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name the service answers to besides 127.0.0.1, localhost and ::1 (a reverse proxy's); "
+                        "other Host headers get 403")
+    p.add_argument("--allow-broker", action="append", default=[], metavar="HOST:PORT",
+                   help="a server beyond loopback that tasks added through the API may send events to")
     p.add_argument("--media", action="append", default=[], metavar="DIR",
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE",
@@ -72,7 +79,8 @@ def _cmd_serve(args: Any) -> int:
     evidence = None if args.no_evidence else EvidencePolicy(args.evidence_pre, args.evidence_post,
                                                             args.evidence_keep_mb, args.evidence_keep_days)
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set), args.ray, args.tasks, evidence, args.evidence)
+                 graph_mod.parse_set(args.set), args.ray, args.tasks, evidence, args.evidence, args.metrics_open,
+                 args.allow_host, args.allow_broker)
 
 
 def _request(args: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:

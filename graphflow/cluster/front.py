@@ -16,7 +16,7 @@ from graphflow.cluster.replica import USER_ERRORS, Replica
 from graphflow.errors import GraphflowError
 from graphflow.serve.live import LiveFeed
 from graphflow.serve.store import Store
-from graphflow.serve.streams import each_stream, stream_id
+from graphflow.serve.streams import clashing, each_stream, redact, stream_id
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,14 @@ class ClusterController:
             raise GraphflowError(f"serve --ray {self.address}: cannot join the Ray cluster "
                                  f"({' '.join(str(exc).split())[:200]}); start one with `ray start --head`") from None
         self._actor = ray.remote(Replica)
+        from graphflow.serve.streams import check_stream_uri
+
         for row in self.store.streams():
             spec = row["spec"]
             try:
+                if clashing(stream_id(spec), self.records) is not None:
+                    raise GraphflowError(f"stream {spec['id']!r} is in the state file twice")
+                check_stream_uri(spec, self.media_roots)
                 want = stream_labels(spec)
             except GraphflowError as exc:
                 log.error("stream %r from the state file not restored: %s", spec.get("id"), exc)
@@ -179,9 +184,16 @@ class ClusterController:
         want = stream_labels(spec)
         check_stream_uri(spec, self.media_roots)
         with self.lock:
-            if stream in self.records:
-                raise FileExistsError(f"stream {stream!r} exists (DELETE it first)")
+            other = clashing(stream, self.records)
+            if other is not None:
+                raise FileExistsError(f"stream {stream!r} exists (DELETE it first)" if other == stream else
+                                      f"stream {stream!r} would share file names with stream {other!r}")
             rid = self.coordinator.place(stream, want)
+            try:
+                self.store.put_stream(spec)  # saved before it is sent: a StateError leaves nothing placed
+            except BaseException:
+                self.coordinator.remove(stream)
+                raise
             self.records[stream] = _Stream(spec, None, rid)
         try:
             self._send_add(rid, stream)
@@ -189,18 +201,18 @@ class ClusterController:
             with self.lock:
                 self.records.pop(stream, None)
                 self.coordinator.remove(stream)
+            self.store.delete_stream(stream)
             raise
-        self.store.put_stream(spec)
         return self.stream(stream)
 
     def remove_stream(self, stream: str) -> None:
         with self.lock:
             if stream not in self.records:
                 raise KeyError(stream)
+            self.store.delete_stream(stream)  # deleted first: a StateError leaves the stream running
             del self.records[stream]
             rid = self.coordinator.remove(stream)
             node = self.nodes.get(rid) if rid else None
-        self.store.delete_stream(stream)
         if node is not None:
             try:
                 self._call(node, "remove", stream)
@@ -214,12 +226,12 @@ class ClusterController:
                 raise KeyError(stream)
             node = self.nodes.get(rec.replica) if rec.replica else None
             last = dict(rec.last or {})
-            out = {"id": stream, "uri": rec.spec["uri"],
+            out = {"id": stream, "uri": redact(rec.spec["uri"]),
                    "state": last.get("state") or ("connecting" if node else "pending"),
                    "frames": rec.frames_before + int(last.get("frames", 0)), "fps": last.get("fps", 0.0),
                    "drops": last.get("drops", 0), "events": rec.events_before + int(last.get("events", 0)),
                    "latency_ms": last.get("latency_ms") or {"p50": None, "p95": None},
-                   "error": last.get("error") or rec.error,
+                   "error": redact(last.get("error") or rec.error),
                    "placement": {"replica": rec.replica, "node": node.name if node else None,
                                  "host": node.host if node else None},
                    "moves": rec.moves, "lost": rec.lost}
@@ -249,13 +261,17 @@ class ClusterController:
             if rec is None:
                 raise KeyError(stream)
             node = self.nodes.get(rec.replica) if rec.replica else None
+            before = rec.rules
+        RuleSet(rules)  # checked, saved, then applied (a waiting stream's replica applies them when it starts)
+        self.store.set_rules(stream, rules)
         if node is not None:
-            self._call(node, "set_rules", stream, rules)
-        else:
-            RuleSet(rules)  # a waiting stream's rules are checked here; its replica applies them when it starts
+            try:
+                self._call(node, "set_rules", stream, rules)
+            except BaseException:
+                self.store.set_rules(stream, before)
+                raise
         with self.lock:
             rec.rules = rules
-        self.store.set_rules(stream, rules)
         return rules
 
     def graph(self) -> dict[str, Any]:

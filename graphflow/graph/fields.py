@@ -14,7 +14,8 @@ from graphflow.engine import REQUIRED, Engine, Param
 from graphflow.errors import ParamError
 
 EACH = None  # a pattern step standing for every item of a list
-KINDS = ("read", "write", "state", "bind", "module")  # state: a folder an engine keeps and reuses
+KINDS = ("read", "write", "state", "bind", "connect", "module")  # state: a folder an engine keeps and reuses;
+# connect: the URL of a server (a broker) the engine sends to
 PATHS = ("read", "write", "state")  # kinds whose values are files or folders
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 STEP = re.compile(r"\[\]|[^.\[\]]+")
@@ -101,11 +102,13 @@ class Found:
 
 
 def declared(cls: type[Engine]) -> list[FieldSpec]:
-    """Every path, bind and module field of an engine class: from its Params and its `path_fields`/`bind_fields`."""
+    """Every path, bind, connect and module field of an engine class: from its Params and its `path_fields`,
+    `bind_fields` and `connect_fields`."""
     specs = [FieldSpec(name, p.path, p.names) for name, p in cls.declared_params().items() if p.path]
     specs += [FieldSpec(name, "module") for name, p in cls.declared_params().items() if p.module]
     specs += [FieldSpec(pattern, kind) for pattern, kind in getattr(cls, "path_fields", {}).items()]
     specs += [FieldSpec(pattern, "bind") for pattern in getattr(cls, "bind_fields", ())]
+    specs += [FieldSpec(pattern, "connect") for pattern in getattr(cls, "connect_fields", ())]
     for spec in specs:
         if spec.kind not in KINDS or not spec.steps:
             raise ValueError(f"{cls.__name__} declares field {spec.pattern!r} as {spec.kind!r} "

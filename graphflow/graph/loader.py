@@ -79,6 +79,15 @@ def _parse(file: str, raw: bytes) -> Any:
         raise _error(file, "", str(exc)) from None
 
 
+def loads(text: str) -> Any:
+    """JSON text read with the graph file's rules (unique keys, finite numbers, bounded integers),
+    for documents that arrive on their own (API bodies); ValueError with a one-line reason."""
+    try:
+        return _loads(text)
+    except _BadValue as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _loads(text: str) -> Any:
     """json.loads with the graph file's rules; JSONDecodeError for bad syntax, _BadValue for the rest."""
     try:

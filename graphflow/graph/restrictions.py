@@ -1,5 +1,6 @@
 """Restricted mode, for graphs, streams and rules that arrive from others (the service's network API): which engine
-code may be imported, which files read or written, which addresses bound and URIs opened; decided before any of it.
+code may be imported, which files read or written, which addresses bound, which brokers sent to and URIs opened;
+decided before any of it.
 
 A graph the user gives on the command line is their own configuration and is loaded without a policy."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from graphflow.engine import Engine
 from graphflow.errors import ParamError
@@ -33,6 +35,7 @@ class Restrictions:
     modules: tuple[str, ...] = ()  # packages/modules allowed in `package.module:Class` types and module params
     schemes: tuple[str, ...] = ("file", "rtsp", "rtsps")
     bind_hosts: tuple[str, ...] = LOOPBACK
+    brokers: tuple[str, ...] = ()  # HOST:PORT of servers sinks may send to, besides any on loopback
     roots: tuple[Path, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,22 @@ class Restrictions:
         if scheme != "tcp" or host not in self.bind_hosts:
             raise ParamError(found.where, f"{value!r} would listen beyond this machine; restricted mode binds only "
                                           f"{', '.join(self.bind_hosts)}")
+
+    def _connect(self, found: Found) -> None:
+        value = found.value
+        try:
+            url = urlsplit(value)
+            host, port = (url.hostname or "").lower(), url.port
+        except ValueError:
+            raise ParamError(found.where, f"not a usable URL (got {value!r})") from None
+        if url.scheme == "unix":
+            self._inside(found, url.path, (self.output_root,), "the output root")
+            return
+        address = (f"[{host}]" if ":" in host else host) + ("" if port is None else f":{port}")
+        if host not in LOOPBACK and address not in self.brokers:
+            raise ParamError(found.where, f"{address or value!r} is not an allowed broker in restricted mode "
+                                          f"(allowed: loopback{''.join(', ' + b for b in self.brokers)}; a "
+                                          "broker beyond loopback is named HOST:PORT, in the URL too)")
 
     def _module(self, found: Found) -> None:
         module = found.value.partition(":")[0]

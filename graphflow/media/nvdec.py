@@ -270,7 +270,7 @@ class NvdecSource(AVSource):
             return av.open(spec.uri, options=self._options(), timeout=(spec.open_timeout, spec.read_timeout),
                            hwaccel=hwaccel)
         except av.FFmpegError as exc:
-            raise SourceError(f"source {spec.uri}: cannot open ({exc.strerror or exc})") from None
+            raise SourceError(f"source {spec.shown}: cannot open ({exc.strerror or exc})") from None
 
     def _select_decoder(self, stream: Any) -> Any:
         return stream.codec_context
@@ -279,4 +279,4 @@ class NvdecSource(AVSource):
         try:
             return GpuFrame.from_av(item, self.spec.color)
         except ValueError as exc:
-            raise SourceError(f"source {self.spec.uri}: hwaccel nvdec: {exc}", "hwaccel") from None
+            raise SourceError(f"source {self.spec.shown}: hwaccel nvdec: {exc}", "hwaccel") from None

@@ -21,6 +21,7 @@ from PIL import Image
 
 from graphflow.errors import GraphflowError
 from graphflow.media.clips import ClipKeeper, KeptPacket
+from graphflow.media.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,16 @@ class SourceSpec:
                 self._fail(name, f"must be one of {', '.join(map(repr, allowed))}", getattr(self, name))
 
     def _fail(self, name: str, why: str, value: Any) -> None:
-        raise SourceError(f"source {self.uri}: {name} {why} (got {value!r})", name)
+        raise SourceError(f"source {self.shown}: {name} {why} (got {value!r})", name)
 
     @property
     def is_stream(self) -> bool:
         return self.uri.lower().startswith(STREAM_SCHEMES)
+
+    @property
+    def shown(self) -> str:
+        """The uri as messages and logs show it: credentials hidden."""
+        return redact(self.uri)
 
 
 @dataclass
@@ -254,7 +260,7 @@ class AVSource(Source):
         name = f"{stream.codec_context.name}_cuvid"
         if name not in av.codecs_available:
             log.warning("source %s: no NVDEC decoder for %s in this FFmpeg build; decoding in software",
-                        self.spec.uri, stream.codec_context.name)
+                        self.spec.shown, stream.codec_context.name)
             return stream.codec_context
         decoder = av.CodecContext.create(name, "r")
         decoder.extradata = stream.codec_context.extradata
@@ -262,10 +268,10 @@ class AVSource(Source):
         try:
             decoder.open()
         except av.FFmpegError as exc:
-            log.warning("source %s: %s unavailable (%s); decoding in software", self.spec.uri, name,
+            log.warning("source %s: %s unavailable (%s); decoding in software", self.spec.shown, name,
                         exc.strerror or exc)
             return stream.codec_context
-        log.info("source %s: decoding on the GPU with %s", self.spec.uri, name)
+        log.info("source %s: decoding on the GPU with %s", self.spec.shown, name)
         return decoder
 
     def _open_container(self) -> Any:
@@ -274,24 +280,24 @@ class AVSource(Source):
         try:
             return av.open(spec.uri, options=self._options(), timeout=(spec.open_timeout, spec.read_timeout))
         except av.FFmpegError as exc:
-            raise SourceError(f"source {spec.uri}: cannot open ({exc.strerror or exc})") from None
+            raise SourceError(f"source {spec.shown}: cannot open ({exc.strerror or exc})") from None
 
     def _open(self) -> None:
         spec = self.spec
         local = None if spec.is_stream else local_path(spec.uri)
         if not spec.is_stream and (local is None or not local.is_file()):
-            raise SourceError(f"source {spec.uri}: file not found")
+            raise SourceError(f"source {spec.shown}: file not found")
         container = self._open_container()
         if not container.streams.video:
             container.close()
-            raise SourceError(f"source {spec.uri}: no video stream")
+            raise SourceError(f"source {spec.shown}: no video stream")
         stream = container.streams.video[0]
         if stream.codec_context is None or not stream.codec_context.name:
             container.close()
-            raise SourceError(f"source {spec.uri}: unsupported codec")
+            raise SourceError(f"source {spec.shown}: unsupported codec")
         if stream.width * stream.height > spec.max_pixels:
             container.close()
-            raise SourceError(f"source {spec.uri}: frames of {stream.width}×{stream.height} exceed max_pixels "
+            raise SourceError(f"source {spec.shown}: frames of {stream.width}×{stream.height} exceed max_pixels "
                               f"{spec.max_pixels}")
         # one thread per decoder by default: with many streams the streams themselves keep the cores busy, and
         # each extra thread costs CPU to start and to hand frames over, memory, and a frame of delay (frame threading)
@@ -316,7 +322,7 @@ class AVSource(Source):
             self._container.seek(target, stream=self._stream, backward=True)
             self._decoder.flush_buffers()
         except av.FFmpegError as exc:
-            raise SourceError(f"source {self.spec.uri}: cannot seek ({exc.strerror or exc})") from None
+            raise SourceError(f"source {self.spec.shown}: cannot seek ({exc.strerror or exc})") from None
 
     def _timeline(self) -> list[float] | None:
         """Presentation times of a file's frames from `spec.start` on, from packet headers only (no decoding)."""
@@ -343,7 +349,7 @@ class AVSource(Source):
         frames = self._frames()
         first = next(frames, None)
         if since > 0 and (first is None or first[1] > since + 1.5 / self.rate):
-            log.debug("source %s: seek to %.3f s missed; decoding from the beginning", self.spec.uri, since)
+            log.debug("source %s: seek to %.3f s missed; decoding from the beginning", self.spec.shown, since)
             self._seek(0.0)
             frames = self._frames()
             first = next(frames, None)
@@ -393,7 +399,7 @@ class AVSource(Source):
 
     def _corrupt(self, why: str) -> None:
         self.stats.corrupt += 1
-        log.debug("source %s: skipped (%s)", self.spec.uri, why)
+        log.debug("source %s: skipped (%s)", self.spec.shown, why)
 
     def close(self) -> None:
         if self.clips is not None:
@@ -414,11 +420,11 @@ class ImageSource(Source):
         if path is not None and path.is_dir():
             self.paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not self.paths:
-                raise SourceError(f"source {spec.uri}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise SourceError(f"source {spec.shown}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         elif path is not None and path.is_file():
             self.paths = [path]
         else:
-            raise SourceError(f"source {spec.uri}: file or folder not found")
+            raise SourceError(f"source {spec.shown}: file or folder not found")
         self.rate = spec.fps or 25.0
 
     def _first(self, since: float) -> int:
@@ -453,7 +459,7 @@ class ImageSource(Source):
 
     def _skip_file(self, item: Path, why: str) -> None:
         self.stats.corrupt += 1
-        log.warning("source %s: skipped image %s: %s", self.spec.uri, item.name, why)
+        log.warning("source %s: skipped image %s: %s", self.spec.shown, item.name, why)
 
 
 def local_path(uri: str) -> Path | None:

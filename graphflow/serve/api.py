@@ -1,8 +1,10 @@
 """The REST API of `graphflow serve`: an ASGI app (Starlette) over a `Controller` that runs the graph.
 
-Every error is one line of JSON (`{"error": "..."}`) with a 4xx code; request bodies are size-limited and
-validated by the controller with the same checks as a graph file; mutating requests need the service token
-when one is set (always when the service listens beyond loopback)."""
+Every error is one line of JSON (`{"error": "..."}`) with a 4xx code; request bodies are `application/json`,
+size- and depth-limited, free of duplicate keys, and validated by the controller with the same checks as a graph
+file. With a service token (always when the service listens beyond loopback) every request needs it but the
+health checks, the page's own files and, with `metrics_open`, `/metrics`. Requests whose `Host` is not one of the
+service's names or whose `Origin` is another site are refused (DNS rebinding, cross-site requests)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,16 +12,25 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from graphflow.errors import GraphflowError
+from graphflow.graph.loader import loads
+from graphflow.serve.store import StateError
 from graphflow.serve.task import UnknownEvent, UnknownTask
 
 if TYPE_CHECKING:
     from graphflow.serve.live import LiveFeed
 
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 32  # nesting of lists and objects in a request body
+MAX_LIVE = 256  # `/events/live` clients at once
+MAX_VIEWERS = 32  # `preview.mjpg` clients at once, all streams
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/openapi.json"})  # answered without the token
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +75,11 @@ def _one_line(text: str) -> str:
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
-    "info": {"title": "graphflow service", "version": "1"},
+    "info": {"title": "graphflow service", "version": "1", "description": (
+        "With a service token every request needs it (Authorization: Bearer TOKEN, or ?token= on a GET) but "
+        "/healthz, /readyz, /openapi.json and the dashboard's files. Bodies are application/json (else 415); "
+        "a foreign Origin or Host is 403; a change the state file cannot save is 507, and nothing is applied.")},
+    "security": [{"token": []}],
     "components": {
         "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
         "schemas": {
@@ -88,20 +103,24 @@ OPENAPI: dict[str, Any] = {
             "post": {"summary": "add a stream", "security": [{"token": []}], "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/StreamSpec"}}}},
                 "responses": {"201": {"description": "added"}, "400": {"description": "invalid"},
-                              "401": {"description": "no or wrong token"}, "409": {"description": "id exists"}}}},
+                              "401": {"description": "no or wrong token"}, "409": {"description": "id exists"},
+                              "415": {"description": "not application/json"},
+                              "507": {"description": "not saved, not added"}}}},
         "/streams/{id}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "one stream", "responses": {"200": {"description": "the stream"},
                                                            "404": {"description": "unknown"}}},
             "delete": {"summary": "remove a stream", "security": [{"token": []}],
-                       "responses": {"204": {"description": "removed"}, "404": {"description": "unknown"}}}},
+                       "responses": {"204": {"description": "removed"}, "404": {"description": "unknown"},
+                                     "507": {"description": "not saved, still running"}}}},
         "/streams/{id}/rules": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "the stream's analytics rules", "responses": {"200": {"description": "rules"}}},
             "put": {"summary": "replace the stream's rules (applied live)", "security": [{"token": []}],
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Rules"}}}},
-                    "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"}}}},
+                    "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"},
+                                  "507": {"description": "not saved, not applied"}}}},
         "/tasks": {
             "get": {"summary": "list tasks", "responses": {"200": {"description": "tasks"}}},
             "post": {"summary": "add a task: {id, graph, labels?} (checked as an untrusted graph)",
@@ -125,21 +144,71 @@ OPENAPI: dict[str, Any] = {
                                  "responses": {"200": {"description": "text/event-stream"}}}},
         "/graph": {"get": {"summary": "engines, placement and per-engine stats", "responses": {"200": {"description": "graph"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
-        "/healthz": {"get": {"summary": "the service runs", "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {"get": {"summary": "every engine is set up", "responses": {"200": {"description": "ready"},
+        "/healthz": {"get": {"summary": "the service runs", "security": [],
+                             "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {"get": {"summary": "every engine is set up", "security": [], "responses": {"200": {"description": "ready"},
                                                                             "503": {"description": "not yet"}}}},
     },
 }
 
 
-def create_app(controller: Controller, token: str | None = None) -> Any:
-    """The Starlette app serving `controller`; `token`, when set, is required on POST/PUT/DELETE."""
+def create_app(controller: Controller, token: str | None = None, hosts: Collection[str] | None = LOOPBACK_NAMES,
+               metrics_open: bool = False, max_viewers: int = MAX_VIEWERS) -> Any:
+    """The ASGI app serving `controller`: `token`, when set, is required on every request but OPEN_PATHS, `/web/*`
+    and, with `metrics_open`, `/metrics`; `hosts` are the names the service answers to (None: any, for a service
+    listening on every address, which needs a token); `max_viewers` caps open MJPEG streams."""
     from starlette.applications import Starlette
 
-    wrap = _guarded(token)
-    routes = [*_stream_routes(controller, wrap), *_task_routes(controller, wrap), *_service_routes(controller, wrap),
-              *dashboard_routes(controller, wrap, _call)]
-    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+    routes = [*_stream_routes(controller, _guarded), *_task_routes(controller, _guarded),
+              *_service_routes(controller, _guarded),
+              *dashboard_routes(controller, _guarded, _call, max_viewers)]
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+    return Guard(app, token, None if hosts is None else frozenset(h.lower() for h in hosts),
+                 OPEN_PATHS | ({"/metrics"} if metrics_open else set()))
+
+
+class Guard:
+    """ASGI middleware in front of every route: the request's Host and Origin, then the token, checked before any
+    handler runs; a refusal is the API's one-line JSON error."""
+
+    def __init__(self, app: Any, token: str | None, hosts: frozenset[str] | None, open_paths: Collection[str]) -> None:
+        self.app, self.token, self.hosts, self.open_paths = app, token, hosts, open_paths
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from starlette.requests import Request
+
+            refused = self.refusal(Request(scope))
+            if refused is not None:
+                await _error(*refused)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, request: Any) -> tuple[int, str] | None:
+        """(status, reason) for a request to refuse, or None."""
+        host = request.headers.get("host", "")
+        if self.hosts is not None and _hostname(host) not in self.hosts:
+            return 403, f"{request.method} {request.url.path}: Host {host[:80]!r} is not this service's address"
+        origin = request.headers.get("origin")
+        if origin is not None and (urlsplit(origin).netloc.lower() != host.lower() or not host):
+            return 403, f"{request.method} {request.url.path}: requests from {origin[:80]!r} are not allowed"
+        path = request.url.path
+        if self.token is None or path in self.open_paths or path.startswith("/web/"):
+            return None
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given and request.method == "GET":  # pictures and event streams cannot send headers
+            given = request.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return 401, f"{request.method} {path}: missing or wrong token (Authorization: Bearer TOKEN)"
+        return None
+
+
+def _hostname(host: str) -> str:
+    """The name or address of a Host header, its port left out (`[::1]:80` → `::1`)."""
+    try:
+        return (urlsplit(f"//{host}").hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def _error(status: int, message: str) -> Any:
@@ -150,8 +219,17 @@ def _error(status: int, message: str) -> Any:
 
 
 async def _body(request: Any) -> Any:
-    """The request's JSON body, refused over MAX_BODY bytes (declared or streamed) or when it does not parse."""
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+    """The request's JSON body: refused unless declared `application/json` (so no other site's form can send one),
+    over MAX_BODY bytes (declared or streamed), or when it does not parse, repeats a key or nests over MAX_DEPTH."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"{request.method} {request.url.path}: the body must be sent as application/json "
+                            f"(got {kind[:60] or 'no Content-Type'})")
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise ApiError(400, "Content-Length is not a number") from None
+    if declared > MAX_BODY:
         raise ApiError(413, f"request body over {MAX_BODY} bytes")
     raw = b""
     async for chunk in request.stream():
@@ -159,18 +237,24 @@ async def _body(request: Any) -> Any:
         if len(raw) > MAX_BODY:
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
     try:
-        return json.loads(raw or b"null")
-    except ValueError as exc:
+        body = loads(raw.decode("utf-8") if raw else "null")
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"body is not JSON: {exc}") from None
+    if _depth(body) > MAX_DEPTH:
+        raise ApiError(400, f"body: lists and objects nest deeper than {MAX_DEPTH} levels")
+    return body
 
 
-def _authorise(request: Any, token: str | None) -> None:
-    """Refuse a mutating request without the service token (when one is set)."""
-    if token is None or request.method in ("GET", "HEAD", "OPTIONS"):
-        return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 async def _call(fn: Any, *args: Any) -> Any:
@@ -183,6 +267,8 @@ def _failure(request: Any, exc: Exception) -> Any:
     client, the traceback in the server's log). Call it from the `except` block."""
     if isinstance(exc, ApiError):
         return _error(exc.status, str(exc))
+    if isinstance(exc, StateError):
+        return _error(507, str(exc))
     if isinstance(exc, UnknownTask):
         return _error(404, f"no task {exc.args[0]!r}")
     if isinstance(exc, UnknownEvent):
@@ -200,17 +286,14 @@ def _failure(request: Any, exc: Exception) -> Any:
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _guarded(token: str | None) -> Any:
-    """A wrapper for handlers: the token check first, and every error answered as one line of JSON."""
-    def wrap(handler: Any) -> Any:
-        async def endpoint(request: Any) -> Any:
-            try:
-                _authorise(request, token)
-                return await handler(request)
-            except Exception as exc:
-                return _failure(request, exc)
-        return endpoint
-    return wrap
+def _guarded(handler: Any) -> Any:
+    """`handler` with every error it raises answered as one line of JSON."""
+    async def endpoint(request: Any) -> Any:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _failure(request, exc)
+    return endpoint
 
 
 async def _not_found(request: Any, exc: Exception) -> Any:
@@ -267,7 +350,7 @@ def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
     return [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
             Route("/streams/{id}", wrap(one_stream), methods=["GET", "PUT", "DELETE"]),
             Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
-            Route("/events", wrap(events)), Route("/events/live", _live_events(controller)),
+            Route("/events", wrap(events)), Route("/events/live", wrap(_live_events(controller))),
             *_evidence_routes(controller, wrap)]
 
 
@@ -299,19 +382,20 @@ def _evidence_routes(controller: Any, wrap: Any) -> list[Any]:
 
 def _live_events(controller: Controller) -> Any:
     """The endpoint of `/events/live[?stream=ID]`: events as Server-Sent Events while the client stays, with a
-    keep-alive comment every second without one."""
+    keep-alive comment every second without one; waits on the event loop (no thread per client), MAX_LIVE at most."""
     from starlette.responses import Response, StreamingResponse
 
     async def live(request: Any) -> Response:
+        if controller.feed.subscribers() >= MAX_LIVE:
+            raise ApiError(503, f"{MAX_LIVE} live event clients already; try again later")
         queue = controller.feed.subscribe()
         stream_filter = request.query_params.get("stream")
 
         async def feed() -> Any:
-            loop = asyncio.get_running_loop()
             try:
                 yield b": graphflow events\n\n"
                 while True:
-                    items = await loop.run_in_executor(None, _take, queue, 1.0)
+                    items = await queue.take(1.0)
                     if items is None:
                         yield b": keep-alive\n\n"
                         continue
@@ -398,21 +482,6 @@ def _service_routes(controller: Controller, wrap: Any) -> list[Any]:
             Route("/readyz", readyz), Route("/openapi.json", openapi)]
 
 
-def _take(queue: Any, timeout: float) -> list[dict[str, Any]] | None:
-    """Whatever a subscriber queue holds, waiting up to `timeout` s for the first item; None if nothing came."""
-    import queue as queue_mod
-
-    try:
-        items = [queue.get(timeout=timeout)]
-    except queue_mod.Empty:
-        return None
-    while True:
-        try:
-            items.append(queue.get_nowait())
-        except queue_mod.Empty:
-            return items
-
-
 # dashboard: the web page, live previews and the graph picture ------------------------------------------------------
 WEB = Path(__file__).with_name("web")
 MJPEG_BOUNDARY = "graphflow-preview"
@@ -441,7 +510,7 @@ OPENAPI["paths"].update({
 })
 
 
-def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
+def dashboard_routes(controller: Controller, wrap: Any, call: Any, max_viewers: int = MAX_VIEWERS) -> list[Any]:
     """Routes of the dashboard: `/` and `/web/*` (static files shipped in the package), a stream's live preview as
     MJPEG (`preview.mjpg`, a viewer while connected), as one JPEG (`preview.jpg[?after=N]`: the newest, or the
     first numbered above N, its number in X-Preview; 204 while there is none), its rule figures
@@ -455,7 +524,7 @@ def dashboard_routes(controller: Controller, wrap: Any, call: Any) -> list[Any]:
         return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
 
     return [Route("/", index), Mount("/web", StaticFiles(directory=WEB), name="web"),
-            Route("/streams/{id}/preview.mjpg", wrap(_mjpeg(controller, call))),
+            Route("/streams/{id}/preview.mjpg", wrap(_mjpeg(controller, call, max_viewers))),
             Route("/streams/{id}/preview.jpg", wrap(_snapshot(controller, call))),
             Route("/streams/{id}/preview.json", wrap(_figures(controller, call))),
             Route("/streams/{id}/events/{frame:int}.jpg", wrap(_event_picture(controller))),
@@ -470,15 +539,19 @@ def _previews(controller: Controller) -> Any:
     return previews
 
 
-def _mjpeg(controller: Controller, call: Any) -> Any:
+def _mjpeg(controller: Controller, call: Any, max_viewers: int) -> Any:
     """The endpoint of `preview.mjpg`: a multipart JPEG stream, the stream watched while the client stays; it ends
-    when the stream is removed."""
+    when the stream is removed. At most `max_viewers` are open at once (all streams); past that, 503."""
     from starlette.responses import Response, StreamingResponse
+
+    open_now = [0]
 
     async def mjpeg(request: Any) -> Response:
         stream = request.path_params["id"]
         previews = _previews(controller)
         await call(controller.stream, stream)
+        if open_now[0] >= max_viewers:
+            raise ApiError(503, f"{max_viewers} live previews open already; close one, or poll preview.jpg")
 
         async def feed() -> Any:
             with previews.watch(stream):
@@ -494,8 +567,21 @@ def _mjpeg(controller: Controller, call: Any) -> Any:
                     seen = preview.n
                     yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(preview.jpeg)}"
                            f"\r\nX-Frame: {preview.frame}\r\n\r\n").encode() + preview.jpeg + b"\r\n"
-        return StreamingResponse(feed(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
-                                 headers={"Cache-Control": "no-cache, no-store"})
+        return Counted(feed(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                       headers={"Cache-Control": "no-cache, no-store"})
+
+    class Counted(StreamingResponse):
+        """Counted in `open_now` from its creation until it was sent (or its client went)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            open_now[0] += 1
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                open_now[0] -= 1
     return mjpeg
 
 

@@ -14,8 +14,8 @@ from graphflow.runtime.sharing import STAGES, SharedStages
 from graphflow.serve.evidence import KINDS, Evidence, EvidencePolicy
 from graphflow.serve.live import LiveFeed
 from graphflow.serve.previews import Previews, graph_png
-from graphflow.serve.store import Store
-from graphflow.serve.streams import StreamMeter, check_stream_uri, each_stream, stream_id
+from graphflow.serve.store import StateError, Store
+from graphflow.serve.streams import StreamMeter, check_stream_uri, clashing, each_stream, redact, stream_id
 from graphflow.serve.tap import TAP
 from graphflow.serve.task import Task, UnknownEvent, UnknownTask, build_task, task_id
 
@@ -57,6 +57,7 @@ class Service:
         self.lock = threading.Lock()  # the maps above
         self.changes = threading.Lock()  # one task or stream change at a time (a task's start happens outside it)
         self.pending: list[tuple[float, str, str, dict[str, Any], str]] = []
+        self.unsaved_events = 0  # events the state file refused (full disk): delivered live, not kept
         self.previews = Previews(max_fps=preview_fps, max_width=preview_width)
         self.started = time.monotonic()
         self.summaries: dict[str, Any] = {}  # task → the summary of its last stopped graph
@@ -81,9 +82,11 @@ class Service:
                 log.error("task %r from the state file not restored: %s", row["id"], exc)
         for row in self.store.streams():
             try:
+                self._admit(row["spec"])
                 self._open(row["spec"], row["rules"])
-            except (GraphflowError, ValueError, KeyError) as exc:
-                log.error("stream %r from the state file not restored: %s", row["spec"].get("id"), exc)
+            except (GraphflowError, ValueError, KeyError, FileExistsError) as exc:
+                log.error("stream %r from the state file not restored: %s", redact(str(row["spec"].get("id"))[:80]),
+                          redact(str(exc)))
 
     def _start(self, task: Task) -> None:
         task.start({TAP: TaskTap(self, task.id), STAGES: self.stages})
@@ -151,12 +154,15 @@ class Service:
         with self.changes:
             with self.lock:
                 raced = tid in self.tasks
-                if not raced:
-                    self.tasks[tid] = task
-            if raced:
+            try:
+                if raced:
+                    raise FileExistsError(f"task {tid!r} exists (PUT /tasks/{tid} replaces it)")
+                self.store.put_task(tid, task.doc, task.labels)  # saved, then in service; a StateError: neither
+            except BaseException:
                 task.stop()
-                raise FileExistsError(f"task {tid!r} exists (PUT /tasks/{tid} replaces it)")
-            self.store.put_task(tid, task.doc, task.labels)
+                raise
+            with self.lock:
+                self.tasks[tid] = task
         log.info("task %r added", tid)
         return self.task(tid)
 
@@ -169,11 +175,15 @@ class Service:
         new = build_task(tid, body.get("graph"), "<task>", restrictions=self.restrictions, labels=labels)
         self._start(new)
         with self.changes:
+            try:
+                self.store.put_task(tid, new.doc, new.labels)  # saved, then swapped; a StateError: the old one stays
+            except BaseException:
+                new.stop()
+                raise
             with self.lock:
                 old = self.tasks.get(tid)
                 self.tasks[tid] = new
             streams = self.task_streams(tid)
-            self.store.put_task(tid, new.doc, new.labels)
             for stream in streams:
                 self._hand_over(stream, old, new)
         if old is not None:
@@ -192,28 +202,41 @@ class Service:
                                       f"move or remove them first, or DELETE /tasks/{tid}?stop_streams=true")
             for stream in streams:
                 self._close(stream)
+            self.store.delete_task(tid)  # deleted, then stopped; a StateError: the task stays
             with self.lock:
                 task = self.tasks.pop(tid)
                 if self.default == tid:
                     self.default = None
-            self.store.delete_task(tid)
         task.stop()
         self.summaries[f"{tid} (removed)"] = task.summary
         log.info("task %r removed", tid)
 
     # streams -----------------------------------------------------------------------------------------------
     def add_stream(self, spec: dict[str, Any]) -> dict[str, Any]:
-        stream = stream_id(spec)
+        """Checked, saved, then opened; a stream that does not open is taken out of the state file again."""
+        stream_id(spec)
         spec = dict(spec)
         spec["task"] = self._task_of(spec)
-        check_stream_uri(spec, self.media_roots)
         with self.changes:
-            with self.lock:
-                if stream in self.specs:
-                    raise FileExistsError(f"stream {stream!r} exists (DELETE it first)")
-            self._open(spec, None)
+            stream = self._admit(spec)
             self.store.put_stream(spec)
+            try:
+                self._open(spec, None)
+            except BaseException:
+                self.store.delete_stream(stream)
+                raise
         return self.stream(stream)
+
+    def _admit(self, spec: dict[str, Any]) -> str:
+        """The checks a new stream passes, from the API or the state file: its id, and its uri (made absolute)."""
+        stream = stream_id(spec)
+        with self.lock:
+            other = clashing(stream, self.specs)
+        if other is not None:
+            raise FileExistsError(f"stream {stream!r} exists (DELETE it first)" if other == stream else
+                                  f"stream {stream!r} would share file names with stream {other!r}")
+        check_stream_uri(spec, self.media_roots)
+        return stream
 
     def _task_of(self, spec: dict[str, Any]) -> str:
         """The task a stream spec names, or the default task; a one-line error if there is none."""
@@ -247,10 +270,11 @@ class Service:
             task.command(task.roles.rule, "set_rules", {"stream": stream, "rules": rules})
 
     def _close(self, stream: str) -> None:
+        """Deleted from the state file, then stopped; when the file refuses the change the stream goes on."""
+        self.store.delete_stream(stream)
         with self.lock:
             spec = self.specs.pop(stream)
             self.rules_of.pop(stream, None)
-        self.store.delete_stream(stream)
         task = self._task(spec["task"])
         task.command(task.roles.source, "remove_source", {"stream": stream})
 
@@ -288,9 +312,10 @@ class Service:
                     raise KeyError(stream)
                 current = self.specs[stream]["task"]
             if current != target.id:
-                self._hand_over(stream, self.tasks.get(current), target)
                 with self.lock:
-                    self.store.put_stream(self.specs[stream])
+                    moved = {**self.specs[stream], "task": target.id}
+                self.store.put_stream(moved)  # saved, then moved; a StateError: it stays where it is
+                self._hand_over(stream, self.tasks.get(current), target)
         return self.stream(stream)
 
     def stream_ended(self, stream: str) -> None:
@@ -323,10 +348,10 @@ class Service:
             spec, meter = self.specs[stream], self.meters.get(stream) or StreamMeter()
             task = self.tasks.get(spec["task"])
         src = self._source_state(task, stream) if task else {}
-        return {"id": stream, "uri": spec["uri"], "task": spec["task"], "state": src.get("state", "connecting"),
+        return {"id": stream, "uri": redact(spec["uri"]), "task": spec["task"], "state": src.get("state", "connecting"),
                 "frames": meter.frames, "fps": round(meter.fps(time.monotonic()), 2),
                 "drops": self._drops(task, stream) if task else 0,
-                "events": meter.events, "latency_ms": meter.percentiles(), "error": src.get("error", "")}
+                "events": meter.events, "latency_ms": meter.percentiles(), "error": redact(src.get("error", ""))}
 
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -342,6 +367,7 @@ class Service:
         return own if own is not None else task.graph_rules() if task else []
 
     def set_rules(self, stream: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Checked, saved, then applied; rules the engine refuses after all are taken out of the state file again."""
         with self.lock:
             if stream not in self.specs:
                 raise KeyError(stream)
@@ -349,10 +375,17 @@ class Service:
         if task is None or task.roles.rule is None:
             raise GraphflowError(f"this stream's task ({self.specs[stream]['task']}) has no rule engine")
         task.check_rules(rules)  # the class names too: a misspelt one would never fire
-        task.command(task.roles.rule, "set_rules", {"stream": stream, "rules": rules})
-        with self.lock:
-            self.rules_of[stream] = rules
-        self.store.set_rules(stream, rules)
+        with self.changes:
+            with self.lock:
+                before = self.rules_of.get(stream)
+            self.store.set_rules(stream, rules)
+            try:
+                task.command(task.roles.rule, "set_rules", {"stream": stream, "rules": rules})
+            except BaseException:
+                self.store.set_rules(stream, before)
+                raise
+            with self.lock:
+                self.rules_of[stream] = rules
         return rules
 
     # the service as a whole --------------------------------------------------------------------------------
@@ -442,9 +475,15 @@ class Service:
                 self.flush_events()
 
     def flush_events(self) -> None:
+        """Save the pending events; when the state file refuses them they are counted in `unsaved_events` (they
+        were delivered live already)."""
         with self.lock:
             rows, self.pending = self.pending, []
-        self.store.add_events(rows)
+        try:
+            self.store.add_events(rows)
+        except StateError as exc:
+            self.unsaved_events += len(rows)
+            log.error("%s", exc)
 
 
 def _source_entry(spec: dict[str, Any]) -> dict[str, Any]:

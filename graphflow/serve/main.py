@@ -1,6 +1,7 @@
 """`graphflow serve`'s process: reads the graph files (one task each), starts the controller and the HTTP server."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from graphflow.graph.restrictions import Restrictions
 from graphflow.serve.controller import Service
 from graphflow.serve.evidence import EvidencePolicy
 from graphflow.serve.store import Store
-from graphflow.serve.streams import is_loopback
+from graphflow.serve.streams import RedactCredentials, is_loopback
 from graphflow.serve.task import Task, build_task
 
 MALLOC_ARENAS = 2  # a long-lived service's malloc arenas (see graphflow.runtime.memory.limit_arenas), unless set already
@@ -27,20 +28,34 @@ def few_malloc_arenas() -> None:
         limit_arenas(int(count))
 
 
+def redact_logs() -> None:
+    """Hide URL credentials (`rtsp://user:password@…`) in every log line of this process."""
+    root = logging.getLogger()
+    for handler in root.handlers or [logging.lastResort]:
+        if handler is not None and not any(isinstance(f, RedactCredentials) for f in handler.filters):
+            handler.addFilter(RedactCredentials())
+
+
 def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
           ray: str | None = None, tasks_dir: str | None = None, evidence: EvidencePolicy | None = EvidencePolicy(),
-          evidence_dir: str | None = None) -> int:
+          evidence_dir: str | None = None, metrics_open: bool = False, allow_hosts: list[str] | None = None,
+          brokers: list[str] | None = None) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code. Each graph file (and each `*.json` in
     `tasks_dir`) is a task named after its file; the first is the default task of streams that name none. With
     `ray` (`auto` or a cluster address) one graph runs as one replica per node of that Ray cluster (graphflow.cluster),
     behind the same API. With `evidence` (None: off) every event gets a snapshot, a crop and a clip in `evidence_dir`
-    (default: `evidence/` beside the state file)."""
+    (default: `evidence/` beside the state file). `metrics_open` leaves `/metrics` readable without the token;
+    `allow_hosts` are more names a loopback service answers to (a reverse proxy's, which passes its own `Host`);
+    `brokers` (HOST:PORT) are servers beyond loopback that tasks from the API may send to."""
     try:
         import uvicorn
     except ImportError:
         raise GraphflowError("graphflow serve needs the service extra: pip install 'graphflow[serve]'") from None
-    from graphflow.serve.api import create_app
+    from graphflow.serve import http
+    from graphflow.serve.api import LOOPBACK_NAMES, create_app
+
+    redact_logs()
 
     if not is_loopback(host) and not token:
         raise GraphflowError(f"serve: listening on {host} needs a token (--token or GRAPHFLOW_TOKEN)")
@@ -49,28 +64,33 @@ def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, sta
     roots = [Path(m) for m in (media or [str(first.resolve().parent)])]
     tasks = [file_task(path, overrides or {} if i == 0 else {}) for i, path in enumerate(files)]  # --set: the first
     few_malloc_arenas()
-    store = Store(state)
+    store = Store(state)  # locked and read through before anything starts: a bad file stops here
     outputs = Path(state).resolve().parent / "outputs"  # where tasks from the API may write
     outputs.mkdir(parents=True, exist_ok=True)
-    restrictions = Restrictions(output_root=outputs, media_roots=tuple(roots))
-    if ray:
-        if len(tasks) != 1:
-            raise GraphflowError("serve --ray: give exactly one graph (tasks over a Ray cluster are not supported yet)")
-        from graphflow.cluster.front import ClusterController
+    restrictions = Restrictions(output_root=outputs, media_roots=tuple(roots), brokers=tuple(brokers or ()))
+    try:
+        if ray:
+            if len(tasks) != 1:
+                raise GraphflowError("serve --ray: give exactly one graph (tasks over a Ray cluster are not "
+                                     "supported yet)")
+            from graphflow.cluster.front import ClusterController
 
-        task = tasks[0]
-        service: Any = ClusterController(task.topology, task.doc, str(files[0]), overrides or {}, store,
-                                         task.roles.source, task.roles.rule, roots, ray)
-        service.start()
-    else:
-        folder = Path(evidence_dir) if evidence_dir else Path(state).resolve().parent / "evidence"
-        service = Service(store, roots, restrictions=restrictions,
-                          evidence=(folder, evidence) if evidence is not None else None)
-        service.start(tasks)
-    # open MJPEG and event streams must not hold a stop for long
-    config = uvicorn.Config(create_app(service, token), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+            task = tasks[0]
+            service: Any = ClusterController(task.topology, task.doc, str(files[0]), overrides or {}, store,
+                                             task.roles.source, task.roles.rule, roots, ray)
+            service.start()
+        else:
+            folder = Path(evidence_dir) if evidence_dir else Path(state).resolve().parent / "evidence"
+            service = Service(store, roots, restrictions=restrictions,
+                              evidence=(folder, evidence) if evidence is not None else None)
+            service.start(tasks)
+    except BaseException:
+        store.close()
+        raise
+    names = {host.lower(), *(h.lower() for h in allow_hosts or ())}
+    hosts = LOOPBACK_NAMES | names if is_loopback(host) else None  # beyond loopback the token guards
+    app = create_app(service, token, hosts=hosts, metrics_open=metrics_open)
+    server = uvicorn.Server(http.config(app, host, port))
     print(f"graphflow serve: http://{host}:{port}/ (state {state}, tasks: {', '.join(t.id for t in tasks) or 'none'}; "
           f"media roots: {', '.join(str(r) for r in service.media_roots)})", flush=True)
     def stop_serving(signum: int, _frame: Any) -> None:

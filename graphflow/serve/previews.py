@@ -1,9 +1,11 @@
 """Live previews for the dashboard: annotated JPEGs of the streams somebody is watching, capped in rate and size.
 
 The service's tap offers every frame. A frame is copied only when its stream has a viewer and its last preview is
-older than 1/max_fps (half that for a frame with events, so most events get their picture); a worker thread
+older than its interval (half that for a frame with events, so most events get their picture); a worker thread
 scales, annotates (the OSD's Overlay) and JPEG-encodes it, so the pipeline never waits for an encoder and an
-unwatched stream costs a dict lookup."""
+unwatched stream costs a dict lookup. The work is bounded whatever the number of viewers: a stream's interval is
+1/max_fps, or longer when the watched streams together would pass `total_fps`, and no frame is copied while
+`max_queued` wait for the worker (each waiting copy is a full frame)."""
 from __future__ import annotations
 
 import asyncio
@@ -87,11 +89,14 @@ class Previews:
     `clock` (seconds) paces the rate cap and snapshot holds; tests pass their own."""
 
     def __init__(self, max_fps: float = 5.0, max_width: int = 640, quality: int = 70, trail: int = 30,
-                 flash: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
-        if max_fps <= 0 or max_width < 16 or not 1 <= quality <= 95:
-            raise ValueError(f"previews: max_fps > 0, max_width ≥ 16 and quality 1..95 "
-                             f"(got {max_fps}, {max_width}, {quality})")
+                 flash: int = 10, clock: Callable[[], float] = time.monotonic, total_fps: float = 40.0,
+                 max_queued: int = 4) -> None:
+        if max_fps <= 0 or max_width < 16 or not 1 <= quality <= 95 or total_fps <= 0 or max_queued < 1:
+            raise ValueError(f"previews: max_fps > 0, max_width ≥ 16, quality 1..95, total_fps > 0 and "
+                             f"max_queued ≥ 1 (got {max_fps}, {max_width}, {quality}, {total_fps}, {max_queued})")
         self.max_fps, self.max_width, self.quality = max_fps, max_width, quality
+        self.total_fps, self.max_queued = total_fps, max_queued
+        self.skipped = 0  # frames not copied because max_queued were waiting for the worker
         self.trail, self.flash, self.clock = trail, flash, clock
         self.streams: dict[str, _Stream] = {}
         self.encoded = 0  # JPEGs made, all streams
@@ -102,6 +107,7 @@ class Previews:
         self._async_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._watched = (float("-inf"), 0)  # (when counted, streams watched then)
 
     # the tap's side --------------------------------------------------------------------------------------------
     def offer(self, msg: Message) -> None:
@@ -118,8 +124,12 @@ class Previews:
         if image is None:
             return
         events = msg.data.get("events") or []
-        if now - state.offered_at < (0.5 if events else 1.0) / self.max_fps:  # events may double the rate
+        if now - state.offered_at < (0.5 if events else 1.0) * self.interval(now):  # events may double the rate
             state.events.extend(events)
+            return
+        if state.job is None and len(self._ready) >= self.max_queued:  # the worker is behind: copy nothing more
+            state.events.extend(events)
+            self.skipped += 1
             return
         state.offered_at = now
         job = _Job(msg.seq, np.array(image, copy=True), msg.data.get("color", "bgr"),
@@ -134,6 +144,15 @@ class Previews:
             else:
                 self._ready.append(msg.stream)
                 self._work.notify()
+
+    def interval(self, now: float) -> float:
+        """Seconds between a watched stream's previews: 1/max_fps, longer when the watched streams together would
+        pass total_fps. The watched streams are counted at most twice a second."""
+        when, watched = self._watched
+        if now - when > 0.5:
+            watched = sum(1 for s in list(self.streams.values()) if s.viewers or s.hold_until > now)
+            self._watched = (now, watched)
+        return max(1.0 / self.max_fps, watched / self.total_fps)
 
     def forget(self, stream: str) -> None:
         """The stream ended: drop what is held for it (viewers still connected keep it known, with no picture)."""

@@ -3,15 +3,25 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import logging
+import re
+import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from graphflow.errors import GraphflowError
 from graphflow.latency import StreamRecord
+from graphflow.media.urls import redact
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0)
+ID_MAX = 64
+# A stream id names files (`{stream}` in sink paths), URL paths and metric labels: letters, digits, '_', '-' and '.',
+# starting with a letter or digit (as a task id), so it is never a path step ('..'), an option, markup or a
+# header-breaking character.
+ID_RULE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
+ID_FORM = f"1 to {ID_MAX} of A-Z a-z 0-9 _ - . (starting with a letter or digit)"
 
 
 def is_loopback(host: str) -> bool:
@@ -37,15 +47,38 @@ def check_stream_uri(spec: dict[str, Any], media_roots: list[Path]) -> None:
     if not any(path.is_relative_to(root) for root in media_roots):
         roots = ", ".join(map(str, media_roots)) or "none configured (--media)"
         raise GraphflowError(f"streams.uri: {uri!r} is not under a media root ({roots})")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None  # missing: the decode engine says so
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a fifo or device would block decode
+        raise GraphflowError(f"streams.uri: {uri!r} is not a regular file or a folder of images")
     spec["uri"] = str(path)
 
 
 def stream_id(spec: dict[str, Any]) -> str:
-    """A new stream's `id`, checked (a non-empty string)."""
+    """A new stream's `id`, checked against ID_RULE."""
     stream = spec.get("id")
-    if not isinstance(stream, str) or not stream:
-        raise GraphflowError("streams: 'id' must be a non-empty string")
+    if not isinstance(stream, str) or not ID_RULE.fullmatch(stream):
+        shown = repr(stream if not isinstance(stream, str) or len(stream) <= 40 else stream[:40] + "…")
+        raise GraphflowError(f"streams.id: must be {ID_FORM} (got {shown})")
     return stream
+
+
+def clashing(stream: str, ids: Iterable[str]) -> str | None:
+    """The id among `ids` that `stream` is, or would share file names with on a case-blind file system; else None."""
+    folded = stream.casefold()
+    return next((other for other in ids if other.casefold() == folded), None)
+
+
+class RedactCredentials(logging.Filter):
+    """A logging filter that hides URL credentials in every record it passes (message and arguments merged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = redact(message), None
+        return True
 
 
 def each_stream(ids: list[str], one: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,16 +6,26 @@ const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
 const TOKEN_KEY = "graphflow.token";
 const POLL_MS = 1000;
 
-// --- API: JSON over fetch, with the service token asked once when a change is refused -----------------------------
+// --- API: JSON over fetch, with the service token asked once when a request is refused and kept for this tab -----
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? {"Authorization": `Bearer ${token}`} : {};
+}
+
+// A URL for what the browser fetches itself (<img>, EventSource), which cannot send a header: the token as ?token=.
+function withToken(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+}
+
 async function api(method, path, body) {
   for (let attempt = 0; ; attempt++) {
-    const headers = {};
-    const token = localStorage.getItem(TOKEN_KEY);
-    if (token) headers["Authorization"] = `Bearer ${token}`;
+    const headers = authHeaders();
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
     if (response.status === 401 && attempt === 0) {
@@ -29,17 +39,22 @@ async function api(method, path, body) {
   }
 }
 
+let asking = null;  // the open token dialog's promise: requests refused meanwhile wait on the same one
+
 function askToken() {
+  if (asking) return asking;
   const dialog = $("token-dialog");
   $("token-input").value = "";
-  return new Promise((done) => {
+  asking = new Promise((done) => {
     dialog.addEventListener("close", () => {
       const value = $("token-input").value.trim();
-      if (value) localStorage.setItem(TOKEN_KEY, value);
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      asking = null;
       done();
     }, {once: true});
     dialog.showModal();
   });
+  return asking;
 }
 
 function text(tag, content, className) {
@@ -62,7 +77,7 @@ class SnapshotLoop {
     while (this.alive) {
       try {
         const response = await fetch(`/streams/${encodeURIComponent(this.stream)}/preview.jpg?after=${after}`,
-                                     {cache: "no-store"});
+                                     {cache: "no-store", headers: authHeaders()});
         if (response.status === 200) {
           after = Number(response.headers.get("X-Preview")) || after;
           const url = URL.createObjectURL(await response.blob());
@@ -222,13 +237,13 @@ class StreamView {
     $("r-error").textContent = "";
     $("r-saved").textContent = "";
     this.setDrawing(null);
-    $("s-live").src = `${this.base}/preview.mjpg`;
+    $("s-live").src = withToken(`${this.base}/preview.mjpg`);
     $("s-live").onload = () => this.paint();
     this.resize = new ResizeObserver(() => this.paint());
     this.resize.observe($("stage"));
     this.loadRules();
     this.loadEvents();
-    this.live = new EventSource(`/events/live?stream=${encodeURIComponent(stream)}`);
+    this.live = new EventSource(withToken(`/events/live?stream=${encodeURIComponent(stream)}`));
     this.live.onmessage = (message) => this.addEvent(JSON.parse(message.data), true);
     this.pollFigures();
   }
@@ -341,7 +356,7 @@ class StreamView {
   showPictures(frames) {
     for (const thumb of $("s-events").querySelectorAll("img[hidden]")) {
       if (frames.has(thumb.dataset.frame)) {
-        thumb.src = `${this.base}/events/${thumb.dataset.frame}.jpg`;
+        thumb.src = withToken(`${this.base}/events/${thumb.dataset.frame}.jpg`);
         thumb.hidden = false;
       }
     }
@@ -529,7 +544,7 @@ async function refreshTasks() {
                 engines: text("div"), streams: text("p", null, "muted")};
         card.node.dataset.task = task.id;
         card.picture.alt = `the graph of task ${task.id}`;
-        card.picture.src = `/tasks/${encodeURIComponent(task.id)}/graph.png?t=${Date.now()}`;
+        card.picture.src = withToken(`/tasks/${encodeURIComponent(task.id)}/graph.png?t=${Date.now()}`);
         card.node.append(card.title, card.picture, card.engines, card.streams);
         taskCards.set(task.id, card);
         list.append(card.node);
@@ -574,7 +589,7 @@ function route() {
     refreshStreams();
   }
   if (view === "graph") {
-    $("g-picture").src = `/graph.png?t=${Date.now()}`;
+    $("g-picture").src = withToken(`/graph.png?t=${Date.now()}`);
     refreshGraph();
   }
 }
