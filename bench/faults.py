@@ -76,6 +76,12 @@ class Fault(Engine):
                 for child in psutil.Process().children():
                     os.kill(child.pid, sig)
         self.send(msg)
+
+
+def slow_copy(msg):
+    """A `map` function: the message, after 2 ms of work."""
+    time.sleep(0.002)
+    return msg
 '''
 
 
@@ -415,11 +421,49 @@ def fair_drop(guard: float, consumer: str) -> Outcome:
         run.close()
 
 
+def child_pids(proc: subprocess.Popen) -> list[int]:
+    """The engine processes a `graphflow launch`/`serve` process started (multiprocessing spawns them)."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(proc.pid).children() if "multiprocessing" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def kill_child_later(delay: float) -> Callable[[subprocess.Popen], None]:
+    """A `during` hook: SIGKILL the launch's engine process `delay` seconds after it appeared."""
+    def kill(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 30
+        while not child_pids(proc) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay)
+        for pid in child_pids(proc):
+            os.kill(pid, signal.SIGKILL)
+    return kill
+
+
+def restart_loss(guard: float) -> Outcome:
+    """800 frames through a process engine with `restart: on-failure`, SIGKILLed from outside mid-run: what its
+    dead incarnation held (in its inbox, on the connections to and from it) is delivered or counted."""
+    run = Run("restart-loss", guard)
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 800, "rate": 200.0, "shape": [120, 160, 3]}},
+                       "mid": {"type": "map", "placement": "process", "restart": "on-failure",
+                               "params": {"function": "faultengines:slow_copy"}},
+                       "out": recorder(run)},
+           "connections": [["src.out", "mid.in"], ["mid.out", "out.in"]], "settings": {"shutdown_timeout": 5}}
+    try:
+        return run.finish(run.launch(doc, kill_child_later(4.0)), 800)
+    finally:
+        run.close()
+
+
 SCENARIOS: dict[str, Callable[[float], Outcome]] = {
     "slow-xproc": lambda g: slow_consumer(g, [1080, 1920, 3], 30, "thread"),
     "slow-xproc-4k": lambda g: slow_consumer(g, [2160, 3840, 3], 12, "process"),
     "source-killed": source_killed,
     "middle-killed": middle_killed,
+    "restart-loss": restart_loss,
     "stalled": stalled,
     "disk-full": disk_full,
     "broker-outage": broker_outage,

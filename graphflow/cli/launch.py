@@ -110,8 +110,9 @@ def summary_lines(summary: runtime.Summary, graph: graph_mod.Graph, stats_file: 
     streams: dict[str, list[Any]] = {}
     for name in sources:
         per = _sources(stats[name])
-        for stream, frames in sorted(stats[name].get("streams", {}).items()):
-            src = per.get(stream, {})
+        counts = stats[name].get("streams", {})
+        for stream in sorted(set(counts) | set(per)):  # a stream that failed before its first frame has no count
+            frames, src = counts.get(stream, 0), per.get(stream, {})
             delivered = max((stats[k].get("streams", {}).get(stream, 0) for k in sinks), default="-")
             streams[stream] = [stream, frames, f"{frames / wall:.1f}", delivered, src.get("state", "-")]
     if streams:

@@ -389,6 +389,9 @@ class Actor:
             self.stats.metrics["shm"] = {"slots_busy": sum(p.in_use() for p in pools), "waits": sum(p.waits for p in pools),
                                          "drops": self.shm_drops, "reclaimed": sum(p.reclaimed for p in pools)}
         snap = dict(self.stats.__dict__)  # nested dicts copied: the engine's thread goes on counting
+        own = self.stats.metrics.get("errors")  # errors the engine reported itself (decode: sources that failed)
+        if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+            snap["errors"] += own
         for key in ("streams", "lost_reasons", "dropped_streams"):
             snap[key] = dict(snap[key])
         snap["last_seq"] = {port: dict(by) for port, by in list(snap["last_seq"].items())}
