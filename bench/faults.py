@@ -426,7 +426,7 @@ def child_pids(proc: subprocess.Popen) -> list[int]:
     import psutil
 
     try:
-        return [c.pid for c in psutil.Process(proc.pid).children() if "multiprocessing" in " ".join(c.cmdline())]
+        return [c.pid for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
     except psutil.Error:
         return []
 

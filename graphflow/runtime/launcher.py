@@ -102,6 +102,15 @@ class Launcher:
         """Every engine's stats as last reported: complete dicts, a restarted engine's counters continued."""
         return self.tally.all()
 
+    def down(self) -> dict[str, tuple[bool, str]]:
+        """Engines that are not running while the graph runs, from any thread: engine → (gone for good, why); a
+        process that died and waits for its restart is down but not gone."""
+        out = self.supervisor.down() if self.supervisor is not None else {}
+        for actor in self.local.actors if self.local is not None else ():
+            if actor.stats.state == "exited":
+                out[actor.node.id] = (True, f"engine {actor.node.id!r} {actor.stats.error}")
+        return out
+
     def _report(self, kind: str, text: Any) -> None:
         """A report of this process's engines (or forwarded from a child's)."""
         if kind == "error":

@@ -197,6 +197,7 @@ class Child:
     cause: str = ""  # what its engine said before it was killed (an early exit)
     due: float | None = None
     gone: bool = False
+    death: str = ""  # the cause of its last death
 
     @property
     def what(self) -> str:
@@ -305,7 +306,7 @@ class Supervisor:
                 c.proc.kill()
 
     def _died(self, c: Child, cause: str, now: float, stopping: bool) -> None:
-        c.died, c.ready, c.handled = now, False, True
+        c.died, c.ready, c.handled, c.death = now, False, True, cause
         for node in c.nodes:
             self.tally.died(node.id, cause, node.cls.is_source())
         if now - c.started >= self.window:
@@ -350,6 +351,20 @@ class Supervisor:
     def _gone(self, engine: str) -> bool:
         child = self.children.get(self.host_of[engine])
         return child is not None and child.gone
+
+    def down(self) -> dict[str, tuple[bool, str]]:
+        """Engines whose process is not running now: engine → (gone for good, why), for health reports. Safe from
+        other threads (only fields this supervisor sets are read, no process is polled): a poll (50 ms) behind."""
+        out = {}
+        for c in list(self.children.values()):
+            if c.gone:
+                why = f"{c.what} died ({c.death or 'not restarted'}) and is not restarted"
+            elif c.died is not None and not c.ready:
+                why = f"{c.what} died ({c.death}); restarting ({c.restarts}/{min(n.max_restarts for n in c.nodes)})"
+            else:
+                continue
+            out.update({n.id: (c.gone, why) for n in c.nodes})
+        return out
 
     def silent(self, now: float, limit: float) -> list[tuple[Child, float]]:
         """Live children whose last stats are older than `limit` seconds (stopped or stuck), with that age."""

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graphflow.errors import GraphflowError
+from graphflow.errors import GraphflowError, Unavailable
 from graphflow.graph.model import Graph
 from graphflow.message import Message
 from graphflow.serve.live import LiveFeed
@@ -71,6 +71,9 @@ class Service:
         with self.lock:
             if stream in self.specs:
                 raise FileExistsError(f"stream {stream!r} exists (DELETE it first)")
+        trouble = self.not_ready()
+        if trouble:  # its frames could not get through: refused rather than accepted and starved
+            raise Unavailable(f"streams: not accepting streams now: {trouble}")
         self._check_uri(spec)
         self._open(spec, None)
         self.store.put_stream(spec)
@@ -119,10 +122,24 @@ class Service:
                 raise KeyError(stream)
             spec, meter = self.specs[stream], self.meters.get(stream) or StreamMeter()
         src = self._state(stream)
-        return {"id": stream, "uri": spec["uri"], "state": src.get("state", "connecting"),
+        state, error = self._health(src.get("state", "connecting"), src.get("error", ""))
+        return {"id": stream, "uri": spec["uri"], "state": state,
                 "frames": meter.frames, "fps": round(meter.fps(time.monotonic()), 2),
                 "drops": self._drops(stream),
-                "events": meter.events, "latency_ms": meter.percentiles(), "error": src.get("error", "")}
+                "events": meter.events, "latency_ms": meter.percentiles(), "error": error}
+
+    def _health(self, state: str, error: str) -> tuple[str, str]:
+        """A stream's state and error as the graph's health changes them: a stream still being read is `failed`
+        when an engine is gone for good (its frames go nowhere), `stalled` while one restarts."""
+        if state in ("ended", "failed", "stopped"):
+            return state, error
+        down = self.launcher.down()
+        gone = [why for lost, why in down.values() if lost]
+        if gone or not self.thread.is_alive():
+            return "failed", gone[0] if gone else "the graph has stopped"
+        if down:
+            return "stalled", next(iter(down.values()))[1]
+        return state, error
 
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -165,10 +182,20 @@ class Service:
         return {"name": self.topology.name, "engines": nodes, "connections": edges}
 
     def healthy(self) -> bool:
-        return self.thread.is_alive()
+        """The graph runs and no engine is gone for good (one restarting is still healthy)."""
+        return self.thread.is_alive() and not any(gone for gone, _ in self.launcher.down().values())
 
     def ready(self) -> bool:
-        return self.launcher.started.is_set() and self.thread.is_alive()
+        return not self.not_ready()
+
+    def not_ready(self) -> str:
+        """Why the service cannot take streams now, "" when it can: starting, stopped, or an engine down."""
+        if not self.thread.is_alive():
+            return "the graph has stopped" + (f" ({self.launcher.stop_reason})" if self.launcher.stop_reason else "")
+        if not self.launcher.started.is_set():
+            return "the graph is starting (engines setting up)"
+        down = self.launcher.down()
+        return "; ".join(sorted({why for _, why in down.values()}))
 
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
         self.flush_events()

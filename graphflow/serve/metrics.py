@@ -40,6 +40,7 @@ class _Collector:
 
     def collect(self) -> Any:
         yield from engine_families(dict(self.service.launcher.stats))
+        yield health_family(self.service)
         with self.service.lock:
             meters = dict(self.service.meters)
         yield from stream_families(meters, time.monotonic())
@@ -61,6 +62,21 @@ def engine_families(stats: dict[str, dict[str, Any]]) -> list[Any]:
         for key, value in engine_gauges(s).items():
             gauges[key].add_metric([eid], value)
     return [*counters.values(), *gauges.values()]
+
+
+def health_family(service: Any) -> Any:
+    """graphflow_engine_up{engine}: 1 while the engine runs, 0 while its process is dead (restarting or gone)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from graphflow.serve.tap import TAP
+
+    down = service.launcher.down()
+    up = GaugeMetricFamily("graphflow_engine_up", "1: the engine runs; 0: its process died (restarting or gone)",
+                           labels=["engine"])
+    for eid in service.topology.nodes:
+        if eid != TAP:
+            up.add_metric([eid], 0.0 if eid in down else 1.0)
+    return up
 
 
 def engine_gauges(s: dict[str, Any]) -> dict[str, float]:
