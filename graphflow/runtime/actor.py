@@ -317,6 +317,7 @@ class Actor:
             if discard:
                 self.stats.lost += 1
                 self.stats.lost_reasons["received after the engine exited"] = self.stats.lost
+                self.inbox.counts[2] += 1  # counted lost already: no longer held
                 continue
             item.port = self.inbox.ports[i]
             self._count(item)
@@ -324,6 +325,7 @@ class Actor:
             self._guarded("process", self.engine.process, item, msg=item)
             self._held = None
             self.stats.finished += 1
+            self.inbox.counts[2] += 1
 
     def _stream_end(self, i: int, end: StreamEnd) -> None:
         """A stream's end on input i: once it has come on every input its source feeds, the engine frees the

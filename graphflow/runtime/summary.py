@@ -7,7 +7,7 @@ from typing import Any
 import zmq
 
 from graphflow.graph.model import Graph, Node
-from graphflow.message import EOS
+from graphflow.message import EOS, unpack
 from graphflow.runtime.links import encode
 
 
@@ -43,8 +43,9 @@ class Graveyard:
 
     def __init__(self, graph: Graph, host_of: dict[str, str], rundir: str, ctx: zmq.Context) -> None:
         self.graph, self.host_of, self.rundir, self.ctx = graph, host_of, rundir, ctx
-        self.socks: list[tuple[zmq.Socket, str]] = []  # (socket, engine whose inputs it discards, or "")
+        self.socks: list[tuple[zmq.Socket, str, int]] = []  # (socket, engine whose inputs it discards or "", edge)
         self.discarded: dict[str, int] = {}
+        self.arrived: dict[int, int] = {}  # per connection, messages received and discarded here
 
     def bury(self, node: Node) -> None:
         host = self.host_of[node.id]
@@ -57,7 +58,7 @@ class Graveyard:
                 pull = self.ctx.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
                 pull.bind(f"ipc://{self.rundir}/e{i}")
-                self.socks.append((pull, node.id))
+                self.socks.append((pull, node.id, i))
         self.discarded.setdefault(node.id, 0)
 
     def end(self, edge: int) -> None:
@@ -67,14 +68,17 @@ class Graveyard:
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(f"ipc://{self.rundir}/e{edge}")
         push.send_multipart(encode(EOS), zmq.NOBLOCK)
-        self.socks.append((push, ""))
+        self.socks.append((push, "", edge))
 
     def drain(self) -> None:
-        for sock, engine in self.socks:
+        for sock, engine, edge in self.socks:
             while engine and sock.poll(0):
-                sock.recv_multipart(copy=False)
+                head = unpack(sock.recv_multipart(copy=False)[0].buffer)
+                if "eos" in head or "end" in head:
+                    continue  # an end marker, not a message
                 self.discarded[engine] += 1
+                self.arrived[edge] = self.arrived.get(edge, 0) + 1
 
     def close(self) -> None:
-        for sock, _ in self.socks:
+        for sock, _, _ in self.socks:
             sock.close()
