@@ -17,7 +17,7 @@ import zmq
 
 from graphflow.errors import GraphflowError
 from graphflow.graph.model import Graph, Node
-from graphflow.runtime import ledger
+from graphflow.runtime.ledger import totals
 from graphflow.runtime.actor import Stats
 from graphflow.runtime.child import child_main, command_endpoint
 from graphflow.runtime.links import ack_path
@@ -454,7 +454,7 @@ class Launcher:
         died = {name for name, c in children.items() if c.died is not None}
         if self.forced or not died:
             return
-        edges, _ = ledger.totals(self.rundir, len(self.graph.edges), len(self.graph.nodes))
+        edges, _ = totals(self.rundir, len(self.graph.edges), len(self.graph.nodes))
         for i, e in enumerate(self.graph.edges):
             src, dst = self.host_of[e.src], self.host_of[e.dst]
             resent = self.graph.nodes[e.src].cls.is_source() and src in died and not children[src].gone
