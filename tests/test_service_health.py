@@ -94,9 +94,66 @@ def test_an_engine_with_restart_on_failure_comes_back_and_the_service_is_ready_a
         wait_for(lambda: server.call("GET", "/readyz")[0] == 200, what="ready again")
         frames = server.call("GET", "/streams/cam1")[1]["frames"]
         wait_for(lambda: server.call("GET", "/streams/cam1")[1]["frames"] > frames + 5, what="frames again")
-        assert server.call("GET", "/streams/cam1")[1]["state"] == "running"
+        # frames dropped while it was down make it `lagging` for a few seconds, then it is running again
+        wait_for(lambda: server.call("GET", "/streams/cam1")[1]["state"] == "running", what="running again")
         assert engine_up(server) == {"src": 1.0, "mid": 1.0}
         running_stream(server, site, "cam2")
     finally:
         code = server.stop()
     assert code == 3, server.log.read_text()  # recovered; the death is counted as an error
+
+
+SLOW = '''
+import time
+from pathlib import Path
+
+from graphflow import Engine, Param
+
+
+class Slow(Engine):
+    """Passes frames on, with no tracks, after the delay (seconds) written in the file `delay`, read per frame."""
+    delay = Param(str)
+
+    def process(self, msg):
+        time.sleep(float(Path(self.delay).read_text()))
+        msg.data["tracks"] = []  # for the rule engine after it, which the service's tap listens to
+        self.send(msg)
+'''
+
+
+def test_a_stream_the_graph_cannot_keep_up_with_drops_frames_and_shows_lagging(tmp_path: Path):
+    """A 25 fps live stream (a file at its pace) into an engine doing 5 fps: the service's source connection drops
+    the oldest frames (the graph gives no policy), so latency stays bounded; the stream shows `lagging` (API,
+    metric, one log line) until the engine is fast again."""
+    (tmp_path / "slowmod.py").write_text(SLOW)
+    delay = tmp_path / "delay"
+    delay.write_text("0.2")
+    graph = {"engines": {"src": {"type": "decode", "params": {"sources": []}},
+                         "slow": {"type": "slowmod:Slow", "params": {"delay": str(delay)}},
+                         "zone": {"type": "rule", "params": {"rules": []}}},
+             "connections": [["src", "slow"], ["slow", "zone"]], "settings": {"shutdown_timeout": 5, "stats_interval": 0.2}}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    shutil.copy(DEMO, tmp_path / "clip.mp4")
+    server = Server(tmp_path)
+    try:
+        spec = {"id": "cam", "uri": str(tmp_path / "clip.mp4"), "loop": True, "realtime": True}
+        assert server.call("POST", "/streams", spec)[0] == 201
+        cam = wait_for(lambda: (s := server.call("GET", "/streams/cam")[1])["state"] == "lagging" and s,
+                       what="lagging")
+        wait_for(lambda: server.call("GET", "/streams/cam")[1]["frames"] > 40, timeout=60, what="8 s of frames")
+        cam = server.call("GET", "/streams/cam")[1]
+        # 8 s behind a 5 fps engine with `block` would be ~6 s late and growing; dropped, it stays within the
+        # queue's 8 frames (1.6 s) and the engine's own frame
+        assert cam["state"] == "lagging" and cam["drops"] > 50 and cam["latency_ms"]["p95"] < 3000, cam
+        text = server.call("GET", "/metrics")[1]
+        families = {f.name: f for f in prometheus.text_string_to_metric_families(text)}
+        assert [s.value for s in families["graphflow_stream_lagging"].samples if s.labels["stream"] == "cam"] == [1]
+        assert [s.value for s in families["graphflow_stream_drops"].samples if s.name.endswith("_total")][0] > 50
+
+        delay.write_text("0")
+        wait_for(lambda: server.call("GET", "/streams/cam")[1]["state"] == "running", timeout=30, what="keeps up")
+    finally:
+        code = server.stop()
+    log = server.log.read_text()
+    assert code == 0, log  # drops by a policy are not losses
+    assert log.count("stream 'cam' is lagging") == 1 and log.count("stream 'cam' keeps up again") == 1, log

@@ -65,7 +65,7 @@ OPENAPI: dict[str, Any] = {
                 "additionalProperties": True},
             "Stream": {"type": "object", "properties": {
                 "id": {"type": "string"}, "uri": {"type": "string"}, "state": {"type": "string", "enum": [
-                    "connecting", "running", "reconnecting", "stalled", "failed", "ended", "stopped"]},
+                    "connecting", "running", "lagging", "reconnecting", "stalled", "failed", "ended", "stopped"]},
                 "frames": {"type": "integer"}, "fps": {"type": "number"}, "drops": {"type": "integer"},
                 "latency_ms": {"type": "object", "properties": {"p50": {"type": "number"}, "p95": {"type": "number"}}}}},
             "Rules": {"type": "array", "items": {"type": "object"}},

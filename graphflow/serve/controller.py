@@ -35,7 +35,7 @@ class Service:
         self.lock = threading.Lock()
         self.pending: list[tuple[float, str, str, dict[str, Any]]] = []
         self.previews = Previews(max_fps=preview_fps, max_width=preview_width)
-        self.launcher = runtime.Launcher(graph, services={TAP: self})
+        self.launcher = runtime.Launcher(graph, on_progress=self._watch_lag, services={TAP: self})
         self.thread = threading.Thread(target=self._run, name="graph", daemon=True)
         self.summary: Any = None
         self.started = time.monotonic()
@@ -112,9 +112,24 @@ class Service:
         stats = self.launcher.stats.get(self.source, {})
         return ((stats.get("metrics") or {}).get("sources") or {}).get(stream, {})
 
-    def _drops(self, stream: str) -> int:
+    def _drops(self, stream: str, stats: dict[str, dict[str, Any]] | None = None) -> int:
         """Frames of `stream` dropped on the way by a drop policy (frames thinned by its `fps` are not drops)."""
-        return sum(int((s.get("dropped_streams") or {}).get(stream, 0)) for s in self.launcher.stats.values())
+        stats = self.launcher.stats if stats is None else stats
+        return sum(int((s.get("dropped_streams") or {}).get(stream, 0)) for s in stats.values())
+
+    def _watch_lag(self, stats: dict[str, dict[str, Any]]) -> None:
+        """At each stats interval: which streams cannot keep up (dropping frames, or late); one log line when a
+        stream starts lagging and one when it keeps up again."""
+        now = time.monotonic()
+        with self.lock:
+            meters = dict(self.meters)
+        for stream, meter in meters.items():
+            change = meter.watch(now, self._drops(stream, stats))
+            if change is True:
+                log.warning("stream %r is lagging: the graph cannot keep up with it (%d frames dropped so far, "
+                            "p50 latency %s ms)", stream, meter.drops, meter.percentiles()["p50"])
+            elif change is False:
+                log.warning("stream %r keeps up again (%d frames dropped in all)", stream, meter.drops)
 
     def stream(self, stream: str) -> dict[str, Any]:
         with self.lock:
@@ -123,6 +138,8 @@ class Service:
             spec, meter = self.specs[stream], self.meters.get(stream) or StreamMeter()
         src = self._state(stream)
         state, error = self._health(src.get("state", "connecting"), src.get("error", ""))
+        if state == "running" and meter.lagging:
+            state = "lagging"
         return {"id": stream, "uri": spec["uri"], "state": state,
                 "frames": meter.frames, "fps": round(meter.fps(time.monotonic()), 2),
                 "drops": self._drops(stream),

@@ -28,8 +28,27 @@ def prepare_graph(graph_doc: dict[str, Any]) -> tuple[str, str | None, str]:
     params["wait_for_sources"] = True
     listen = rules[0] if rules else src
     engines[TAP] = {"type": "graphflow.serve.tap:Tap"}
-    graph_doc.setdefault("connections", []).append([f"{listen}.out", f"{TAP}.in"])
+    connections = graph_doc.setdefault("connections", [])
+    if isinstance(connections, list):
+        connections[:] = [live_edge(c, src) for c in connections]
+    connections.append([f"{listen}.out", f"{TAP}.in"])
     return src, (rules[0] if rules else None), listen
+
+
+LIVE_POLICY = "drop_oldest"  # connections out of a service's source, unless the graph gives a policy
+
+
+def live_edge(connection: Any, source: str) -> Any:
+    """A connection out of the service's source engine with no policy of its own, made LIVE_POLICY: cameras do not
+    wait, so a graph that cannot keep up drops each stream's oldest frames (counted) instead of falling ever further
+    behind. Anything else is left as it is (the loader checks it)."""
+    edge = connection
+    if isinstance(connection, list) and len(connection) == 2:
+        edge = {"from": connection[0], "to": connection[1]}
+    if isinstance(edge, dict) and isinstance(edge.get("from"), str) \
+            and edge["from"].partition(".")[0] == source and "policy" not in edge:
+        return {**edge, "policy": LIVE_POLICY}
+    return connection
 
 
 MALLOC_ARENAS = 2  # a long-lived service's malloc arenas (see graphflow.runtime.memory.limit_arenas), unless set already

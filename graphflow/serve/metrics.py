@@ -102,12 +102,18 @@ def stream_families(meters: dict[str, Any], now: float) -> list[Any]:
     frames = CounterMetricFamily("graphflow_stream_frames", "frames at the end of the graph", labels=["stream"])
     events = CounterMetricFamily("graphflow_stream_events", "analytics events", labels=["stream"])
     latency = HistogramMetricFamily("graphflow_stream_latency_seconds", "capture to end of graph", labels=["stream"])
+    drops = CounterMetricFamily("graphflow_stream_drops", "frames dropped on the way by a drop policy",
+                                labels=["stream"])
+    lagging = GaugeMetricFamily("graphflow_stream_lagging", "1 while the graph cannot keep up with the stream "
+                                "(dropping its frames, or late)", labels=["stream"])
     for stream, meter in meters.items():
         fps.add_metric([stream], meter.fps(now))
         frames.add_metric([stream], meter.frames)
         events.add_metric([stream], meter.events)
         latency.add_metric([stream], latency_buckets(meter.buckets), meter.latency_sum)
-    return [fps, frames, events, latency]
+        drops.add_metric([stream], meter.drops)
+        lagging.add_metric([stream], float(meter.lagging))
+    return [fps, frames, events, latency, drops, lagging]
 
 
 def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:
