@@ -55,7 +55,7 @@ def running_stream(server: Server, site: Path, stream: str = "cam1") -> None:
 
 def test_an_engine_gone_for_good_makes_the_service_not_ready_and_it_exits_non_zero(tmp_path: Path):
     site = site_with(tmp_path, {})
-    server = Server(site)
+    server = Server(site, "--stats", str(tmp_path / "stats.json"))
     try:
         running_stream(server, site)
         assert server.call("GET", "/readyz") == (200, {"ready": True})
@@ -80,6 +80,8 @@ def test_an_engine_gone_for_good_makes_the_service_not_ready_and_it_exits_non_ze
     log = server.log.read_text()
     assert code == 1, log
     assert f"engine 'mid' (process {pid}) died: killed by SIGKILL" in log
+    stats = json.loads((tmp_path / "stats.json").read_text())  # serve --stats: the run's summary, as launch's
+    assert stats["exit_code"] == 1 and stats["engines"]["mid"]["state"] == "died" and stats["failed"]
 
 
 def test_an_engine_with_restart_on_failure_comes_back_and_the_service_is_ready_again(tmp_path: Path):

@@ -22,6 +22,7 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--media", action="append", default=[], metavar="DIR",
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE", help="override a param")
+    p.add_argument("--stats", metavar="FILE", help="at exit, write every counter and metric as JSON (as launch does)")
     p.add_argument("--ray", metavar="auto|ADDRESS", help="run one graph replica per node of this Ray cluster "
                    "(needs graphflow[cluster]); streams are placed on the nodes")
     p.set_defaults(fn=_cmd_serve)
@@ -41,7 +42,7 @@ def _cmd_serve(args: Any) -> int:
     from graphflow import graph as graph_mod
 
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set), args.ray)
+                 graph_mod.parse_set(args.set), args.ray, args.stats)
 
 
 def _cmd_streams(args: Any) -> int:

@@ -1,7 +1,7 @@
 """How a run ended: the Summary with its exit code, and the Graveyard that stands in for dead engines."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import zmq
@@ -9,6 +9,8 @@ import zmq
 from graphflow.graph.model import Graph, Node
 from graphflow.message import EOS, unpack
 from graphflow.runtime.links import encode
+
+OUTCOMES = {0: "clean", 1: "FAILED", 3: "finished with errors or losses"}  # exit code → its word
 
 
 @dataclass
@@ -34,6 +36,14 @@ class Summary:
         if self.failed:
             return 1
         return 3 if self.lost or any(self.errors_by_engine.values()) else 0
+
+    def document(self, graph: Graph) -> dict[str, Any]:
+        """Everything the run reported, for `--stats FILE`: every field, the exit code and its meaning."""
+        doc: dict[str, Any] = {"graph": graph.name, "file": graph.file, "exit_code": self.exit_code,
+                               "outcome": OUTCOMES.get(self.exit_code, "")}
+        doc.update({f.name: getattr(self, f.name) for f in fields(self)})
+        doc["engines"] = doc.pop("stats")
+        return doc
 
 
 class Graveyard:

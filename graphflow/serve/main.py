@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from graphflow.errors import GraphflowError
+from graphflow.runtime.summary import Summary
 from graphflow.serve.controller import Service
 from graphflow.serve.store import Store
 from graphflow.serve.streams import is_loopback
@@ -67,9 +68,10 @@ def few_malloc_arenas() -> None:
 
 def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None) -> int:
-    """Run the service until SIGINT/SIGTERM; returns the exit code. With `ray` (`auto` or a cluster address) the
-    graph runs as one replica per node of that Ray cluster (graphflow.cluster), behind the same API."""
+          ray: str | None = None, stats: str | None = None) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code, and with `stats` writes the run's summary there
+    as `launch --stats` does. With `ray` (`auto` or a cluster address) the graph runs as one replica per node of
+    that Ray cluster (graphflow.cluster), behind the same API."""
     import json as json_mod
 
     try:
@@ -120,4 +122,7 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     finally:
         service.stop()
         store.close()
-    return service.summary.exit_code if service.summary is not None else 1
+    summary = service.summary
+    if stats and isinstance(summary, Summary):  # (a cluster's summary is its exit code only)
+        Path(stats).write_text(json_mod.dumps(summary.document(g), indent=1, default=str))
+    return summary.exit_code if summary is not None else 1
