@@ -98,7 +98,7 @@ def test_the_runtime_forgets_the_counters_of_streams_long_ended(monkeypatch):
     from graphflow import graph
     from graphflow import runtime
 
-    monkeypatch.setattr(runtime, "ENDED_KEEP", 3)
+    monkeypatch.setattr("graphflow.runtime.actor.ENDED_KEEP", 3)
     doc = {"engines": {"src": {"type": "source", "params": {"count": 2, "streams": 10}},
                        "out": {"type": "sink", "params": {"path": "/dev/null"}}},
            "connections": [["src.out", "out.in"]]}
