@@ -29,6 +29,7 @@ from graphflow.frames import FrameEngine
 from graphflow.media.backends import BACKENDS, make_backend, powers_of_two, stack_batch
 from graphflow.media.models import REGISTRY, ModelSpec, resolve_model
 from graphflow.media.nvdec import is_gpu_frame, letterbox_nv12_batch
+from graphflow.runtime.sharing import STAGES, stage_key
 from graphflow.vision.detect import DetectParams, finish_candidates, postprocess
 from graphflow.vision.letterbox import PinnedStaging, letterbox_batch, letterbox_batch_cupy, letterbox_info
 
@@ -57,11 +58,12 @@ def without_tensor(msg: Message) -> Message:
 
 @dataclass
 class Ticketed:
-    """A frame in infer's batch queue with its number in its stream: a message passed through while frames are
-    queued waits until the frame numbered before it has left."""
+    """A frame in a detector's batch queue with its number in its stream (a message passed through while frames
+    are queued waits until the frame numbered before it has left), and the infer engine it goes back to."""
 
     msg: Message
     ticket: int
+    owner: Infer
 
 
 def frame_names(batch: list[Queued], limit: int = 8) -> str:
@@ -142,43 +144,21 @@ class Infer(FrameEngine):
         return frozenset(ids)
 
     def setup(self) -> None:
-        self.runners = [make_backend(self.backend, self.threads, self.max_batch) for _ in range(self.instances)]
-        for runner in self.runners:
-            runner.load(self.spec.path)
-        self.runner = self.runners[0]
-        policy = BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, queue=self.queue,
-                             drop=self.drop, target_latency_s=self.target_latency_ms / 1e3)
-        self.scheduler = Scheduler(policy, BatchStats(self.max_batch, slots=self.instances))
         self.failures = WorkerFailures()
         self._order_lock = threading.Lock()  # per-stream order of frames and passed-through messages
         self._queued: dict[str, int] = {}  # per stream: ticket of the last frame queued
         self._left: dict[str, int] = {}  # per stream: ticket of the last frame sent on
         self._held: dict[str, list[tuple[int, Message]]] = {}  # per stream: (ticket it waits for, message)
         self._infos: dict[tuple[int, int], dict] = {}  # letterbox info by frame size (`letterbox: true`)
-        self._staging = PinnedStaging()  # letterbox on a GPU backend: the batch's page-locked upload buffer
-        # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
-        self.gpu_decode = all(hasattr(r, "candidates") for r in self.runners)
-        runs = [functools.partial(r.candidates, fmt=self.spec.output_format, p=self.detect) if self.gpu_decode
-                else r.infer for r in self.runners]
-        if self.gpu_decode:  # record each batch size's decode now, not while the first frames wait
-            width, height = self.runner.input.size
-            for run in runs:
-                for size in powers_of_two(self.max_batch):
-                    run(np.zeros((size, 3, height, width), np.float32))
-            if self.letterbox:  # and the batch letterbox: CuPy, its kernel and the pinned upload buffer load on first
-                # use, which would hold a fresh process's first batch long enough for live streams to drop frames
-                frames = [np.zeros((height, width, 3), np.uint8)] * self.max_batch
-                for runner in self.runners:
-                    runner.prepare(letterbox_batch_cupy(frames, self.spec.preprocess, ["bgr"] * len(frames),
-                                                        self._staging))
-        # a GPU backend times its runs on the GPU: busy time is then kernel time, not the host's wait
-        spans = [getattr(r, "device_span", None) for r in self.runners]
-        self.pipeline = BatchPipeline(self.scheduler, self._counted(self._assemble), [self._counted(r) for r in runs],
-                                      self._finish, self._failed, name=self.id, spans=spans)
-        self.pipeline.start()
-        self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d%s", self.spec.name, self.spec.output_format,
-                      self.runner.name, self.instances, list(self.runner.input.size), self.max_batch,
-                      ", decoded on the GPU" if self.gpu_decode else "")
+        self._outstanding = 0  # frames queued in the detector and not yet finished, failed or dropped
+        self._settled = threading.Condition()
+        # engines of other graphs in this process defined alike (the service's tasks) share one detector
+        self.shared = self.context.service(STAGES, None)
+        self.key = stage_key("infer", self.param_values())
+        make = functools.partial(DetectorStage, self)
+        self.stage: DetectorStage = self.shared.acquire(self.key, make) if self.shared is not None else make()
+        self.stage.join(self)
+        self.scheduler, self.runner = self.stage.scheduler, self.stage.runner
 
     def process(self, msg: Message) -> None:
         needs, hint = (("image", "with letterbox: true infer takes decoded frames, not preprocess's tensors")
@@ -188,7 +168,10 @@ class Infer(FrameEngine):
             return
         msg = self._framed(msg) if self.letterbox else self._checked(msg)
         ticket = self._queued[msg.stream] = self._queued.get(msg.stream, 0) + 1
-        self.scheduler.put(msg.stream, Ticketed(msg, ticket), msg.times.get("capture"), self.stopping)
+        with self._settled:
+            self._outstanding += 1
+        if not self.scheduler.put(msg.stream, Ticketed(msg, ticket, self), msg.times.get("capture"), self.stopping):
+            self._settle()
         self.failures.raise_any()
 
     def pass_on(self, msg: Message) -> None:
@@ -251,23 +234,157 @@ class Infer(FrameEngine):
         return msg
 
     def flush(self) -> None:
-        if self.pipeline.drain(self.stopping):
+        """End of every input: wait until this engine's frames have left the detector (others may still use it)."""
+        with self.scheduler.rush(), self._settled:
+            while self._outstanding and not self.stopping.is_set():
+                self._settled.wait(0.1)
+        if not self.stopping.is_set():
             with self._order_lock:  # frames dropped or failed last leave nothing to wait for
                 for stream in list(self._held):
                     self._release(stream, float("inf"))
         self.failures.raise_any()
 
     def teardown(self) -> None:
-        self.pipeline.stop()
+        self.stage.leave(self)
+        if self.shared is None or self.shared.release(self.key):
+            self.stage.close()
 
     def metrics(self) -> dict[str, Any]:
-        return {**self.scheduler.metrics(), **super().metrics(),
+        return {**self.scheduler.metrics(), **super().metrics(), "shared_by": self.stage.users(),
                 "streams_held": len(self.scheduler.queues.keys() | self._queued.keys() | self._held.keys())}
 
-    def _counted(self, work: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """`work` for a worker thread, its time counted as this engine's busy time (the model runs off process())."""
-        def counted(arg: Any) -> Any:
+    def _settle(self, n: int = 1) -> None:
+        """`n` of this engine's frames left the detector (finished, failed or dropped)."""
+        with self._settled:
+            self._outstanding -= n
+            if not self._outstanding:
+                self._settled.notify_all()
+
+    def finished(self, entry: Queued, output: np.ndarray) -> None:
+        """One frame's raw output (or GPU-decoded candidates) to detections in frame pixels; the tensor is dropped,
+        the rest passes on, after held messages of its stream that wait for an earlier frame (dropped or failed) and
+        before those that wait for it."""
+        msg, ticket = without_tensor(entry.item.msg), entry.item.ticket
+        try:
             with self.busy():
+                if self.stage.gpu_decode:
+                    detections = finish_candidates(output, msg.data["letterbox"], frame_size(msg), self.spec.labels,
+                                                   self.detect)
+                else:
+                    detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
+                                             self.spec.labels, self.detect)
+            msg.data = {**msg.data, "detections": detections}
+            if self._held.get(msg.stream):
+                with self._order_lock:
+                    self._release(msg.stream, ticket - 1)
+            self.send(msg)
+            with self._order_lock:
+                self._left[msg.stream] = ticket
+                self._release(msg.stream, ticket)
+        except Stopped:  # this graph is shutting down: nothing downstream takes frames any more
+            self.stage.stopped(self)
+        self._settle()  # (a failure raised above reaches `failed` through the pipeline, which settles it)
+
+    def dropped(self, entry: Queued) -> None:
+        """A drop policy dropped one of this engine's queued frames (counted in the detector's stats)."""
+        self._settle()
+
+    def failed(self, batch: list[Queued], exc: BaseException) -> None:
+        """Frames of this engine failed in the detector: log it and keep it for the next process()/flush() to
+        raise; what waits behind them may go."""
+        text = f"{self.id}: {frame_names(batch)} failed: {type(exc).__name__}: {exc}"
+        self.log.error("%s", text, exc_info=exc)
+        self.failures.add(text)
+        with self._order_lock:
+            for entry in batch:
+                stream, ticket = entry.item.msg.stream, entry.item.ticket
+                if ticket > self._left.get(stream, 0):
+                    self._left[stream] = ticket
+                    self._release(stream, ticket)
+        self._settle(len(batch))
+
+
+class DetectorStage:
+    """A detector and its batching: the model instances, the scheduler (a bounded queue per stream, batches formed
+    across all of them) and the pipeline that runs the batches. One infer engine makes it; in a service, the infer
+    engines of other tasks defined alike (same params) join it, so one model in memory batches every task's
+    streams. Each frame carries the engine that queued it, and its result goes back to that engine only."""
+
+    def __init__(self, maker: Infer) -> None:
+        self.spec, self.letterbox, self.name = maker.spec, maker.letterbox, maker.id
+        self.log = maker.log
+        self.runners = [make_backend(maker.backend, maker.threads, maker.max_batch) for _ in range(maker.instances)]
+        for runner in self.runners:
+            runner.load(self.spec.path)
+        self.runner = self.runners[0]
+        policy = BatchPolicy(max_batch=maker.max_batch, max_wait_s=maker.max_wait_ms / 1e3, queue=maker.queue,
+                             drop=maker.drop, target_latency_s=maker.target_latency_ms / 1e3)
+        self.scheduler = Scheduler(policy, BatchStats(maker.max_batch, slots=maker.instances),
+                                   on_drop=lambda entry: entry.item.owner.dropped(entry))
+        self.owners: list[Infer] = []
+        self.lock = threading.Lock()
+        self._staging = PinnedStaging()  # letterbox on a GPU backend: the batch's page-locked upload buffer
+        # a backend that decodes on the GPU hands over per-frame candidates [k, 6] instead of raw outputs
+        self.gpu_decode = all(hasattr(r, "candidates") for r in self.runners)
+        runs = [functools.partial(r.candidates, fmt=self.spec.output_format, p=maker.detect) if self.gpu_decode
+                else r.infer for r in self.runners]
+        if self.gpu_decode:
+            self._warm(runs, maker.max_batch)
+        # a GPU backend times its runs on the GPU: busy time is then kernel time, not the host's wait
+        spans = [getattr(r, "device_span", None) for r in self.runners]
+        self.pipeline = BatchPipeline(self.scheduler, self._counted(self._assemble), [self._counted(r) for r in runs],
+                                      self._finish, self._failed, name=maker.id, spans=spans)
+        self.pipeline.start()
+        self.log.info("model %s (%s) on %s ×%d, input %s, max_batch %d%s", self.spec.name, self.spec.output_format,
+                      self.runner.name, maker.instances, list(self.runner.input.size), maker.max_batch,
+                      ", decoded on the GPU" if self.gpu_decode else "")
+
+    def _warm(self, runs: list[Callable[[Any], Any]], max_batch: int) -> None:
+        """Record each batch size's GPU decode now, not while the first frames wait; with `letterbox` also the batch
+        letterbox (CuPy, its kernel and the pinned upload buffer load on first use, which would hold a fresh
+        process's first batch long enough for live streams to drop frames)."""
+        width, height = self.runner.input.size
+        for run in runs:
+            for size in powers_of_two(max_batch):
+                run(np.zeros((size, 3, height, width), np.float32))
+        if self.letterbox:
+            frames = [np.zeros((height, width, 3), np.uint8)] * max_batch
+            for runner in self.runners:
+                runner.prepare(letterbox_batch_cupy(frames, self.spec.preprocess, ["bgr"] * len(frames),
+                                                    self._staging))
+
+    def join(self, owner: Infer) -> None:
+        with self.lock:
+            self.owners.append(owner)
+
+    def leave(self, owner: Infer) -> None:
+        with self.lock:
+            self.owners.remove(owner)
+
+    def users(self) -> int:
+        with self.lock:
+            return len(self.owners)
+
+    def stopped(self, owner: Infer) -> None:
+        """`owner`'s graph is shutting down: a detector of its own stops now; a shared one goes on for the others."""
+        if self.users() <= 1:
+            self.pipeline.stop(timeout=0)
+
+    def close(self) -> None:
+        self.pipeline.stop()
+
+    def _busy_owner(self) -> Infer | None:
+        with self.lock:
+            return self.owners[0] if self.owners else None
+
+    def _counted(self, work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`work` for a worker thread, its time counted as the busy time of the first engine using the detector (the
+        model runs off process(); a shared detector's work is counted once, not once per task)."""
+        def counted(arg: Any) -> Any:
+            owner = self._busy_owner()
+            if owner is None:
+                return work(arg)
+            with owner.busy():
                 return work(arg)
         return counted
 
@@ -296,38 +413,12 @@ class Infer(FrameEngine):
         return prepare(letterbox_batch_cupy(frames, self.spec.preprocess, colors, self._staging))
 
     def _finish(self, entry: Queued, output: np.ndarray) -> None:
-        """One frame's raw output (or GPU-decoded candidates) to detections in frame pixels; the tensor is dropped,
-        the rest passes on, after held messages of its stream that wait for an earlier frame (dropped or failed) and
-        before those that wait for it."""
-        msg, ticket = without_tensor(entry.item.msg), entry.item.ticket
-        with self.busy():
-            if self.gpu_decode:
-                detections = finish_candidates(output, msg.data["letterbox"], frame_size(msg), self.spec.labels,
-                                               self.detect)
-            else:
-                detections = postprocess(output, self.spec.output_format, msg.data["letterbox"], frame_size(msg),
-                                         self.spec.labels, self.detect)
-        msg.data = {**msg.data, "detections": detections}
-        try:
-            if self._held.get(msg.stream):
-                with self._order_lock:
-                    self._release(msg.stream, ticket - 1)
-            self.send(msg)
-            with self._order_lock:
-                self._left[msg.stream] = ticket
-                self._release(msg.stream, ticket)
-        except Stopped:  # the graph is shutting down: nothing downstream takes frames any more
-            self.pipeline.stop(timeout=0)
+        entry.item.owner.finished(entry, output)
 
     def _failed(self, batch: list[Queued], exc: BaseException) -> None:
-        """A worker stage failed: log it with its frames and keep it for the next process()/flush() to raise."""
-        text = f"{self.id}: {frame_names(batch)} failed: {type(exc).__name__}: {exc}"
-        self.log.error("%s", text, exc_info=exc)
-        self.failures.add(text)
-        with self._order_lock:  # failed frames leave nothing to wait for: what waits behind them may go
-            for entry in batch:
-                stream, ticket = entry.item.msg.stream, entry.item.ticket
-                if ticket > self._left.get(stream, 0):
-                    self._left[stream] = ticket
-                    self._release(stream, ticket)
-
+        """A worker stage failed: each engine hears of its own frames."""
+        by_owner: dict[int, list[Queued]] = {}
+        for entry in batch:
+            by_owner.setdefault(id(entry.item.owner), []).append(entry)
+        for entries in by_owner.values():
+            entries[0].item.owner.failed(entries, exc)

@@ -9,7 +9,7 @@ from typing import Any
 
 from graphflow import Message, Param
 from graphflow.frames import FrameEngine
-from graphflow.vision.rules import KINDS, RuleSet, check_classes
+from graphflow.vision.rules import RULE_CLASSES, RuleSet, check_rules
 
 log = logging.getLogger(__name__)
 ENDED_KEEP = 256  # ended streams whose event counts stay in the metrics
@@ -24,20 +24,20 @@ class Rule(FrameEngine):
 
     inputs = ("in",)
     outputs = ("out",)
-    rules = Param(list, doc=f'list of {{"kind": {"|".join(KINDS)}, key: value...}}; the keys of each kind are listed '
-                            'under its rule kinds; "attributes" counts only tracks whose second-stage results match, '
-                            'e.g. {"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
+    rules = Param(list, doc=f'list of {{"kind": {"|".join(RULE_CLASSES)}, key: value...}}; the keys of each kind are '
+                            'listed under its rule kinds; "attributes" counts only tracks whose second-stage results '
+                            'match, e.g. {"text": {"regex": "^京A"}, "score": {"min": 0.5}}')
     fps = Param(float, 25.0, ge=0.001, doc="frame rate for event times when a message has no pts")
     forget_after = Param(float, 5.0, ge=0, doc="seconds after which an unseen track is dropped from rule state")
     overlay = Param(bool, True, doc="add data['rules']: each rule's geometry in pixels and counts, for the video sink's osd")
 
     def check(self) -> None:
-        RuleSet(self.rules)
+        check_rules(self.rules)
 
-    @classmethod
-    def check_upstream(cls, params: dict[str, Any], upstream: list[tuple[type, dict[str, Any]]]) -> None:
-        """The classes rules name must be ones the engines upstream give, when any of them declares its classes
-        (`declared_classes`, as infer does for its model); with none declared, any name is accepted."""
+    @staticmethod
+    def upstream_classes(upstream: list[tuple[type, dict[str, Any]]]) -> dict[int, str] | None:
+        """The class ids and labels the engines upstream (class, params) give, from those that declare them
+        (`declared_classes`, as infer does for its model); None when none does: names cannot be checked."""
         known: dict[int, str] = {}
         declared = False
         for klass, upstream_params in upstream:
@@ -45,8 +45,13 @@ class Rule(FrameEngine):
             if classes is not None:
                 known.update(classes)
                 declared = True
-        if declared:
-            check_classes(params.get("rules", []), known)
+        return known if declared else None
+
+    @classmethod
+    def check_upstream(cls, params: dict[str, Any], upstream: list[tuple[type, dict[str, Any]]]) -> None:
+        """The classes rules name must be ones the engines upstream give, when any of them declares its classes;
+        with none declared, any name is accepted."""
+        check_rules(params.get("rules", []), cls.upstream_classes(upstream))
 
     def setup(self) -> None:
         self.ruleset = RuleSet(self.rules, forget_after=self.forget_after)

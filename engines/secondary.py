@@ -1,5 +1,6 @@
 """Secondary engine: a second model on the objects a detector found — a classifier (vehicle type, colour) or a CTC
-text recogniser (plates, signs) — whose result is attached to each object as `attributes`.
+text recogniser (plates, signs) — whose result is attached to each object as `attributes`. Stages chain: each adds
+its result under its own `name` beside what earlier stages added (type, colour, plate on one vehicle).
 
 Frames are queued in the batching scheduler infer uses (graphflow.batching: per-stream queues, batches
 across streams in fair rounds, a wait deadline, assemble/run/finish threads); a batch's crops, from all its frames, go
@@ -56,6 +57,8 @@ class Secondary(FrameEngine):
                   doc="ONNX classifier ([N, classes] output) or CTC recogniser ([N, steps, classes]), or ppocr-rec / "
                       "ppocr-cls (PP-OCR, from rapidocr-onnxruntime); `graphflow model inspect` names the params")
     task = Param(str, "auto", choices=("auto", "classify", "text"), doc="classify or text; auto: from the model")
+    name = Param(str, "", doc="the attribute this stage's result goes under, e.g. colour: adds {colour: label, "
+                              "colour_score: score} beside earlier stages' (empty: {label|text, score})")
     labels = Param(str, "", path="read", doc="classify: class names, one a line (else the model's metadata names, "
                                              "else numbers); text: the dictionary, one character a line (else "
                                              "the model's metadata 'character')")
@@ -234,17 +237,24 @@ class Secondary(FrameEngine):
         objects = msg.data[job.field]
         attributes = objects.attributes.copy()
         decode = ctc_decode if self.task_kind == "text" else classify
-        results = dict(zip(job.picks, (decode(row, self.names) for row in output)))
+        results = dict(zip(job.picks, (self._named(decode(row, self.names)) for row in output)))
         with self.reuse_lock:
             for i, track in enumerate(objects.track_ids.tolist()):
                 if i in results:
-                    attributes[i] = results[i]
+                    attributes[i] = {**(attributes[i] or {}), **results[i]}
                     if track >= 0:
                         self.reuse.store(msg.stream, track, results[i])
                 elif track >= 0 and (carried := self.reuse.carried(msg.stream, track)) is not None:
-                    attributes[i] = carried
+                    attributes[i] = {**(attributes[i] or {}), **carried}
         data = {**msg.data, job.field: objects.replace(attributes=attributes)}
         self._send_on(Message(msg.stream, msg.seq, msg.pts, data, msg.arrays, msg.times, msg.port))
+
+    def _named(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A result under this stage's `name`: {"label": "red", "score": 0.9} → {"colour": "red", "colour_score": 0.9}."""
+        if not self.name:
+            return result
+        value = result.get("text", result.get("label"))
+        return {self.name: value, f"{self.name}_score": result.get("score")}
 
     def _send_on(self, msg: Message | StreamEnd) -> None:
         """Send from the finishing thread; a closed output means the graph is stopping."""

@@ -1,26 +1,16 @@
-"""`sink`: write each message's metadata as one JSON line, to a file or stdout."""
+"""`sink`: each message's metadata as one JSON line, to a file or stdout — a preset of publish's `jsonl` sink."""
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from graphflow import Engine, Message, Param, ParamError
-from graphflow.detections import plain
+from graphflow import Engine, Message, Param
 
-
-def message_record(msg: Message, arrays: bool = False) -> dict[str, Any]:
-    """A message as a JSON-ready dict: stream, seq, pts, data, times (and array shapes if asked)."""
-    record: dict[str, Any] = {"stream": msg.stream, "seq": msg.seq, "pts": msg.pts, **plain(msg.data)}
-    if arrays:
-        record["arrays"] = {k: [list(a.shape), a.dtype.str] for k, a in msg.arrays.items()}
-    record["times"] = msg.times
-    return record
+from graphflow.engines.publish.files import JsonlSink
 
 
 class Sink(Engine):
-    """Appends one JSON line per message to `path` ("-" = stdout), flushed so nothing is lost on stop.
+    """Appends one JSON line per message to `path` ("-" = stdout): publish's `jsonl` sink with `what: frames`, so
+    a full disk leaves whole lines only and counts the rest as lost; a previous run's file is kept beside it.
 
     Messages that are not frames (totals, events) are written too, each as its own line."""
 
@@ -30,20 +20,16 @@ class Sink(Engine):
     times = Param(bool, True, doc="include per-engine wall-clock timestamps")
 
     def check(self) -> None:
-        if self.path != "-" and not Path(self.path).resolve().parent.is_dir():
-            raise ParamError("path", f"directory of {self.path!r} does not exist")
+        self.spec = JsonlSink.check_spec("", {"path": self.path, "arrays": self.arrays, "times": self.times})
 
     def setup(self) -> None:
-        self.file: IO[str] = sys.stdout if self.path == "-" else open(self.path, "w", buffering=1)
+        self.out = JsonlSink(self.spec, self, 0, where="")
 
     def process(self, msg: Message) -> None:
-        record = message_record(msg, self.arrays)
-        if not self.times:
-            del record["times"]
-        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.out.accept(msg)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"lost": self.out.lost, "written": self.out.written, "error": self.out.error}
 
     def teardown(self) -> None:
-        if self.file is sys.stdout:
-            sys.stdout.flush()
-        else:
-            self.file.close()
+        self.out.finish()

@@ -103,9 +103,12 @@ class EngineContext:
         arr = self._slot(shape, dtype, port) if self._slot is not None else None
         return arr if arr is not None else np.empty(shape, dtype)
 
-    def service(self, name: str) -> Any:
+    def service(self, name: str, default: Any = REQUIRED) -> Any:
         """A collaborator the process running this engine was handed by name (`Launcher(services=...)`): how an
-        engine placed in a thread reaches the object that started the graph, without a global."""
+        engine placed in a thread reaches the object that started the graph, without a global; `default` when
+        there is none (without a default, a one-line error)."""
+        if name not in self._services and default is not REQUIRED:
+            return default
         if name not in self._services:
             raise GraphflowError(f"engine {self.engine_id!r} needs {name!r}, which only the process that starts this "
                                  f"graph with it can hand over (place the engine in a thread of that process)")
@@ -156,6 +159,10 @@ class Engine:
         for klass in reversed(cls.__mro__):
             found.update({k: v for k, v in vars(klass).items() if isinstance(v, Param)})
         return found
+
+    def param_values(self) -> dict[str, Any]:
+        """Every declared param's value (as given, else its default), by name: what this engine was defined as."""
+        return {name: getattr(self, name) for name in self.declared_params()}
 
     @classmethod
     def is_source(cls) -> bool:

@@ -579,18 +579,16 @@ def test_page_asks_for_the_token_once_and_sends_it(feeds, page):
 # the page over the real service -----------------------------------------------------------------------------------
 @pytest.fixture
 def service(tmp_path):
-    from graphflow.graph.loader import build
     from graphflow.serve.controller import Service
-    from graphflow.serve.main import prepare_graph
     from graphflow.serve.store import Store
+    from graphflow.serve.task import build_task
 
     doc = json.loads((ROOT / "graphs" / "demo.json").read_text())
     del doc["engines"]["out"]  # no files: the service's tap ends the graph
     doc["connections"] = [c for c in doc["connections"] if "out.in" not in c]
-    source, rule, _ = prepare_graph(doc)
     store = Store(tmp_path / "state.db")
-    svc = Service(build(doc, str(tmp_path / "graph.json")), store, source, rule, [VIDEO.parent])
-    svc.start()
+    svc = Service(store, [VIDEO.parent])
+    svc.start([build_task("demo", doc, str(tmp_path / "graph.json"))])
     srv = Server(svc)
     yield svc, srv
     srv.close()

@@ -116,7 +116,8 @@ def test_publish_setup_failing_half_way_closes_the_sinks_it_opened(tmp_path):
                         {"kind": "jsonl", "path": str(tmp_path / "sub" / "b.jsonl")}]}
     harness = Harness(Publish, params)
     harness.engine.check()
-    shutil.rmtree(tmp_path / "sub")  # gone between validation and start: the second sink cannot open
+    shutil.rmtree(tmp_path / "sub")  # a file in its place between validation and start: the second sink cannot open
+    (tmp_path / "sub").write_text("in the way")
     before = open_fds()
     with pytest.raises(ParamError, match=r"sinks\[1\]\.path: cannot open"):
         harness.engine.setup()

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from graphflow.graph import fields, load as graph
+from graphflow import graph
+from graphflow.graph import fields
 from graphflow.errors import GraphflowError
 from graphflow.graph.restrictions import SAFE_ENGINES, Restrictions
 
@@ -217,7 +218,7 @@ def test_mutated_example_graphs_restricted(workdir, doc):
                     modules=("graphflow.examples",))
     try:
         with time_limit(LIMIT_S):
-            g = graph.build(doc, "untrusted.json", policy=policy)
+            g = graph.build(doc, "untrusted.json", restrictions=policy)
     except GraphflowError as exc:
         assert "\n" not in str(exc) and str(exc).isprintable(), repr(str(exc))
         return

@@ -112,10 +112,10 @@ def test_mot_sink_round_trip(tmp_path):
                {"box": [100.0, 0.0, 110.0, 30.0], "score": 0.5, "track_id": 4}]]
     msgs = [Message(stream=s, seq=i, data={"tracks": t}) for i, t in enumerate(tracks) for s in ("cam/1", "cam2")]
     run_engine(Publish, {"sinks": [{"kind": "mot", "path": str(tmp_path / "res_{stream}.txt")}]}, msgs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["res_cam2.txt", "res_cam_1.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res_cam2.txt", "res_cam_1~e77d7fc476.txt"]  # cam/1 → its safe name
     lines = (tmp_path / "res_cam2.txt").read_text().splitlines()
     assert lines[0] == "1,3,10.00,20.00,30.00,40.00,0.9,-1,-1,-1"
-    table = read_mot(tmp_path / "res_cam_1.txt")
+    table = read_mot(tmp_path / "res_cam_1~e77d7fc476.txt")
     assert table.frames.tolist() == [1, 3, 3] and table.ids.tolist() == [3, 3, 4]
     np.testing.assert_allclose(table.boxes, [t["box"] for ts in tracks for t in ts])
     np.testing.assert_allclose(table.conf, [0.9, 0.75, 0.5])

@@ -21,7 +21,8 @@ import redis
 import zmq
 from PIL import Image
 
-from graphflow.engines.publish import Publish, ZmqSink
+from graphflow.engines.publish import Publish
+from graphflow.engines.publish.brokers import ZmqSink
 from graphflow.engines.rule import Rule
 from graphflow import Message, ParamError
 from graphflow.testing import run_engine
@@ -150,19 +151,20 @@ def test_video_has_frames_size_and_boxes(tmp_path):
     assert np.abs(inside - 128).max() < 10
 
 
-@pytest.mark.parametrize("order", [("a", "b/c"), ("b/c", "a")])
+@pytest.mark.parametrize("order", [("a", "b/c", "b_c"), ("b_c", "b/c", "a")])
 def test_video_one_file_per_stream_named_whatever_the_order(tmp_path, order):
+    """A stream id that is not a safe name gets a hash of the real id: `b/c` and `b_c` never share a file."""
     img = np.zeros((32, 32, 3), np.uint8)
     msgs = [Message(stream=s, seq=i, arrays={"image": img}) for i in range(2) for s in order]
     run_engine(Publish, {"sinks": [{"kind": "video", "path": str(tmp_path / "v.mp4")}]}, msgs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.a.mp4", "v.b_c.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.a.mp4", "v.b_c.mp4", "v.b_c~b9e2beb9a0.mp4"]
 
 
 @pytest.mark.parametrize("sinks, field", [
     ([], "sinks"),
     ([{"kind": "jsonl", "path": "-"}, {"kind": "kafka"}], "sinks[1].kind"),
     ([{"kind": "jsonl"}], "sinks[0].path"),
-    ([{"kind": "jsonl", "path": "/no/such/dir/x.jsonl"}], "sinks[0].path"),
+    ([{"kind": "jsonl", "path": "/dev/null/dir/x.jsonl"}], "sinks[0].path"),   # under a file: no folder
     ([{"kind": "redis", "url": "http://x"}], "sinks[0].url"),
     ([{"kind": "redis", "what": "all"}], "sinks[0].what"),
     ([{"kind": "redis", "maxlen": -1}], "sinks[0].maxlen"),
@@ -335,6 +337,9 @@ def scene(seq: int, events: list[dict], color: str = "bgr") -> Message:
                    data={"tracks": [track], "events": events, "color": color, "width": 160, "height": 120})
 
 
+CAM_1 = "cam_1~8df28ca705"  # the safe name of stream "cam 1": not a safe name itself, so a hash of it follows
+
+
 def jpeg(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         assert im.format == "JPEG"
@@ -348,8 +353,8 @@ def test_snapshot_crops_the_event_track_and_bounds_the_count(tmp_path):
     run_engine(engine, messages=[scene(0, ev), scene(1, []), scene(2, [{**EVENT, "event": "exit"}]),
                                  scene(3, [{**EVENT, "event": "enter"}])])
     names = sorted(p.name for p in (tmp_path / "shots").iterdir())
-    assert names == ["cam_1_area_tall_f000000_crowd_start.jpg", "cam_1_door_t7_f000000_enter.jpg",
-                     "cam_1_door_t7_f000002_exit.jpg"]
+    assert names == [f"{CAM_1}_area_tall_f000000_crowd_start.jpg", f"{CAM_1}_door_t7_f000000_enter.jpg",
+                     f"{CAM_1}_door_t7_f000002_exit.jpg"]
     crop = jpeg(tmp_path / "shots" / names[1])
     assert crop.shape == (60, 40, 3)
     assert np.abs(crop[30, 20] - (0, 0, 255)).max() < 30     # the blue person, as RGB
@@ -366,7 +371,7 @@ def test_snapshot_event_filter_modes_and_rgb(tmp_path):
     assert full.name.endswith("_exit.jpg")
     image = jpeg(full)
     assert image.shape == (120, 160, 3) and np.abs(image[60, 60] - (0, 0, 255)).max() < 30
-    annotated = jpeg(tmp_path / "osd" / "cam_1_door_t7_f000000_enter.jpg")
+    annotated = jpeg(tmp_path / "osd" / f"{CAM_1}_door_t7_f000000_enter.jpg")
     assert np.abs(annotated[60, 41] - FLASH_COLOR).max() < 60     # the box edge flashes: an event happened
 
 
@@ -383,8 +388,8 @@ def test_snapshot_disk_failure_is_retried_then_delivered(tmp_path):
         yield scene(2, [])
 
     run_engine(engine, messages=feed())
-    assert sorted(p.name for p in shots.iterdir()) == ["cam_1_door_t7_f000000_enter.jpg",
-                                                       "cam_1_door_t7_f000001_exit.jpg"]
+    assert sorted(p.name for p in shots.iterdir()) == [f"{CAM_1}_door_t7_f000000_enter.jpg",
+                                                       f"{CAM_1}_door_t7_f000001_exit.jpg"]
     assert engine.dropped == 0 and engine.metrics()["sinks"]["0:snapshot"]["pending"] == 0
 
 

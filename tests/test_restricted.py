@@ -36,7 +36,7 @@ def doc(uri="cam1.mp4", sinks=None, model="yolox-nano", **extra):
 
 def refused(document, policy, file="net.json"):
     with pytest.raises(GraphError) as info:
-        graph.build(document, file, policy=policy)
+        graph.build(document, file, restrictions=policy)
     text = str(info.value)
     assert "\n" not in text
     return text
@@ -44,7 +44,7 @@ def refused(document, policy, file="net.json"):
 
 def test_a_plain_graph_inside_the_roots_is_accepted(site):
     tmp, policy = site
-    g = graph.build(doc(), "net.json", policy=policy)
+    g = graph.build(doc(), "net.json", restrictions=policy)
     assert g.nodes["src"].params["sources"][0]["uri"] == str(tmp / "media" / "cam1.mp4")
     assert g.nodes["out"].params["sinks"][0]["path"] == str(tmp / "out" / "events.jsonl")
 
@@ -65,7 +65,7 @@ def test_types_outside_the_allow_list_are_not_imported(site, tmp_path, monkeypat
     assert "engines.x.type: engine type 'this:x' is not allowed" in refused(bad, policy)
     allowed = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, modules=("noisy",))
     bad["engines"]["x"] = {"type": "noisy:E"}
-    assert graph.build(bad, "net.json", policy=allowed).nodes["x"].cls.__name__ == "E"
+    assert graph.build(bad, "net.json", restrictions=allowed).nodes["x"].cls.__name__ == "E"
     assert (tmp_path / "imported").exists()
 
 
@@ -80,7 +80,7 @@ def test_map_functions_and_sink_paths_are_checked(site):
     document["engines"]["fn"]["params"]["function"] = "graphflow.examples:identity"
     allowed = Restrictions(output_root=policy.output_root, media_roots=policy.media_roots, engines=policy.engines,
                      modules=("graphflow.examples",))
-    assert graph.build(document, "net.json", policy=allowed).nodes["log"].params == {}  # '-': stdout
+    assert graph.build(document, "net.json", restrictions=allowed).nodes["log"].params == {}  # '-': stdout
     document["engines"]["log"]["params"] = {"path": "../x.jsonl"}
     assert f"engines.log.params.path: {tmp}/x.jsonl is outside the output root" in refused(document, allowed)
 
@@ -126,7 +126,7 @@ def test_overwrite_true_lets_a_declared_output_be_replaced(site, tmp_path, monke
     document["connections"].append(["det", "rep"])
     assert "engines.rep.params.files[0].path: " in refused(document, policy)
     report["params"]["files"][0]["overwrite"] = True
-    assert graph.build(document, "net.json", policy=policy).nodes["rep"].params["files"][0]["path"] == \
+    assert graph.build(document, "net.json", restrictions=policy).nodes["rep"].params["files"][0]["path"] == \
         str(policy.output_root / "r.txt")
 
 
@@ -137,7 +137,7 @@ def test_zmq_binds_loopback_only(site, address, ok):
     _, policy = site
     document = doc(sinks=[{"kind": "zmq", "address": address}])
     if ok:
-        graph.build(document, "net.json", policy=policy)
+        graph.build(document, "net.json", restrictions=policy)
     else:
         assert refused(document, policy).startswith("net.json: engines.out.params.sinks[0].address: ")
 
@@ -157,18 +157,18 @@ def test_decode_uris_schemes_and_media_roots(site, uri, message):
 
 def test_rtsp_is_allowed_and_a_model_file_must_be_under_a_media_root(site):
     tmp, policy = site
-    graph.build(doc(uri="rtsp://127.0.0.1:8554/cam"), "net.json", policy=policy)
+    graph.build(doc(uri="rtsp://127.0.0.1:8554/cam"), "net.json", restrictions=policy)
     onnx = ROOT / "graphflow" / "models" / "yolox_nano.onnx"
     assert f"engines.det.params.model: {onnx} is outside a media root" in refused(doc(model=str(onnx)), policy)
     shutil.copy(onnx, tmp / "media" / "det.onnx")
-    g = graph.build(doc(model="det.onnx"), "net.json", policy=policy)
+    g = graph.build(doc(model="det.onnx"), "net.json", restrictions=policy)
     assert g.nodes["det"].params["model"] == str(tmp / "media" / "det.onnx")
 
 
 def test_set_values_are_checked_too(site):
     _, policy = site
     with pytest.raises(GraphError, match=r"engines.out.params.sinks\[0\].path: .* is outside the output root"):
-        graph.build(doc(), "net.json", graph.parse_set(["out.sinks.0.path=../../x.jsonl"]), policy=policy)
+        graph.build(doc(), "net.json", graph.parse_set(["out.sinks.0.path=../../x.jsonl"]), restrictions=policy)
 
 
 SETUP_MARKS = '''
@@ -209,7 +209,7 @@ def test_a_state_folder_may_exist_but_stays_inside_the_output_root(site, tmp_pat
     (policy.output_root / "spool" / "0001.log").write_text("pending")
     document = doc(keep={"type": "keepers:Keep", "params": {"spool": "spool"}})
     document["connections"].append(["det", "keep"])
-    assert graph.build(document, "net.json", policy=policy).nodes["keep"].params["spool"] == \
+    assert graph.build(document, "net.json", restrictions=policy).nodes["keep"].params["spool"] == \
         str(policy.output_root / "spool")
     document["engines"]["keep"]["params"]["spool"] = "../spool"
     assert "engines.keep.params.spool: " + str(tmp_path / "spool") + " is outside the output root" in \

@@ -178,7 +178,7 @@ def test_every_rule_key_is_checked_by_its_declaration():
     ({"kind": "speed", "max_speed": 1, "homography": [[1, 0, 0], [0, 1, 0], [0, 0, 0]]}, "homography",
      "must be an invertible 3x3 matrix of numbers (got [[1, 0, 0], [0, 1, 0], [0, 0, 0]])"),
     ({"kind": "zone", "polygon": FULL, "line": LINE_N}, "line",
-     "unknown key for a zone rule (known: id, kind, classes, anchor, attributes, polygon)"),
+     "unknown key for a zone rule (known: id, kind, classes, anchor, attributes, cooldown_s, polygon, min_frames)"),
     ({"kind": "dwell", "polygon": FULL, "seconds": None}, "seconds",
      "required (seconds a track stays in the zone before the event)"),
 ])

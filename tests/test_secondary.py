@@ -59,6 +59,25 @@ def test_each_detection_gets_the_class_of_its_crop(classifier):
     assert engine.metrics()["batches"] < 6  # crops of several frames ran together
 
 
+def test_chained_stages_keep_each_result_beside_the_others(classifier):
+    """Two classifiers one after the other, each under its own name: every object keeps both results, and a rule's
+    attribute filter can test both (here the second reads the crop as BGR, so it names red and blue the other way)."""
+    from graphflow.vision.rules import parse_rules
+
+    frames = [painted_frame(i) for i in range(3)]
+    first = run_engine(Secondary("colour", {**classifier, "name": "colour"}), messages=frames)["out"]
+    second = run_engine(Secondary("swapped", {**classifier, "name": "swapped", "color": "bgr"}), messages=first)["out"]
+    for msg in second:
+        got = [d["attributes"] for d in msg.data["detections"][:3]]
+        assert [(a["colour"], a["swapped"]) for a in got] == [("red", "blue"), ("green", "green"), ("blue", "red")]
+        assert all(a["colour_score"] > 0.9 and a["swapped_score"] > 0.9 for a in got)
+    rule = parse_rules([{"id": "r", "kind": "crowding", "polygon": [[0, 0], [1, 0], [1, 1], [0, 1]], "min_count": 1,
+                         "attributes": {"colour": "red", "swapped": "blue"}}])[0]
+    tests = rule.attributes
+    attrs = [d["attributes"] for d in second[0].data["detections"][:3]]
+    assert [all(t.matches(a) for t in tests) for a in attrs] == [True, False, False]
+
+
 def test_classes_filter_and_passthrough_order(classifier):
     frames = [painted_frame(0), Message("cam", 0, None, {"total": 3}), painted_frame(1)]
     out = run_engine(Secondary, {**classifier, "classes": ["speck"], "min_size": 1}, frames)["out"]

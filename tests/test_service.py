@@ -50,8 +50,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = folder / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "graphflow", "serve", str(folder / "graph.json"),
-                                      "--port", str(self.port), "--state", str(folder / "state.db"), *extra],
+        self.proc = subprocess.Popen([*self.command(folder), "--port", str(self.port),
+                                      "--state", str(folder / "state.db"), *extra],
                                      cwd=folder, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -63,6 +63,9 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.2)
+
+    def command(self, folder: Path) -> list[str]:
+        return [sys.executable, "-m", "graphflow", "serve", str(folder / "graph.json")]
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None,
              raw: bytes | None = None) -> tuple[int, Any]:

@@ -24,7 +24,7 @@ import zmq
 
 from graphflow.engines.publish import Publish, sink_kinds
 from graphflow import Message, Param, ParamError
-from graphflow.spool import MemoryQueue, Spool
+from graphflow.engines.publish.spool import MemoryQueue, Spool
 from graphflow.testing import run_engine
 
 from test_publish import event_msgs, free_port, start_redis, wait_for
@@ -63,14 +63,15 @@ def test_a_sink_that_cannot_create_its_file_fails_alone_once(tmp_path, caplog):
     engine = Publish("out", {"sinks": sinks})
 
     def feed() -> Iterator[Message]:
-        shutil.rmtree(gone)                   # the video's folder disappears after validation
+        shutil.rmtree(gone)                   # the video's folder becomes a file after validation: not creatable
+        gone.write_text("in the way")
         yield from frames(20)
 
     run_engine(engine, messages=feed())
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 20
     stats = engine.metrics()
     video = stats["sinks"]["0:video"]
-    assert video["written"] == 0 and video["lost"] == 20 and "No such file" in video["error"]
+    assert video["written"] == 0 and video["lost"] == 20 and "File exists" in video["error"]
     assert stats["lost"] == 20 and stats["sinks"]["1:jsonl"] == {"kind": "jsonl", "written": 20, "lost": 0,
                                                                  "error": None}
     (line,) = errors(caplog)
@@ -369,7 +370,7 @@ def test_memory_queue_drops_the_oldest_waiting_not_the_held():
 
 def test_a_spool_that_cannot_be_opened_is_one_line_error(tmp_path):
     (tmp_path / "spool").write_text("a file, not a folder")
-    with pytest.raises(ParamError, match=r"^sinks\[0\]\.spool: cannot open the spool in .*\(.*\)$"):
+    with pytest.raises(ParamError, match=r"^sinks\[0\]\.spool: '.*/spool' is a file, not a folder$"):
         run_engine(Publish, {"sinks": [redis_sink(free_port(), tmp_path / "spool")]})
 
 
@@ -377,11 +378,12 @@ def test_a_spool_that_cannot_be_opened_is_one_line_error(tmp_path):
 
 def test_sink_kinds_declare_every_key_they_accept():
     kinds = sink_kinds()
-    assert set(kinds) == {"jsonl", "zmq", "redis", "video", "mot", "snapshot"}
+    assert set(kinds) == {"jsonl", "zmq", "redis", "video", "mot", "snapshot", "webhook", "mqtt"}
     assert all(isinstance(p, Param) and p.doc for keys in kinds.values() for p in keys.values())
     assert kinds["redis"]["spool"].default == "" and kinds["jsonl"]["what"].choices == ("events", "frames")
     for kind, keys in kinds.items():
-        spec = {"kind": kind, **{k: ("x.out" if k == "path" else p.default) for k, p in keys.items() if k != "spool"}}
+        given = {"path": "x.out", "url": "http://127.0.0.1:9/hook"} if kind != "redis" else {}  # required keys
+        spec = {"kind": kind, **{k: given.get(k, p.default) for k, p in keys.items() if k != "spool"}}
         Publish("pub", {"sinks": [spec]}).check()            # every declared key is accepted
         with pytest.raises(ParamError, match=rf"^sinks\[0\]\.colour: unknown key for a {kind} sink \(known: "):
             Publish("pub", {"sinks": [{**spec, "colour": 1}]}).check()
@@ -390,7 +392,7 @@ def test_sink_kinds_declare_every_key_they_accept():
 @pytest.mark.parametrize("spec, field", [
     ({"kind": "jsonl", "path": "x", "what": "all"}, "sinks[0].what"),
     ({"kind": "redis", "spool_max_mb": 0}, "sinks[0].spool_max_mb"),
-    ({"kind": "redis", "spool": "/no/such/dir/spool"}, "sinks[0].spool"),
+    ({"kind": "redis", "spool": "/dev/null/spool"}, "sinks[0].spool"),
     ({"kind": "redis", "timeout": "2"}, "sinks[0].timeout"),
 ])
 def test_bad_fault_keys_name_the_field(spec, field):
@@ -398,3 +400,32 @@ def test_bad_fault_keys_name_the_field(spec, field):
         Publish("pub", {"sinks": [spec]}).check()
     assert err.value.field == field and "\n" not in str(err.value)
 
+
+
+def test_a_sink_kind_is_one_class_registered_by_being_defined(tmp_path):
+    from graphflow.engines.publish import SINKS
+    from graphflow.engines.publish.base import Output
+
+    class Shout(Output):
+        """Each stream id in capitals, one per line."""
+
+        kind = "shout_test"
+        path = Param(str, doc="output file")
+
+        def write(self, msg: Message) -> None:
+            with open(self.path, "a") as file:
+                file.write(msg.stream.upper() + "\n")
+            self.written += 1
+
+    try:
+        assert SINKS["shout_test"] is Shout and list(sink_kinds()["shout_test"]) == ["path"]
+        engine = Publish("out", {"sinks": [{"kind": "shout_test", "path": str(tmp_path / "s.txt")}]})
+        run_engine(engine, messages=event_msgs(2))
+        assert (tmp_path / "s.txt").read_text() == "CAM1\nCAM1\n" and engine.metrics()["sinks"]["0:shout_test"][
+            "written"] == 2
+        with pytest.raises(ParamError, match=r"^sinks\[0\]\.loud: unknown key for a shout_test sink \(known: path\)$"):
+            Publish("out", {"sinks": [{"kind": "shout_test", "path": "x", "loud": True}]}).check()
+        with pytest.raises(ValueError, match="sink kind 'shout_test' is defined twice"):
+            type("Again", (Output,), {"kind": "shout_test"})
+    finally:
+        SINKS.pop("shout_test", None)

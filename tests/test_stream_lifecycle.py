@@ -97,8 +97,9 @@ def test_the_runtime_forgets_the_counters_of_streams_long_ended(monkeypatch):
     """Per-stream counters of every engine stay bounded while streams come and go (the last ENDED_KEEP stay)."""
     from graphflow import graph
     from graphflow import runtime
+    from graphflow.runtime import actor
 
-    monkeypatch.setattr("graphflow.runtime.actor.ENDED_KEEP", 3)
+    monkeypatch.setattr(actor, "ENDED_KEEP", 3)
     doc = {"engines": {"src": {"type": "source", "params": {"count": 2, "streams": 10}},
                        "out": {"type": "sink", "params": {"path": "/dev/null"}}},
            "connections": [["src.out", "out.in"]]}

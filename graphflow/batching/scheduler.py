@@ -343,13 +343,16 @@ class Scheduler:
     """
 
     def __init__(self, policy: BatchPolicy, stats: BatchStats | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_drop: Callable[[Queued], None] | None = None) -> None:
         self.policy = policy
+        self.on_drop = on_drop  # told of each queued frame a drop policy dropped (under the scheduler's lock)
         self.stats = stats or BatchStats(policy.max_batch, clock=clock)
         self.clock = clock
         self.queues: dict[str, deque[Queued]] = {}
         self.cond = threading.Condition()
         self.closed = False  # no more input: what is queued goes out without waiting
+        self.rushing = 0  # producers at their end of input (see `rush`): what is queued goes out without waiting
         self.aborted = False  # stop now: what is queued is abandoned
         self._round: set[str] = set()  # streams served in the current round (see _form)
         self.controller = LatencyController(policy) if policy.target_latency_s > 0 else None
@@ -380,8 +383,7 @@ class Scheduler:
                 return False
             grew = not q or self.policy.drop != "latest"  # whether this frame adds to what _due counts as ready
             if len(q) >= self.policy.queue:
-                q.popleft()
-                self.stats.dropped(stream)
+                self._dropped(q.popleft())
                 grew = False
             q.append(Queued(stream, item, self.clock(), time.time() if origin is None else origin))
             if grew:
@@ -391,6 +393,11 @@ class Scheduler:
                 if ready == 1 or ready == self.cap:
                     self.cond.notify_all()
             return True
+
+    def _dropped(self, entry: Queued) -> None:
+        self.stats.dropped(entry.stream)
+        if self.on_drop is not None:
+            self.on_drop(entry)
 
     def _ready(self) -> int:
         """Frames a batch could take now: one per stream under `latest`, else all queued."""
@@ -426,6 +433,19 @@ class Scheduler:
             batch = self._form()
             self.cond.notify_all()
             return batch
+
+    @contextmanager
+    def rush(self) -> Iterator[None]:
+        """While inside, queued frames go out without waiting for their batch to fill: one producer of several
+        sharing this scheduler is at its end of input and waits for its frames, while the others go on."""
+        with self.cond:
+            self.rushing += 1
+            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.rushing -= 1
 
     def close(self) -> None:
         """End of input: queued frames are dispatched at once, then `take` returns None."""
@@ -471,7 +491,7 @@ class Scheduler:
         if not heads:
             return None
         ready = self._ready()
-        if ready >= self.cap or self.closed:
+        if ready >= self.cap or self.closed or self.rushing:
             return 0.0
         # the oldest frame waits at most wait_s until its batch is *ready to run*: assembling it counts too
         delay = min(heads) + self.wait_s - min(self.lead_s, self.wait_s / 2) - self.clock()
@@ -500,10 +520,8 @@ class Scheduler:
             for _, _, name in turn[:self.cap - len(batch)]:
                 q = self.queues[name]
                 if latest and len(q) > 1:
-                    stale = len(q) - 1
-                    for _ in range(stale):
-                        q.popleft()
-                    self.stats.dropped(name, stale)
+                    for _ in range(len(q) - 1):
+                        self._dropped(q.popleft())
                 batch.append(q.popleft())
                 self._round.add(name)
                 if latest:

@@ -16,7 +16,7 @@ from graphflow.graph.render import render
 from graphflow.graph.restrictions import Restrictions
 
 
-def _policy(args: argparse.Namespace, path: str) -> Restrictions | None:
+def _restrictions(args: argparse.Namespace, path: str) -> Restrictions | None:
     """The restricted-mode policy `validate --restricted` checks a graph against (None without the flag): media
     under --media-root (default: the graph's folder), outputs under --output-root, modules from --allow-module."""
     if not args.restricted:
@@ -29,7 +29,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     code = 0
     for path in args.graph:
         try:
-            g = graph_mod.load(path, graph_mod.parse_set(args.set), policy=_policy(args, path))
+            g = graph_mod.load(path, graph_mod.parse_set(args.set), restrictions=_restrictions(args, path))
             mode = " in restricted mode" if args.restricted else ""
             print(f"{path}: ok{mode} ({len(g.nodes)} engines, {len(g.edges)} connections)")
         except GraphflowError as exc:

@@ -87,8 +87,7 @@ class ClusterController:
                  source: str, rule: str | None, media_roots: list[Path], address: str, poll_s: float = 1.0,
                  hang_s: float = 20.0, start_s: float = 180.0, metrics_s: float = 5.0) -> None:
         self.topology, self.store, self.source, self.rule = topology, store, source, rule
-        self.replica_args = (doc, str(Path(path).resolve()), overrides, source, rule,
-                             [str(r.resolve()) for r in media_roots])
+        self.replica_args = (doc, str(Path(path).resolve()), overrides, [str(r.resolve()) for r in media_roots])
         self.media_roots = [r.resolve() for r in media_roots]
         self.address, self.poll_s, self.hang_s, self.start_s = address, poll_s, hang_s, start_s
         self.metrics_s = metrics_s  # replicas send their Prometheus text this often, stream state every poll_s
@@ -445,10 +444,10 @@ class ClusterController:
             for n, ts, stream, kind, body in report["events"]:
                 node.cursor = max(node.cursor, n)
                 if stream in self.records:
-                    rows.append((ts, stream, kind, body))
+                    rows.append((ts, stream, kind, body, ""))
         self.store.add_events(rows)
         self.feed.publish([{"stream": stream, "kind": kind, "seq": body.get("frame"), "event": body}
-                           for _, stream, kind, body in rows])
+                           for _, stream, kind, body, _ in rows])
         for stream in stray:
             try:
                 self._call(node, "remove", stream)

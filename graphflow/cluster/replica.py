@@ -26,9 +26,9 @@ class _Relay(Store):
         self.numbers = itertools.count(1)
         self.ring_lock = threading.Lock()
 
-    def add_events(self, events: list[tuple[float, str, str, dict[str, Any]]]) -> None:
+    def add_events(self, events: list[tuple[float, str, str, dict[str, Any], str]]) -> None:
         with self.ring_lock:
-            self.ring.extend((next(self.numbers), ts, stream, kind, body) for ts, stream, kind, body in events)
+            self.ring.extend((next(self.numbers), ts, stream, kind, body) for ts, stream, kind, body, _ in events)
 
     def since(self, cursor: int) -> list[tuple[int, float, str, str, dict[str, Any]]]:
         with self.ring_lock:
@@ -50,15 +50,14 @@ def _answer(fn: Any, *args: Any) -> tuple[Any, ...]:
 class Replica:
     """One node's graph: a `Service` run inside a Ray actor, driven by the front through these methods."""
 
-    def __init__(self, doc: dict[str, Any], path: str, overrides: dict[str, Any], source: str, rule: str | None,
-                 media_roots: list[str]) -> None:
-        from graphflow import graph as graph_mod
+    def __init__(self, doc: dict[str, Any], path: str, overrides: dict[str, Any], media_roots: list[str]) -> None:
         from graphflow.serve.controller import Service
+        from graphflow.serve.task import build_task
 
         self.store = _Relay()
-        topology = graph_mod.build(doc, path, overrides)
-        self.service = Service(topology, self.store, source, rule, [Path(m) for m in media_roots])
-        self.service.start()
+        task = build_task(Path(path).stem, doc, path, overrides, where=path)
+        self.service = Service(self.store, [Path(m) for m in media_roots])
+        self.service.start([task])
 
     def ready(self) -> int:
         """The actor's process id, once the graph runs here (its engines set up); an error if it could not start."""
@@ -105,8 +104,9 @@ class Replica:
         Prometheus text."""
         service = self.service
         service.flush_events()
-        streams = {s["id"]: {**s, "kept": int(service._state(s["id"]).get("kept", 0))} for s in service.streams()}
-        busy = [m["busy_fraction"] for m in ((st.get("metrics") or {}) for st in service.launcher.stats.values())
+        streams = {s["id"]: {**s, "kept": int(service.source_state(s["id"]).get("kept", 0))} for s in service.streams()}
+        stats = [st for task in service.engine_stats().values() for st in task.values()]
+        busy = [m["busy_fraction"] for m in ((st.get("metrics") or {}) for st in stats)
                 if isinstance(m.get("busy_fraction"), (int, float))]
         return {"streams": streams, "events": self.store.since(cursor),
                 "metrics": service.metrics()[0] if metrics else None,

@@ -108,16 +108,16 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def load(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None, *,
-         policy: Restrictions | None = None) -> Graph:
+         restrictions: Restrictions | None = None) -> Graph:
     """Read, validate and build a graph; every problem is a GraphError naming file, engine and field. Relative paths
-    in it are relative to its folder; `policy` (restricted mode) is for graphs from untrusted sources."""
+    in it are relative to its folder; `restrictions` (restricted mode) is for graphs from untrusted sources."""
     file = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise _error(file, "", f"cannot read: {exc.strerror}") from None
     doc = _parse(file, raw)
-    return build(doc, file, overrides, policy=policy)
+    return build(doc, file, overrides, restrictions=restrictions)
 
 
 @dataclass
@@ -125,26 +125,26 @@ class _Context:
     """What building one graph needs beyond the document: where relative paths and modules are looked up."""
 
     file: str
-    policy: Restrictions | None
+    restrictions: Restrictions | None
     folder: str  # the graph file's folder (the current one for a document without a file)
     cwd: str = field(default_factory=os.getcwd)
 
     def base(self, kind: str) -> str:
         """Folder a relative path of the graph file is resolved against."""
-        return self.policy.base(kind) if self.policy else self.folder
+        return self.restrictions.base(kind) if self.restrictions else self.folder
 
     def set_base(self, kind: str) -> str:
         """Folder a relative path given with `--set` is resolved against: the current one (the user's shell)."""
-        return self.policy.base(kind) if self.policy else self.cwd
+        return self.restrictions.base(kind) if self.restrictions else self.cwd
 
     @property
     def search(self) -> list[str]:
         """Folders where `module:Class` modules are looked for: none in restricted mode."""
-        return [] if self.policy else list(dict.fromkeys([self.folder, self.cwd]))
+        return [] if self.restrictions else list(dict.fromkeys([self.folder, self.cwd]))
 
 
 def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] | None = None, *,
-          policy: Restrictions | None = None) -> Graph:
+          restrictions: Restrictions | None = None) -> Graph:
     """Validate a parsed graph document (see `load`); relative paths are taken from the folder of `file`."""
     if not isinstance(doc, dict):
         raise _error(file, "", "top level must be an object with 'engines' and 'connections'")
@@ -157,7 +157,7 @@ def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] 
             raise _error(file, "engines", f"bad engine id {eid!r}: use 1 to 64 letters, digits, '_' or '-' "
                          "('.' separates engine and port)")
     settings = _fields(file, "settings", top["settings"], SETTINGS, "setting")
-    ctx = _Context(file, policy, os.path.dirname(os.path.abspath(file)))
+    ctx = _Context(file, restrictions, os.path.dirname(os.path.abspath(file)))
     overrides = copy.deepcopy(overrides or {})
     for engine_id in overrides:
         if engine_id not in engines:
@@ -212,15 +212,15 @@ def _node(ctx: _Context, eid: str, spec: Any, override: dict[str, Any]) -> Node:
     if not type_name:
         raise _error(file, f"{where}.type", "needs an engine type name (got '')")
     try:
-        if ctx.policy:
-            ctx.policy.check_type(type_name)
+        if ctx.restrictions:
+            ctx.restrictions.check_type(type_name)
         cls = registry.resolve(type_name, ctx.search)
     except ValueError as exc:
         raise _error(file, f"{where}.type", str(exc)) from None
     with _reported(file, where, f"{type_name} check()"):
         params = _params(ctx, eid, cls, node["params"], override)
-        if ctx.policy:
-            ctx.policy.check_params(cls, params)
+        if ctx.restrictions:
+            ctx.restrictions.check_params(cls, params)
         _import_modules(ctx, cls, params)
         cls(eid, params).check()
     return Node(eid, type_name, cls, params, placement=_placement(file, f"{where}.placement", node["placement"]),
@@ -336,20 +336,24 @@ def _check_upstream(graph: Graph) -> None:
     """Call `check_upstream(params, upstream)` of each engine class that defines it, with the (class, params) of
     every engine feeding it directly or not, in graph order: cross-engine checks such as a rule's class names
     against the labels of the model upstream. Params come with their defaults filled in."""
-    g = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
-    g.add_nodes_from(graph.nodes)
-    order = list(nx.topological_sort(g))
     for node in graph.nodes.values():
         hook = getattr(node.cls, "check_upstream", None)
         if hook is None:
             continue
-        before = nx.ancestors(g, node.id)
-        upstream = [(graph.nodes[a].cls, _complete(graph.nodes[a])) for a in order if a in before]
         with _reported(graph.file, f"engines.{node.id}", f"{node.type} check_upstream()"):
-            hook(_complete(node), upstream)
+            hook(complete_params(node), upstream_of(graph, node.id))
 
 
-def _complete(node: Node) -> dict[str, Any]:
+def upstream_of(graph: Graph, engine: str) -> list[tuple[type[Engine], dict[str, Any]]]:
+    """(class, params with defaults) of every engine feeding `engine`, directly or not, in graph order: what an
+    engine's `check_upstream` is given (also by the service, checking a stream's new rules)."""
+    g = nx.DiGraph([(e.src, e.dst) for e in graph.edges if not e.feedback])
+    g.add_nodes_from(graph.nodes)
+    before = nx.ancestors(g, engine)
+    return [(graph.nodes[a].cls, complete_params(graph.nodes[a])) for a in nx.topological_sort(g) if a in before]
+
+
+def complete_params(node: Node) -> dict[str, Any]:
     """A copy of the node's params with every declared default filled in."""
     defaults = {name: p.default for name, p in node.cls.declared_params().items() if not p.required}
     return copy.deepcopy({**defaults, **node.params})

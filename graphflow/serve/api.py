@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from graphflow.errors import GraphflowError, Unavailable
+from graphflow.serve.task import UnknownTask
 
 if TYPE_CHECKING:
     from graphflow.serve.live import LiveFeed
@@ -39,6 +40,17 @@ class Controller(Protocol):
     def not_ready(self) -> str: ...  # why it is not ready (or not healthy), "" when it is
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]: ...
     def metrics(self) -> tuple[bytes, str]: ...
+
+
+class TaskController(Controller, Protocol):
+    """A controller that runs several tasks (graphflow.serve.controller.Service); the task routes need it."""
+
+    def tasks_list(self) -> list[dict[str, Any]]: ...
+    def task(self, tid: str) -> dict[str, Any]: ...
+    def add_task(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def replace_task(self, tid: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    def remove_task(self, tid: str, stop_streams: bool = False) -> None: ...
+    def update_stream(self, stream: str, changes: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class ApiError(Exception):
@@ -78,7 +90,7 @@ OPENAPI: dict[str, Any] = {
                 "application/json": {"schema": {"$ref": "#/components/schemas/StreamSpec"}}}},
                 "responses": {"201": {"description": "added"}, "400": {"description": "invalid"},
                               "401": {"description": "no or wrong token"}, "409": {"description": "id exists"},
-                              "503": {"description": "not ready (see /readyz)"}}}},
+                              "503": {"description": "its task is not ready (see /readyz)"}}}},
         "/streams/{id}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "one stream", "responses": {"200": {"description": "the stream"},
@@ -92,18 +104,33 @@ OPENAPI: dict[str, Any] = {
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Rules"}}}},
                     "responses": {"200": {"description": "applied"}, "400": {"description": "invalid"}}}},
+        "/tasks": {
+            "get": {"summary": "list tasks", "responses": {"200": {"description": "tasks"}}},
+            "post": {"summary": "add a task: {id, graph, labels?} (checked as an untrusted graph)",
+                     "security": [{"token": []}], "responses": {"201": {"description": "started"},
+                                                               "400": {"description": "invalid"},
+                                                               "409": {"description": "id exists"}}}},
+        "/tasks/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "a task: its graph, engines with stats, streams", "responses": {
+                "200": {"description": "the task"}, "404": {"description": "unknown"}}},
+            "put": {"summary": "replace a task's graph: {graph, labels?}; its streams move over live",
+                    "security": [{"token": []}], "responses": {"200": {"description": "replaced"}}},
+            "delete": {"summary": "remove a task (409 while streams use it, unless ?stop_streams=true)",
+                       "security": [{"token": []}], "responses": {"204": {"description": "removed"},
+                                                                 "409": {"description": "streams use it"}}}},
         "/events": {"get": {"summary": "recent events, newest first", "parameters": [
             {"name": n, "in": "query", "schema": {"type": t}} for n, t in
-            (("stream", "string"), ("kind", "string"), ("since", "number"), ("limit", "integer"))],
+            (("stream", "string"), ("kind", "string"), ("since", "number"), ("limit", "integer"), ("task", "string"))],
             "responses": {"200": {"description": "events"}}}},
         "/events/live": {"get": {"summary": "live events (Server-Sent Events)",
                                  "responses": {"200": {"description": "text/event-stream"}}}},
         "/graph": {"get": {"summary": "engines, placement and per-engine stats", "responses": {"200": {"description": "graph"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
-        "/healthz": {"get": {"summary": "the graph runs and no engine is gone for good",
+        "/healthz": {"get": {"summary": "every task's graph runs and no engine is gone for good",
                              "responses": {"200": {"description": "ok"},
                                            "503": {"description": "broken for good: {ok: false, reason}"}}}},
-        "/readyz": {"get": {"summary": "every engine is set up and running: streams are accepted",
+        "/readyz": {"get": {"summary": "every engine of every task is set up and running: streams are accepted",
                             "responses": {"200": {"description": "ready"},
                                           "503": {"description": "not now: {ready: false, reason}"}}}},
     },
@@ -115,7 +142,7 @@ def create_app(controller: Controller, token: str | None = None) -> Any:
     from starlette.applications import Starlette
 
     wrap = _guarded(token)
-    routes = [*_stream_routes(controller, wrap), *_service_routes(controller, wrap),
+    routes = [*_stream_routes(controller, wrap), *_task_routes(controller, wrap), *_service_routes(controller, wrap),
               *dashboard_routes(controller, wrap, _call)]
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
 
@@ -161,6 +188,8 @@ def _failure(request: Any, exc: Exception) -> Any:
     client, the traceback in the server's log). Call it from the `except` block."""
     if isinstance(exc, ApiError):
         return _error(exc.status, str(exc))
+    if isinstance(exc, UnknownTask):
+        return _error(404, f"no task {exc.args[0]!r}")
     if isinstance(exc, KeyError):
         return _error(404, f"no stream {exc.args[0]!r}")
     if isinstance(exc, FileExistsError):
@@ -211,6 +240,13 @@ def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
         if request.method == "DELETE":
             await _call(controller.remove_stream, stream)
             return Response(status_code=204)
+        if request.method == "PUT":
+            changes = await _body(request)
+            if not isinstance(changes, dict):
+                raise ApiError(400, 'body must be a JSON object such as {"task": "ID"}')
+            if not hasattr(controller, "update_stream"):
+                raise ApiError(400, "this service runs one graph: a stream's task cannot change")
+            return JSONResponse(await _call(controller.update_stream, stream, changes))
         return JSONResponse(await _call(controller.stream, stream))
 
     async def rules(request: Any) -> Response:
@@ -229,10 +265,11 @@ def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
             limit = min(max(int(q.get("limit", 100)), 1), 10_000)
         except ValueError:
             raise ApiError(400, "since must be a number (epoch seconds) and limit an integer") from None
-        return JSONResponse(await _call(controller.events, q.get("stream"), q.get("kind"), since, limit))
+        task = {"task": q["task"]} if "task" in q else {}  # only a service of tasks knows them
+        return JSONResponse(await _call(lambda: controller.events(q.get("stream"), q.get("kind"), since, limit, **task)))
 
     return [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
-            Route("/streams/{id}", wrap(one_stream), methods=["GET", "DELETE"]),
+            Route("/streams/{id}", wrap(one_stream), methods=["GET", "PUT", "DELETE"]),
             Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
             Route("/events", wrap(events)), Route("/events/live", _live_events(controller))]
 
@@ -262,6 +299,47 @@ def _live_events(controller: Controller) -> Any:
                 controller.feed.unsubscribe(queue)
         return StreamingResponse(feed(), media_type="text/event-stream")
     return live
+
+
+def _task_routes(controller: Any, wrap: Any) -> list[Any]:
+    """Tasks (list, add, get, replace, remove) and a task's graph picture; none for a controller of one graph."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    if not hasattr(controller, "tasks_list"):
+        return []
+    tasks: TaskController = controller
+
+    async def task_body(request: Any) -> dict[str, Any]:
+        body = await _body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("graph"), dict):
+            raise ApiError(400, "body must be a JSON object with 'graph' (a graph document), and 'id' to add one")
+        return body
+
+    async def list_tasks(request: Any) -> Response:
+        if request.method == "POST":
+            return JSONResponse(await _call(tasks.add_task, await task_body(request)), status_code=201)
+        return JSONResponse(await _call(tasks.tasks_list))
+
+    async def one_task(request: Any) -> Response:
+        tid = request.path_params["id"]
+        if request.method == "DELETE":
+            stop = request.query_params.get("stop_streams", "false").lower() in ("1", "true", "yes")
+            await _call(tasks.remove_task, tid, stop)
+            return Response(status_code=204)
+        if request.method == "PUT":
+            body = await task_body(request)
+            if body.get("id", tid) != tid:
+                raise ApiError(400, f"id: the body names task {body['id']!r}, the URL {tid!r}")
+            return JSONResponse(await _call(tasks.replace_task, tid, body))
+        return JSONResponse(await _call(tasks.task, tid))
+
+    async def task_picture(request: Any) -> Response:
+        return Response(await _call(tasks.graph_png, request.path_params["id"]), media_type="image/png")
+
+    return [Route("/tasks", wrap(list_tasks), methods=["GET", "POST"]),
+            Route("/tasks/{id}", wrap(one_task), methods=["GET", "PUT", "DELETE"]),
+            Route("/tasks/{id}/graph.png", wrap(task_picture))]
 
 
 def _service_routes(controller: Controller, wrap: Any) -> list[Any]:

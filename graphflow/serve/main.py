@@ -1,56 +1,17 @@
-"""`graphflow serve`'s process: prepares the graph, starts the runtime, the controller and the HTTP server."""
+"""`graphflow serve`'s process: reads the graph files (one task each), starts the controller and the HTTP server."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from graphflow.errors import GraphflowError
-from graphflow.runtime.summary import Summary
+from graphflow.graph.restrictions import Restrictions
 from graphflow.serve.controller import Service
 from graphflow.serve.store import Store
 from graphflow.serve.streams import is_loopback
-from graphflow.serve.tap import TAP
-
-
-# command line -----------------------------------------------------------------------------------------------------
-def prepare_graph(graph_doc: dict[str, Any]) -> tuple[str, str | None, str]:
-    """The service's view of a graph document: (source engine, rule engine or None, engine the tap listens to).
-    Adds the tap engine and its connection to `graph_doc`; the source engine waits for streams instead of
-    reading the ones in the file (they are ignored: streams come through the API)."""
-    engines = graph_doc.get("engines") or {}
-    sources = [eid for eid, e in engines.items() if isinstance(e, dict) and e.get("type") == "decode"]
-    if len(sources) != 1:
-        raise GraphflowError(f"graphflow serve needs exactly one 'decode' engine (found {len(sources)})")
-    rules = [eid for eid, e in engines.items() if isinstance(e, dict) and e.get("type") == "rule"]
-    src = sources[0]
-    params = engines[src].setdefault("params", {})
-    params["sources"] = []
-    params["wait_for_sources"] = True
-    listen = rules[0] if rules else src
-    engines[TAP] = {"type": "graphflow.serve.tap:Tap"}
-    connections = graph_doc.setdefault("connections", [])
-    if isinstance(connections, list):
-        connections[:] = [live_edge(c, src) for c in connections]
-    connections.append([f"{listen}.out", f"{TAP}.in"])
-    return src, (rules[0] if rules else None), listen
-
-
-LIVE_POLICY = "drop_oldest"  # connections out of a service's source, unless the graph gives a policy
-
-
-def live_edge(connection: Any, source: str) -> Any:
-    """A connection out of the service's source engine with no policy of its own, made LIVE_POLICY: cameras do not
-    wait, so a graph that cannot keep up drops each stream's oldest frames (counted) instead of falling ever further
-    behind. Anything else is left as it is (the loader checks it)."""
-    edge = connection
-    if isinstance(connection, list) and len(connection) == 2:
-        edge = {"from": connection[0], "to": connection[1]}
-    if isinstance(edge, dict) and isinstance(edge.get("from"), str) \
-            and edge["from"].partition(".")[0] == source and "policy" not in edge:
-        return {**edge, "policy": LIVE_POLICY}
-    return connection
-
+from graphflow.serve.task import Task, build_task
 
 MALLOC_ARENAS = 2  # a long-lived service's malloc arenas (see graphflow.runtime.memory.limit_arenas), unless set already
 
@@ -66,48 +27,49 @@ def few_malloc_arenas() -> None:
         limit_arenas(int(count))
 
 
-def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
+def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None, stats: str | None = None) -> int:
-    """Run the service until SIGINT/SIGTERM; returns the exit code, and with `stats` writes the run's summary there
-    as `launch --stats` does. With `ray` (`auto` or a cluster address) the graph runs as one replica per node of
-    that Ray cluster (graphflow.cluster), behind the same API."""
-    import json as json_mod
-
+          ray: str | None = None, tasks_dir: str | None = None, stats: str | None = None) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code (and with `stats`, writes there what its tasks'
+    runs reported, as `launch --stats` does). Each graph file (and each `*.json` in
+    `tasks_dir`) is a task named after its file; the first is the default task of streams that name none. With
+    `ray` (`auto` or a cluster address) one graph runs as one replica per node of that Ray cluster (graphflow.cluster),
+    behind the same API."""
     try:
         import uvicorn
     except ImportError:
         raise GraphflowError("graphflow serve needs the service extra: pip install 'graphflow[serve]'") from None
-    from graphflow import graph as graph_mod
     from graphflow.serve.api import create_app
 
     if not is_loopback(host) and not token:
         raise GraphflowError(f"serve: listening on {host} needs a token (--token or GRAPHFLOW_TOKEN)")
-    path = Path(graph_path)
-    try:
-        doc = json_mod.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise GraphflowError(f"{graph_path}: cannot read the graph ({exc})") from None
-    if not isinstance(doc, dict):
-        raise GraphflowError(f"{graph_path}: a graph file holds a JSON object")
-    source, rule, _ = prepare_graph(doc)
-    g = graph_mod.build(doc, str(path), overrides or {})
-    roots = [Path(m) for m in (media or [str(path.resolve().parent)])]
+    files = [Path(p) for p in graph_paths] + task_files(tasks_dir)
+    first = files[0] if files else Path(state)
+    roots = [Path(m) for m in (media or [str(first.resolve().parent)])]
+    tasks = [file_task(path, overrides or {} if i == 0 else {}) for i, path in enumerate(files)]  # --set: the first
     few_malloc_arenas()
     store = Store(state)
+    outputs = Path(state).resolve().parent / "outputs"  # where tasks from the API may write
+    outputs.mkdir(parents=True, exist_ok=True)
+    restrictions = Restrictions(output_root=outputs, media_roots=tuple(roots))
     if ray:
+        if len(tasks) != 1:
+            raise GraphflowError("serve --ray: give exactly one graph (tasks over a Ray cluster are not supported yet)")
         from graphflow.cluster.front import ClusterController
 
-        service: Any = ClusterController(g, doc, str(path), overrides or {}, store, source, rule, roots, ray)
+        task = tasks[0]
+        service: Any = ClusterController(task.topology, task.doc, str(files[0]), overrides or {}, store,
+                                         task.roles.source, task.roles.rule, roots, ray)
+        service.start()
     else:
-        service = Service(g, store, source, rule, roots)
-    service.start()
+        service = Service(store, roots, restrictions=restrictions)
+        service.start(tasks)
     # open MJPEG and event streams must not hold a stop for long
     config = uvicorn.Config(create_app(service, token), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
-    print(f"graphflow serve: http://{host}:{port}/ (state {state}, media roots: "
-          f"{', '.join(str(r) for r in service.media_roots)})", flush=True)
+    print(f"graphflow serve: http://{host}:{port}/ (state {state}, tasks: {', '.join(t.id for t in tasks) or 'none'}; "
+          f"media roots: {', '.join(str(r) for r in service.media_roots)})", flush=True)
     def stop_serving(signum: int, _frame: Any) -> None:
         # uvicorn takes SIGINT/SIGTERM while it serves and raises them again once it stopped: with these handlers
         # in place that second time lands here, and the graph is drained below instead of the process dying
@@ -122,7 +84,27 @@ def serve(graph_path: str, host: str = "127.0.0.1", port: int = 8080, state: str
     finally:
         service.stop()
         store.close()
-    summary = service.summary
-    if stats and isinstance(summary, Summary):  # (a cluster's summary is its exit code only)
-        Path(stats).write_text(json_mod.dumps(summary.document(g), indent=1, default=str))
-    return summary.exit_code if summary is not None else 1
+    if stats and isinstance(service, Service):
+        Path(stats).write_text(json.dumps(service.stats_document(), indent=1, default=str))
+    return service.summary.exit_code if service.summary is not None else 1
+
+
+def task_files(folder: str | None) -> list[Path]:
+    """The graph files of a tasks folder (`*.json`, by name), or a one-line error naming it."""
+    if folder is None:
+        return []
+    path = Path(folder)
+    if not path.is_dir():
+        raise GraphflowError(f"--tasks {folder}: not a folder")
+    return sorted(path.glob("*.json"))
+
+
+def file_task(path: Path, overrides: dict) -> Task:
+    """A task from a graph file given on the command line (trusted like `launch`'s): named after the file."""
+    import json as json_mod
+
+    try:
+        doc = json_mod.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise GraphflowError(f"{path}: cannot read the graph ({exc})") from None
+    return build_task(path.stem, doc, str(path), overrides, where=str(path))

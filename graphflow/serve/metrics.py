@@ -39,43 +39,49 @@ class _Collector:
         self.service = service
 
     def collect(self) -> Any:
-        yield from engine_families(dict(self.service.launcher.stats))
+        yield from engine_families(self.service.engine_stats())
         yield health_family(self.service)
         with self.service.lock:
             meters = dict(self.service.meters)
-        yield from stream_families(meters, time.monotonic())
+            tasks = dict(self.service.meter_task)
+        yield from stream_families(meters, time.monotonic(), tasks)
 
 
-def engine_families(stats: dict[str, dict[str, Any]]) -> list[Any]:
-    """Per-engine counters and gauges from the launcher's stats, the service's own tap left out."""
+def engine_families(stats: dict[str, dict[str, dict[str, Any]]]) -> list[Any]:
+    """Per-engine counters and gauges of every task (task → engine → stats), the service's own taps left out."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     from graphflow.serve.tap import TAP
 
-    counters = {key: CounterMetricFamily(name, doc, labels=["engine"]) for key, (name, doc) in ENGINE_COUNTERS.items()}
-    gauges = {key: GaugeMetricFamily(name, doc, labels=["engine"]) for key, (name, doc) in ENGINE_GAUGES.items()}
-    for eid, s in stats.items():
-        if eid == TAP:
-            continue
-        for key, family in counters.items():
-            family.add_metric([eid], float(s.get(key) or 0))
-        for key, value in engine_gauges(s).items():
-            gauges[key].add_metric([eid], value)
+    labels = ["task", "engine"]
+    counters = {key: CounterMetricFamily(name, doc, labels=labels) for key, (name, doc) in ENGINE_COUNTERS.items()}
+    gauges = {key: GaugeMetricFamily(name, doc, labels=labels) for key, (name, doc) in ENGINE_GAUGES.items()}
+    for task, engines in stats.items():
+        for eid, s in engines.items():
+            if eid == TAP:
+                continue
+            for key, family in counters.items():
+                family.add_metric([task, eid], float(s.get(key) or 0))
+            for key, value in engine_gauges(s).items():
+                gauges[key].add_metric([task, eid], value)
     return [*counters.values(), *gauges.values()]
 
 
 def health_family(service: Any) -> Any:
-    """graphflow_engine_up{engine}: 1 while the engine runs, 0 while its process is dead (restarting or gone)."""
+    """graphflow_engine_up{task, engine}: 1 while the engine runs, 0 while its process is dead (restarting or gone)."""
     from prometheus_client.core import GaugeMetricFamily
 
     from graphflow.serve.tap import TAP
 
-    down = service.launcher.down()
     up = GaugeMetricFamily("graphflow_engine_up", "1: the engine runs; 0: its process died (restarting or gone)",
-                           labels=["engine"])
-    for eid in service.topology.nodes:
-        if eid != TAP:
-            up.add_metric([eid], 0.0 if eid in down else 1.0)
+                           labels=["task", "engine"])
+    with service.lock:
+        tasks = list(service.tasks.values())
+    for task in tasks:
+        down = task.down()
+        for eid in task.topology.nodes:
+            if eid != TAP:
+                up.add_metric([task.id, eid], 0.0 if eid in down else 1.0)
     return up
 
 
@@ -94,25 +100,27 @@ def engine_gauges(s: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def stream_families(meters: dict[str, Any], now: float) -> list[Any]:
-    """Per-stream fps, frame and event counts and the latency histogram, from the service's stream meters."""
+def stream_families(meters: dict[str, Any], now: float, tasks: dict[str, str] | None = None) -> list[Any]:
+    """Per-stream fps, frame and event counts and the latency histogram, from the service's stream meters, labelled
+    by the task their latest frames came from (`tasks`: stream → task; "" where unknown)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    fps = GaugeMetricFamily("graphflow_stream_fps", "frames per second at the end of the graph", labels=["stream"])
-    frames = CounterMetricFamily("graphflow_stream_frames", "frames at the end of the graph", labels=["stream"])
-    events = CounterMetricFamily("graphflow_stream_events", "analytics events", labels=["stream"])
-    latency = HistogramMetricFamily("graphflow_stream_latency_seconds", "capture to end of graph", labels=["stream"])
-    drops = CounterMetricFamily("graphflow_stream_drops", "frames dropped on the way by a drop policy",
-                                labels=["stream"])
+    labels = ["stream", "task"]
+    fps = GaugeMetricFamily("graphflow_stream_fps", "frames per second at the end of the graph", labels=labels)
+    frames = CounterMetricFamily("graphflow_stream_frames", "frames at the end of the graph", labels=labels)
+    events = CounterMetricFamily("graphflow_stream_events", "analytics events", labels=labels)
+    latency = HistogramMetricFamily("graphflow_stream_latency_seconds", "capture to end of graph", labels=labels)
+    drops = CounterMetricFamily("graphflow_stream_drops", "frames dropped on the way by a drop policy", labels=labels)
     lagging = GaugeMetricFamily("graphflow_stream_lagging", "1 while the graph cannot keep up with the stream "
-                                "(dropping its frames, or late)", labels=["stream"])
+                                "(dropping its frames, or late)", labels=labels)
     for stream, meter in meters.items():
-        fps.add_metric([stream], meter.fps(now))
-        frames.add_metric([stream], meter.frames)
-        events.add_metric([stream], meter.events)
-        latency.add_metric([stream], latency_buckets(meter.buckets), meter.latency_sum)
-        drops.add_metric([stream], meter.drops)
-        lagging.add_metric([stream], float(meter.lagging))
+        key = [stream, (tasks or {}).get(stream, "")]
+        fps.add_metric(key, meter.fps(now))
+        frames.add_metric(key, meter.frames)
+        events.add_metric(key, meter.events)
+        latency.add_metric(key, latency_buckets(meter.buckets), meter.latency_sum)
+        drops.add_metric(key, meter.drops)
+        lagging.add_metric(key, float(meter.lagging))
     return [fps, frames, events, latency, drops, lagging]
 
 

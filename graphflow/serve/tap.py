@@ -14,10 +14,8 @@ class Tap(Engine):
 
     def setup(self) -> None:
         self.service = self.context.service(TAP)
-        self.service.tap = self
 
     def process(self, msg: Message) -> None:
-        self.service.previews.offer(msg)
         self.service.observe(msg)
 
     def on_stream_end(self, stream: str) -> None:
