@@ -84,6 +84,9 @@ class Graveyard:
         for sock, engine, edge in self.socks:
             while engine and sock.poll(0):
                 head = unpack(sock.recv_multipart(copy=False)[0].buffer)
+                # what the producer skipped (a drop policy, its socket full while the consumer was gone) rides on
+                # the next message or end marker: those never reached the engine either
+                self.discarded[engine] += sum((head.get("x") or {}).values())
                 if "eos" in head or "end" in head:
                     continue  # an end marker, not a message
                 self.discarded[engine] += 1
