@@ -375,8 +375,6 @@ class Actor:
             self.stats.dropped = sum(self.inbox.dropped)
             self.stats.dropped_streams = dict(self.inbox.dropped_streams)
             self.stats.depth = self.inbox.depth()
-            if self.inbox.lost:  # arrived, but the frame could not be mapped: its producer was killed
-                self.stats.lost_reasons["frame gone with its killed producer"] = self.inbox.lost
         self.stats.runtime_cpu_s = self.meter.runtime_cpu(self.inbox.pump_cpu if self.inbox is not None else 0.0)
         self.stats.busy_s = self.meter.busy_own + self.context.busy_s
         held = self._held

@@ -131,7 +131,6 @@ class Inbox:
                                                   for _, policy, cap in specs]
         self.dropped = [0] * len(specs)
         self.dropped_streams: dict[str, int] = {}  # drops of every connection, per stream
-        self.lost = 0  # messages that arrived but whose shared-memory frame could not be mapped (producer killed)
         self.cond = threading.Condition()
         self.closed = False
         self._next = 0
@@ -410,8 +409,8 @@ class ZmqPump:
                     item, dropped = _decode(sock.recv_multipart(copy=False), self.shm)
                     self.counts[i][1] += isinstance(item, Message)
                 except ShmError as exc:
-                    self.counts[i][1] += 1  # it arrived; the loss is counted here, not on the connection
-                    self.inbox.lost += 1
+                    # its frame died with its producer: not taken in, so the launcher counts it with what else was
+                    # in flight from that process (or not, when the restarted source sends it again)
                     log.warning("connection %d: message lost: %s", i, exc)
                     item = None
                 if dropped:
