@@ -17,9 +17,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from graphflow import Engine, Message, Param, ParamError, StreamEnd
+from graphflow.media.clips import ClipRequest
 from graphflow.media.sources import open_source
 from graphflow.media.video import MAX_PIXELS, Frame, Source, SourceError, SourceSpec, SourceStats, local_path
 from graphflow.runtime.backoff import backoff
@@ -252,7 +254,21 @@ class Decode(Engine):
             return self.add_source(args["entry"])
         if op == "remove_source":
             return self.remove_source(args["stream"])
+        if op == "clip":
+            return self.clip(args["stream"], float(args["start"]), float(args["end"]), Path(args["path"]))
         return super().on_command(op, args)
+
+    def clip(self, stream: str, start: float, end: float, path: Path) -> None:
+        """Write the stream's packets from `start` to `end` (seconds of its timeline) to `path` as an MP4, without
+        re-encoding, once packets past `end` have come (media.clips); needs the source's `keep_packets_s`."""
+        with self._lock:
+            feed = self._feeds.get(stream)
+        source = feed.source if feed is not None else None
+        keeper = getattr(source, "clips", None)
+        if keeper is None:
+            raise ParamError("sources", f"stream {stream!r} keeps no packets for clips (it needs keep_packets_s, "
+                                        "and a video file or stream, decoded on the CPU)")
+        keeper.request(ClipRequest(start, end, path))
 
     def remove_source(self, stream: str) -> None:
         """Stop one source while the engine runs, from any thread. Frames of it already decoded still go out,

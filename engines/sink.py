@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphflow import Engine, Message, Param
-
 from graphflow.engines.publish.files import JsonlSink
+
+from graphflow import Engine, Message, Param
 
 
 class Sink(Engine):

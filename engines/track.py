@@ -23,20 +23,24 @@ class Track(FrameEngine):
     algorithm = Param(str, "bytetrack", choices=("iou", "bytetrack"), doc="tracker kind")
     track_thresh = Param(float, 0.5, ge=0, le=1, doc="score from which a detection is 'high' (may start/keep tracks)")
     low_thresh = Param(float, 0.1, ge=0, le=1, doc="bytetrack: lowest score used in the second association")
-    new_track_thresh = Param(float, -1.0, le=1, doc="bytetrack: score a new track needs (-1: track_thresh + 0.1)")
+    new_track_thresh = Param(float, -1.0, le=1, doc="bytetrack: score a new track needs (-1: track_thresh)")
     match_thresh = Param(float, 0.8, ge=0, le=1, doc="largest 1-IoU cost of a match (0.8: IoU ≥ 0.2)")
     track_buffer = Param(int, 30, ge=0, doc="frames a lost track is kept")
-    min_hits = Param(int, 2, ge=1, doc="matches before a track is reported")
+    min_hits = Param(int, 2, ge=1, doc="matches before a track is reported (those in a stream's first frame: at once)")
     class_aware = Param(bool, True, doc="match detections only to tracks of the same class")
+    smooth = Param(bool, False, doc="bytetrack: report a box at its Kalman-filtered centre (with the detection's "
+                                    "size) rather than the detection's own, less jitter")
+    coast = Param(int, 0, ge=0, doc="frames a lost track is still reported, at its predicted box with no score "
+                                    "(0: only tracks matched in the frame)")
 
     def setup(self) -> None:
         self.trackers: dict[str, IoUTracker | ByteTracker] = {}
 
     def _new_tracker(self) -> IoUTracker | ByteTracker:
-        common = {"track_thresh": self.track_thresh, "match_thresh": self.match_thresh,
-                  "track_buffer": self.track_buffer, "min_hits": self.min_hits, "class_aware": self.class_aware}
+        common = {"track_thresh": self.track_thresh, "match_thresh": self.match_thresh, "track_buffer": self.track_buffer,
+                  "min_hits": self.min_hits, "class_aware": self.class_aware, "coast": self.coast}
         if self.algorithm == "bytetrack":
-            common.update(low_thresh=self.low_thresh,
+            common.update(low_thresh=self.low_thresh, smooth=self.smooth,
                           new_track_thresh=None if self.new_track_thresh < 0 else self.new_track_thresh)
         return make_tracker(self.algorithm, **common)
 

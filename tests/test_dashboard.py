@@ -640,3 +640,48 @@ def test_real_service_page_plays_counts_crossings_and_removes(service, page):
     page.wait_for_selector("#view-streams:not([hidden])")
     page.wait_for_selector('.tile[data-stream="cam1"]', state="detached")
     assert svc.streams() == []
+
+
+def test_tasks_page_shows_each_task_and_the_camera_form_picks_one(tmp_path, page):
+    """A real service with two tasks defining their detector alike: the Tasks page draws both graphs with their live
+    counters and says the detector is shared; a camera added with the form's task picker runs in that task."""
+    from graphflow.serve.controller import Service
+    from graphflow.serve.store import Store
+    from graphflow.serve.task import build_task
+
+    doc = json.loads((ROOT / "graphs" / "demo.json").read_text())
+    del doc["engines"]["out"]
+    doc["connections"] = [c for c in doc["connections"] if "out.in" not in c]
+    crowd = json.loads((ROOT / "graphs" / "crowd.json").read_text())
+    store = Store(tmp_path / "state.db")
+    svc = Service(store, [VIDEO.parent])
+    svc.start([build_task("demo", doc, str(tmp_path / "demo.json")),
+               build_task("crowd", crowd, str(ROOT / "graphs" / "crowd.json"))])
+    srv = Server(svc)
+    try:
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#add-task-label:not([hidden])")
+        assert page.locator("#add-task option").all_inner_texts() == ["demo (default)", "crowd"]
+        page.fill("#add-id", "gate")
+        page.fill("#add-uri", str(VIDEO))
+        page.check("#add-loop")
+        page.check("#add-realtime")
+        page.select_option("#add-task", "crowd")
+        page.click("#add-submit")
+        page.wait_for_selector('.tile[data-stream="gate"]')
+        assert svc.stream("gate")["task"] == "crowd"
+        page.click("#nav-tasks")
+        page.wait_for_selector('article.task[data-task="crowd"] tr[data-engine="gate"]')
+        page.wait_for_selector('article.task[data-task="demo"] td:has-text("shared by 2 tasks")')
+        page.wait_for_function("() => { const i = document.querySelector('article.task[data-task=crowd] img');"
+                               " return i && i.complete && i.naturalWidth > 0; }")
+        page.wait_for_function("() => { const r = document.querySelector("
+                               "'article.task[data-task=crowd] tr[data-engine=det]');"
+                               " return r && Number(r.children[4].textContent) > 0; }", timeout=60_000)
+        assert "streams: gate" in page.locator('article.task[data-task="crowd"] p').inner_text()
+        assert page.console_errors == []
+        page.screenshot(path=str(artifacts() / "service_tasks.png"))
+    finally:
+        srv.close()
+        svc.stop()
+        store.close()

@@ -62,3 +62,23 @@ def test_textdet_refuses_a_model_that_is_not_a_text_detector():
 
     with pytest.raises(ParamError, match="^model: yolox_nano.onnx looks like a yolox model, not a DB text detector"):
         TextDet("t", {"model": str(ROOT / "graphflow/models/yolox_nano.onnx")}).check()
+
+
+@needs_rapidocr
+def test_chained_plate_graph_keeps_three_attributes_and_its_rule_tests_two(tmp_path):
+    """graphs/plates.json as shipped: plate colour, vehicle class and plate text stay side by side on each object,
+    and the line counts only the plate that is both blue and from Beijing (京A·12345 crosses it; 沪B·6F789, blue too,
+    and 粤C·D2468, yellow, cross it as well and must not count)."""
+    doc = json.loads((ROOT / "graphs/plates.json").read_text())
+    out = tmp_path / "plates.jsonl"
+    doc["engines"]["out"]["params"]["sinks"][0]["path"] = str(out)
+    summary = runtime.run(graph.build(doc, str(ROOT / "graphs/plates.json")), handle_signals=False)
+    assert summary.exit_code == 0, summary.errors
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    attrs = [t["attributes"] for r in rows for t in r["tracks"] if "plate" in (t.get("attributes") or {})]
+    assert attrs and all({"colour", "vehicle", "plate"} <= a.keys() for a in attrs)
+    by_plate = {same_text(a["plate"]): (a["colour"], a["vehicle"]) for a in attrs}
+    assert by_plate["京A·12345"] == by_plate["沪B·6F789"] == ("blue", "small")
+    events = [e for r in rows for e in r.get("events") or []]
+    assert [same_text(e["attributes"]["plate"]) for e in events] == ["京A·12345"]
+    assert events[0]["rule"] == "beijing-blue" and events[0]["attributes"]["colour"] == "blue"

@@ -30,9 +30,11 @@ def test_track_forgets_a_stream_at_its_end_and_starts_afresh_after():
     engine = Track("trk", {"min_hits": 2})
     out = run_engine(engine, messages=walking("a", 3) + [StreamEnd("a")] + walking("a", 2))["out"]
     assert out[3] == StreamEnd("a")  # passed on, in its place
-    shown = [len(m.data["tracks"]) for m in out if isinstance(m, Message)]
-    # a track is shown from its second hit; after the end the id starts afresh (the old track would match at once)
-    assert shown == [0, 1, 1, 0, 1]
+    frames = [m for m in out if isinstance(m, Message)]
+    # a stream's first frame shows its objects at once; after the end the tracker starts afresh: a first frame
+    # again, ids from 1 (a tracker kept would hold the person back a frame, as a new track, and number it 2)
+    assert [len(m.data["tracks"]) for m in frames] == [1, 1, 1, 1, 1]
+    assert [m.data["tracks"][0]["track_id"] for m in frames] == [1, 1, 1, 1, 1]
     assert list(engine.trackers) == ["a"]
     run_engine(engine, messages=[StreamEnd("a")])
     assert engine.trackers == {}

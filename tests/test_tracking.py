@@ -93,6 +93,7 @@ def test_bytetrack_low_score_detections_keep_track_alive():
 
 def test_bytetrack_low_score_detection_holds_a_lost_track_and_confirms_a_new_one():
     tracker = ByteTracker(min_hits=2)
+    step(tracker, [])  # (tracks born in the first frame are confirmed at once)
     assert step(tracker, [box(100, 100)]) == {}
     assert step(tracker, [box(102, 100)], [0.3]) == {0: 1}     # a close low-score box confirms the new track
     assert step(tracker, []) == {}                              # lost for a frame
@@ -116,6 +117,7 @@ def test_update_returns_arrays_with_the_detection_boxes():
 
 def test_bytetrack_min_hits_and_classes():
     tracker = ByteTracker(min_hits=2)
+    step(tracker, [])  # (tracks born in the first frame are confirmed at once)
     assert step(tracker, [box(100, 100)]) == {}
     assert step(tracker, [box(102, 100)]) == {0: 1}
     # a detection of another class does not take over the track
@@ -134,8 +136,10 @@ def test_track_engine_per_stream_ids():
     for m in out:
         (t,) = m.data["tracks"]
         assert t["track_id"] == 1 and t["label"] == "person" and len(t["box"]) == 4
-    out = run_engine(Track, {"algorithm": "iou", "min_hits": 3}, msgs)["out"]
-    assert [len(m.data["tracks"]) for m in out] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    # a first frame without objects per stream, so that the tracks are born later (not confirmed at birth)
+    empty = [Message(stream=s, seq=-1, data={"detections": []}) for s in ("a", "b")]
+    out = run_engine(Track, {"algorithm": "iou", "min_hits": 3}, empty + msgs)["out"]
+    assert [len(m.data["tracks"]) for m in out] == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def test_track_engine_errors():
@@ -184,3 +188,96 @@ def test_bytetrack_lost_track_does_not_steal_a_followed_persons_box(decay, keeps
         assert step(tracker, [box(100 + 4 * f, 100)]) == {0: ids[0]}, f"frame {f}"
     got = step(tracker, [box(200, 100)])
     assert (got == {0: ids[0]}) is keeps
+
+
+@pytest.mark.parametrize("cls", [IoUTracker, ByteTracker])
+def test_first_frame_tracks_are_confirmed_at_once_later_ones_after_min_hits(cls):
+    """As the original ByteTrack: the objects in view when a stream starts are reported in its first frame;
+    one that appears later waits for min_hits (default 2) matches."""
+    tracker = cls()
+    assert tracker.min_hits == 2
+    first = step(tracker, [box(100, 100), box(300, 100)])
+    assert sorted(first.values()) == [1, 2]
+    assert step(tracker, [box(103, 100), box(303, 100), box(500, 100)]) == {0: first[0], 1: first[1]}
+    assert step(tracker, [box(106, 100), box(306, 100), box(503, 100)]) == {0: first[0], 1: first[1], 2: 3}
+    # with an empty first frame, nothing born later is shown at birth
+    late = cls()
+    step(late, [])
+    assert step(late, [box(100, 100)]) == {}
+    assert step(late, [box(103, 100)]) == {0: 1}
+
+
+def test_iou_tracker_bridges_a_gap_by_the_track_velocity():
+    """A person walking 8 px a frame is not detected for 6 frames: found again 56 px on, where a box of width
+    40 no longer overlaps its last box at all, the track keeps its id (its box is moved on by its velocity)."""
+    tracker = IoUTracker()
+    tid = step(tracker, [box(100, 100)])[0]
+    for f in range(1, 6):
+        assert step(tracker, [box(100 + 8 * f, 100)]) == {0: tid}
+    last = box(140, 100)
+    for _ in range(6):
+        assert step(tracker, []) == {}
+    back = box(140 + 8 * 7, 100)
+    assert iou_matrix([last], [back])[0, 0] == 0  # without motion, no match is possible
+    assert step(tracker, [back]) == {0: tid}
+    assert step(tracker, [box(140 + 8 * 8, 100)]) == {0: tid}
+
+
+@pytest.mark.parametrize("cls", [IoUTracker, ByteTracker])
+def test_coast_reports_a_lost_track_at_its_predicted_box_for_coast_frames(cls):
+    tracker = cls(min_hits=1, coast=2)
+    for f in range(6):
+        tid = step(tracker, [box(100 + 5 * f, 100)])[0]
+    for k in (1, 2):
+        (obj,) = tracker.update(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+        assert obj.track_id == tid and obj.det_index == -1 and np.isnan(obj.score)
+        # moved on from the last box (x1 105), towards where 5 px a frame takes it (the Kalman velocity lags)
+        assert 105 + 2 * k < obj.box[0] <= 105 + 5 * k + 0.5 and obj.box[1] == pytest.approx(60, abs=0.5)
+    assert len(tracker.update(np.zeros((0, 4)), np.zeros(0), np.zeros(0))) == 0  # a third frame: not any more
+    assert step(tracker, [box(140, 100)]) == {0: tid}
+
+
+def test_track_engine_coast_keeps_label_and_class_with_no_score():
+    def msg(seq: int, dets: list) -> Message:
+        return Message(stream="a", seq=seq, data={"detections": dets})
+
+    person = [{"box": box(100 + 3 * i, 100), "score": 0.9, "class_id": 0, "label": "person"} for i in range(3)]
+    msgs = [msg(i, [d]) for i, d in enumerate(person)] + [msg(3, []), msg(4, [])]
+    out = run_engine(Track, {"coast": 1}, msgs)["out"]
+    assert [len(m.data["tracks"]) for m in out] == [1, 1, 1, 1, 0]
+    (coasting,) = out[3].data["tracks"]
+    assert coasting["track_id"] == 1 and coasting["label"] == "person" and coasting["class_id"] == 0
+    assert "score" not in coasting and 86 < coasting["box"][0] <= 89.5  # moved on from x1 86, at most 3 px
+    assert run_engine(Track, {}, msgs)["out"][3].data["tracks"] == []  # default: no coasting
+
+
+def test_track_engine_defaults_are_the_tracker_classes_defaults():
+    """One default per setting: the engine's Params agree with IoUTracker's and ByteTracker's own."""
+    import inspect
+    engine = Track("t", {})
+    for cls in (IoUTracker, ByteTracker):
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name == "self" or not hasattr(engine, name):
+                continue
+            value = getattr(engine, name)
+            if name == "new_track_thresh":  # the engine's -1 stands for the class's None (track_thresh)
+                value = None if value < 0 else value
+            assert value == p.default, (cls.__name__, name, value, p.default)
+
+
+def test_bytetrack_smooth_reports_the_detection_size_at_the_filtered_centre():
+    """A box standing still with its detections jittered ±6 px: smoothed boxes keep the detections' sizes and
+    stay nearer the true place than the detections do."""
+    rng = np.random.default_rng(3)
+    plain, smooth = ByteTracker(min_hits=1), ByteTracker(min_hits=1, smooth=True)
+    err_det = err_smooth = 0.0
+    for f in range(40):
+        det = np.array([box(200 + rng.uniform(-6, 6), 150 + rng.uniform(-6, 6), 40 + f % 3, 80)])
+        a = plain.update(det, np.array([0.9]), np.zeros(1))
+        b = smooth.update(det, np.array([0.9]), np.zeros(1))
+        np.testing.assert_array_equal(a.boxes, det)
+        np.testing.assert_allclose(b.boxes[:, 2:] - b.boxes[:, :2], det[:, 2:] - det[:, :2])
+        if f >= 10:
+            err_det += abs((det[0, 0] + det[0, 2]) / 2 - 200)
+            err_smooth += abs((b.boxes[0, 0] + b.boxes[0, 2]) / 2 - 200)
+    assert err_smooth < 0.85 * err_det  # 0.62-0.80 of it over seeds 0-7

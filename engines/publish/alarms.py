@@ -16,10 +16,10 @@ import uuid
 from collections import deque
 from typing import Any
 
-from graphflow import Engine, Message, Param, ParamError
-
 from graphflow.engines.publish.base import at, dump, safe_name
 from graphflow.engines.publish.brokers import BrokerSink
+
+from graphflow import Engine, Message, Param, ParamError
 
 RETRIED = (408, 425, 429)  # client-error statuses that mean "later", not "never"
 SIGNATURE = "X-Graphflow-Signature"

@@ -14,13 +14,21 @@ from typing import Any, ClassVar
 
 import msgpack
 import zmq
+from graphflow.engines.publish.base import (
+    WHAT,
+    Output,
+    at,
+    check_folder,
+    dump,
+    reason,
+    record_count,
+    records,
+    safe_name,
+)
+from graphflow.engines.publish.spool import MemoryQueue, Outbox, Spool
 
 from graphflow import Engine, Message, Param, ParamError
 from graphflow.runtime.backoff import backoff
-
-from graphflow.engines.publish.base import WHAT, Output, at, check_folder, dump, reason, record_count, records, \
-    safe_name
-from graphflow.engines.publish.spool import MemoryQueue, Outbox, Spool
 
 
 class BufferedSink(Output):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphflow import Engine, Message, Param, ParamError
-
+import graphflow.engines.publish.alarms  # noqa: F401,I001  (listed after the file and video kinds)
 import graphflow.engines.publish.files  # noqa: F401  (defining the kinds registers them)
 import graphflow.engines.publish.video  # noqa: F401
-import graphflow.engines.publish.alarms  # noqa: F401,I001  (listed after the file and video kinds)
 from graphflow.engines.publish.base import SINKS, Output, check_sink
 from graphflow.engines.publish.brokers import BufferedSink
+
+from graphflow import Engine, Message, Param, ParamError
 
 
 class Publish(Engine):

@@ -7,12 +7,20 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from graphflow.engines.publish.base import (
+    WHAT,
+    at,
+    check_folder,
+    dump,
+    message_record,
+    record_count,
+    records,
+    stream_path,
+)
+from graphflow.engines.publish.segments import FileSink, PerStreamSink
+
 from graphflow import Detections, Engine, Message, Param, ParamError
 from graphflow.vision.mot import track_lines
-
-from graphflow.engines.publish.base import WHAT, at, check_folder, dump, message_record, record_count, records, \
-    stream_path
-from graphflow.engines.publish.segments import FileSink, PerStreamSink
 
 
 class JsonlSink(FileSink):

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from graphflow import Engine, Message, Param
-
 from graphflow.engines.publish.base import Output, reason, shown
+
+from graphflow import Engine, Message, Param
 
 MB = 2**20
 DAY = 86400.0

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from graphflow.engines.publish.base import at, check_folder, safe_name, stream_path
+from graphflow.engines.publish.brokers import BufferedSink
+from graphflow.engines.publish.segments import PerStreamSink, Segments
+from graphflow.engines.publish.spool import MemoryQueue
 from PIL import Image
 
 from graphflow import Detections, Engine, Message, Param, ParamError
 from graphflow.vision.osd import Overlay, VideoWriter
-
-from graphflow.engines.publish.base import at, check_folder, safe_name, stream_path
-from graphflow.engines.publish.brokers import BufferedSink
-from graphflow.engines.publish.spool import MemoryQueue
-from graphflow.engines.publish.segments import PerStreamSink, Segments
 
 
 class VideoSink(PerStreamSink):

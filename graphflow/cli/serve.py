@@ -26,6 +26,14 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE",
                    help="override a param of the first graph")
     p.add_argument("--stats", metavar="FILE", help="at exit, write every counter and metric as JSON (as launch does)")
+    p.add_argument("--evidence", metavar="DIR", help="where each event's snapshot, crop and clip go (default: "
+                   "evidence/ beside --state)")
+    p.add_argument("--no-evidence", action="store_true", help="keep no evidence of events")
+    p.add_argument("--evidence-pre", type=float, default=5.0, metavar="S", help="clip seconds before the event")
+    p.add_argument("--evidence-post", type=float, default=5.0, metavar="S", help="clip seconds after the event")
+    p.add_argument("--evidence-keep-mb", type=float, default=2000.0, metavar="MB", help="evidence kept at most, "
+                   "oldest deleted first")
+    p.add_argument("--evidence-keep-days", type=float, default=7.0, metavar="DAYS", help="evidence kept at most")
     p.add_argument("--ray", metavar="auto|ADDRESS", help="run one graph replica per node of this Ray cluster "
                    "(needs graphflow[cluster]); streams are placed on the nodes")
     p.set_defaults(fn=_cmd_serve)
@@ -56,9 +64,16 @@ def client_options(p: Any) -> None:
 
 def _cmd_serve(args: Any) -> int:
     from graphflow import graph as graph_mod
+    from graphflow.serve.evidence import EvidencePolicy
 
+    for name in ("evidence_pre", "evidence_post", "evidence_keep_mb", "evidence_keep_days"):
+        if not 0 <= getattr(args, name) <= 10**6:
+            raise GraphflowError(f"serve: --{name.replace('_', '-')} must be a number from 0 to 1000000 "
+                                 f"(got {getattr(args, name)})")
+    evidence = None if args.no_evidence else EvidencePolicy(args.evidence_pre, args.evidence_post,
+                                                            args.evidence_keep_mb, args.evidence_keep_days)
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
-                 graph_mod.parse_set(args.set), args.ray, args.tasks, args.stats)
+                 graph_mod.parse_set(args.set), args.ray, args.tasks, evidence, args.evidence, args.stats)
 
 
 def _request(args: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from graphflow.errors import GraphflowError
+from graphflow.media.clips import ClipKeeper, KeptPacket
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,11 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp:
 COLORS = {"bgr": "bgr24", "rgb": "rgb24"}
 _FIELD_TYPES = {"uri": (str,), "fps": (int, float), "start": (int, float), "max_frames": (int,), "loop": (bool,),
                 "transport": (str,), "open_timeout": (int, float), "read_timeout": (int, float), "realtime": (bool,),
-                "max_pixels": (int,), "threads": (int,)}
+                "max_pixels": (int,), "threads": (int,), "keep_packets_s": (int, float)}
 # numeric fields: (lowest, lowest allowed itself, highest); bounds keep every value usable by FFmpeg and the clock
 _FIELD_RANGES = {"fps": (0, False, 1000), "start": (0, True, 10_000_000), "open_timeout": (0, False, 3600),
                  "read_timeout": (0, False, 3600), "max_frames": (0, True, None), "max_pixels": (1, True, None),
-                 "threads": (0, True, 64)}
+                 "threads": (0, True, 64), "keep_packets_s": (0, True, 600)}
 MAX_PIXELS = 100_000_000  # default largest frame (width × height): 100 MP, above 8K video and most photos
 
 
@@ -63,6 +64,7 @@ class SourceSpec:
     realtime: bool = False
     max_pixels: int = MAX_PIXELS
     threads: int = 1  # decoder threads; 0: FFmpeg's choice (one per core), see AVSource._open
+    keep_packets_s: float = 0.0  # seconds of compressed packets kept for evidence clips (media.clips); 0: none
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
@@ -232,6 +234,7 @@ class AVSource(Source):
     def __init__(self, spec: SourceSpec) -> None:
         super().__init__(spec)
         self._container: Any = None
+        self.clips: ClipKeeper | None = None
         self._open()
 
     def _options(self) -> dict[str, str]:
@@ -303,6 +306,7 @@ class AVSource(Source):
         self._t0: float | None = None if spec.is_stream else (
             float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0)
         self.width, self.height = stream.width, stream.height
+        self.clips = ClipKeeper(stream, spec.keep_packets_s) if spec.keep_packets_s > 0 else None
 
     def _seek(self, seconds: float) -> None:
         """Go to the key frame at or before `seconds`; 0 means the very start (some demuxers overshoot t0)."""
@@ -365,6 +369,9 @@ class AVSource(Source):
             if packet.is_corrupt:
                 self._corrupt("corrupt packet")
                 continue
+            if self.clips is not None and packet.pts is not None and self._t0 is not None and packet.size:
+                self.clips.keep(KeptPacket(bytes(packet), packet.pts, packet.dts, packet.is_keyframe,
+                                           float(packet.pts * self._stream.time_base) - self._t0))
             try:
                 frames = self._decoder.decode(packet)
             except av.FFmpegError as exc:
@@ -389,6 +396,8 @@ class AVSource(Source):
         log.debug("source %s: skipped (%s)", self.spec.uri, why)
 
     def close(self) -> None:
+        if self.clips is not None:
+            self.clips.close()
         if self._container is not None:
             self._container.close()
             self._container = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from graphflow.errors import GraphflowError, Unavailable
-from graphflow.serve.task import UnknownTask
+from graphflow.serve.task import UnknownEvent, UnknownTask
 
 if TYPE_CHECKING:
     from graphflow.serve.live import LiveFeed
@@ -190,6 +190,9 @@ def _failure(request: Any, exc: Exception) -> Any:
         return _error(exc.status, str(exc))
     if isinstance(exc, UnknownTask):
         return _error(404, f"no task {exc.args[0]!r}")
+    if isinstance(exc, UnknownEvent):
+        return _error(404, f"no event or evidence {exc.args[0]!r} (evidence is written a few seconds after its event, "
+                           "and pruned by age and size)")
     if isinstance(exc, KeyError):
         return _error(404, f"no stream {exc.args[0]!r}")
     if isinstance(exc, FileExistsError):
@@ -271,7 +274,34 @@ def _stream_routes(controller: Controller, wrap: Any) -> list[Any]:
     return [Route("/streams", wrap(list_streams), methods=["GET", "POST"]),
             Route("/streams/{id}", wrap(one_stream), methods=["GET", "PUT", "DELETE"]),
             Route("/streams/{id}/rules", wrap(rules), methods=["GET", "PUT"]),
-            Route("/events", wrap(events)), Route("/events/live", _live_events(controller))]
+            Route("/events", wrap(events)), Route("/events/live", _live_events(controller)),
+            *_evidence_routes(controller, wrap)]
+
+
+EVIDENCE_TYPES = {"snapshot.jpg": ("snapshot", "image/jpeg"), "crop.jpg": ("crop", "image/jpeg"),
+                  "clip.mp4": ("clip", "video/mp4")}
+
+
+def _evidence_routes(controller: Any, wrap: Any) -> list[Any]:
+    """`/events/{id}` (one event, its evidence linked) and its files (HTTP range requests, so a browser seeks)."""
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    if not hasattr(controller, "evidence_file"):
+        return []
+
+    async def one_event(request: Any) -> Response:
+        return JSONResponse(await _call(controller.event, request.path_params["id"]))
+
+    async def evidence(request: Any) -> Response:
+        name = request.path_params["file"]
+        if name not in EVIDENCE_TYPES:
+            raise ApiError(404, f"no evidence {name!r} (one of {', '.join(EVIDENCE_TYPES)})")
+        kind, media = EVIDENCE_TYPES[name]
+        path = await _call(controller.evidence_file, request.path_params["id"], kind)
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    return [Route("/events/{id}", wrap(one_event)), Route("/events/{id}/{file}", wrap(evidence))]
 
 
 def _live_events(controller: Controller) -> Any:
@@ -302,12 +332,18 @@ def _live_events(controller: Controller) -> Any:
 
 
 def _task_routes(controller: Any, wrap: Any) -> list[Any]:
-    """Tasks (list, add, get, replace, remove) and a task's graph picture; none for a controller of one graph."""
+    """Tasks (list, add, get, replace, remove) and a task's graph picture; a controller of one graph (the cluster
+    front) lists none and refuses the rest."""
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     if not hasattr(controller, "tasks_list"):
-        return []
+        async def no_tasks(request: Any) -> Response:
+            if request.method == "GET" and request.url.path == "/tasks":
+                return JSONResponse([])
+            raise ApiError(400, "this service runs one graph: tasks need `graphflow serve` without --ray")
+        return [Route("/tasks", wrap(no_tasks), methods=["GET", "POST"]),
+                Route("/tasks/{id}", wrap(no_tasks), methods=["GET", "PUT", "DELETE"])]
     tasks: TaskController = controller
 
     async def task_body(request: Any) -> dict[str, Any]:

@@ -11,12 +11,13 @@ from typing import Any
 from graphflow.errors import GraphflowError, Unavailable
 from graphflow.message import Message
 from graphflow.runtime.sharing import STAGES, SharedStages
+from graphflow.serve.evidence import KINDS, Evidence, EvidencePolicy
 from graphflow.serve.live import LiveFeed
 from graphflow.serve.previews import Previews, graph_png
 from graphflow.serve.store import Store
 from graphflow.serve.streams import StreamMeter, check_stream_uri, each_stream, stream_id
 from graphflow.serve.tap import TAP
-from graphflow.serve.task import Task, UnknownTask, build_task, task_id
+from graphflow.serve.task import Task, UnknownEvent, UnknownTask, build_task, task_id
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class Service:
     service's default task); the task's source engine decodes it, its rule engine takes the stream's rules."""
 
     def __init__(self, store: Store, media_roots: list[Path] | None = None, preview_fps: float = 5.0,
-                 preview_width: int = 640, restrictions: Any = None) -> None:
+                 preview_width: int = 640, restrictions: Any = None, evidence: tuple[Path, EvidencePolicy] | None = None
+                 ) -> None:
         self.store = store
         self.media_roots = [r.resolve() for r in (media_roots or [])]
         self.restrictions = restrictions  # how a task from the network is checked (None: as trusted as a file)
@@ -59,6 +61,7 @@ class Service:
         self.started = time.monotonic()
         self.summaries: dict[str, Any] = {}  # task → the summary of its last stopped graph
         self.stages = SharedStages()  # e.g. one detector for every task whose infer engine is defined alike
+        self.evidence = Evidence(evidence[0], evidence[1], self._request_clip) if evidence else None
 
     # lifecycle ---------------------------------------------------------------------------------------------
     def start(self, file_tasks: list[Task] = ()) -> None:
@@ -100,6 +103,8 @@ class Service:
             self.summaries[task.id] = task.summary
         self.flush_events()
         self.previews.close()
+        if self.evidence is not None:
+            self.evidence.close()
 
     def stats_document(self) -> dict[str, Any]:
         """After `stop`: the worst task's `--stats` document (as launch writes it), with every task's under
@@ -241,7 +246,10 @@ class Service:
         task = self._task(spec["task"]) if spec["task"] else None
         if task is None:
             raise GraphflowError("task: none named and no default task")
-        task.command(task.roles.source, "add_source", {"entry": _source_entry(spec)})
+        entry = _source_entry(spec)
+        if self.evidence is not None:  # the source keeps its recent packets, for clips cut without re-encoding
+            entry.setdefault("keep_packets_s", self.evidence.keep_packets_s())
+        task.command(task.roles.source, "add_source", {"entry": entry})
         with self.lock:
             self.specs[stream] = spec
             self.meters.setdefault(stream, StreamMeter())
@@ -414,6 +422,27 @@ class Service:
         self.flush_events()
         return self.store.events(stream, kind, since, limit, task)
 
+    def event(self, eid: str) -> dict[str, Any]:
+        """One event by its id, with the paths of its evidence files that exist now."""
+        self.flush_events()
+        found = self.store.event(eid)
+        if found is None:
+            raise UnknownEvent(eid)
+        return found
+
+    def evidence_file(self, eid: str, kind: str) -> Path:
+        """The file of one kind of an event's evidence; UnknownEvent when there is none (yet)."""
+        if self.evidence is None or kind not in KINDS:
+            raise UnknownEvent(f"{eid}/{kind}")
+        path = self.evidence.path(eid, kind)
+        if not path.is_file():
+            raise UnknownEvent(f"{eid}/{kind}")
+        return path
+
+    def _request_clip(self, task: str, stream: str, start: float, end: float, path: Path) -> None:
+        t = self._task(task)
+        t.command(t.roles.source, "clip", {"stream": stream, "start": start, "end": end, "path": str(path)})
+
     def metrics(self) -> tuple[bytes, str]:
         from graphflow.serve.metrics import render
 
@@ -432,6 +461,9 @@ class Service:
             meter.add(now, latency)
             meter.events += len(events)
             self.meter_task[msg.stream] = task
+        if events and self.evidence is not None:
+            alarms = self.evidence.offer(task, msg, [ev for ev in events if ev.get("alarm", True) is not False])
+            events = alarms + [ev for ev in events if ev.get("alarm", True) is False]
         if events:
             ts = capture or time.time()
             rows = [(ts, msg.stream, str(ev.get("event", ev.get("kind", "event"))), ev, task) for ev in events]

@@ -9,6 +9,7 @@ from typing import Any
 from graphflow.errors import GraphflowError
 from graphflow.graph.restrictions import Restrictions
 from graphflow.serve.controller import Service
+from graphflow.serve.evidence import EvidencePolicy
 from graphflow.serve.store import Store
 from graphflow.serve.streams import is_loopback
 from graphflow.serve.task import Task, build_task
@@ -29,12 +30,14 @@ def few_malloc_arenas() -> None:
 
 def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, state: str = "graphflow.db",
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
-          ray: str | None = None, tasks_dir: str | None = None, stats: str | None = None) -> int:
+          ray: str | None = None, tasks_dir: str | None = None, evidence: EvidencePolicy | None = EvidencePolicy(),
+          evidence_dir: str | None = None, stats: str | None = None) -> int:
     """Run the service until SIGINT/SIGTERM; returns the exit code (and with `stats`, writes there what its tasks'
     runs reported, as `launch --stats` does). Each graph file (and each `*.json` in
     `tasks_dir`) is a task named after its file; the first is the default task of streams that name none. With
     `ray` (`auto` or a cluster address) one graph runs as one replica per node of that Ray cluster (graphflow.cluster),
-    behind the same API."""
+    behind the same API. With `evidence` (None: off) every event gets a snapshot, a crop and a clip in `evidence_dir`
+    (default: `evidence/` beside the state file)."""
     try:
         import uvicorn
     except ImportError:
@@ -62,7 +65,9 @@ def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, sta
                                          task.roles.source, task.roles.rule, roots, ray)
         service.start()
     else:
-        service = Service(store, roots, restrictions=restrictions)
+        folder = Path(evidence_dir) if evidence_dir else Path(state).resolve().parent / "evidence"
+        service = Service(store, roots, restrictions=restrictions,
+                          evidence=(folder, evidence) if evidence is not None else None)
         service.start(tasks)
     # open MJPEG and event streams must not hold a stop for long
     config = uvicorn.Config(create_app(service, token), host=host, port=port, log_level="warning",

@@ -22,7 +22,8 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, graph TEXT NOT NULL, labels TEXT, added REAL NOT NULL);
 """
 # columns added since the first schema: (table, column, declaration), added to an older state file when opened
-MIGRATIONS = (("events", "task", "TEXT"),)
+MIGRATIONS = (("events", "task", "TEXT"), ("events", "eid", "TEXT"))
+INDEXES = "CREATE INDEX IF NOT EXISTS events_eid ON events (eid);"  # on migrated columns, made after them
 
 
 class Store:
@@ -37,6 +38,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._db.executescript(INDEXES)
         self._added_since_prune = 0
 
     def _migrate(self) -> None:
@@ -96,8 +98,8 @@ class Store:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO events (ts, stream, kind, body, task) VALUES (?, ?, ?, ?, ?)",
-                                 [(ts, s, k, json.dumps(b, default=str), t) for ts, s, k, b, t in events])
+            self._db.executemany("INSERT INTO events (ts, stream, kind, body, task, eid) VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(ts, s, k, json.dumps(b, default=str), t, b.get("id")) for ts, s, k, b, t in events])
             self._db.execute("COMMIT")
             self._added_since_prune += len(events)
             if self._added_since_prune >= 1000:
@@ -107,6 +109,15 @@ class Store:
         self._added_since_prune = 0
         self._db.execute("DELETE FROM events WHERE ts < ?", (time.time() - self.keep_events_s,))
         self._db.execute("DELETE FROM events WHERE n <= (SELECT MAX(n) FROM events) - ?", (self.keep_events,))
+
+    def event(self, eid: str) -> dict[str, Any] | None:
+        """The event whose body has this `id`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT n, ts, stream, kind, body, task FROM events WHERE eid = ?", (eid,)).fetchone()
+        if row is None:
+            return None
+        n, ts, s, k, body, t = row
+        return {"n": n, "ts": ts, "stream": s, "task": t, "kind": k, "event": json.loads(body)}
 
     def events(self, stream: str | None = None, kind: str | None = None, since: float | None = None,
                limit: int = 100, task: str | None = None) -> list[dict[str, Any]]:

@@ -48,6 +48,10 @@ class UnknownTask(KeyError):
     """No task of that id (the API answers 404)."""
 
 
+class UnknownEvent(KeyError):
+    """No event (or evidence file) of that id (the API answers 404)."""
+
+
 @dataclass(frozen=True)
 class Roles:
     """What the service needs to know of a task's graph: its source engine (takes the streams), its rule engine
@@ -118,9 +122,9 @@ class Task:
     def start(self, services: dict[str, Any], on_progress: Any = None) -> None:
         """Start the task's engines and wait until every one is set up (or the graph ended while starting);
         `on_progress(stats)` is called at each stats interval, on the launcher's thread."""
-        from graphflow import runtime
+        from graphflow.runtime.launcher import Launcher
 
-        self.launcher = runtime.Launcher(self.topology, on_progress, services=services)
+        self.launcher = Launcher(self.topology, on_progress, services=services)
         self.thread = threading.Thread(target=self._run, name=f"task:{self.id}", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + READY_S

@@ -107,7 +107,8 @@ function makeTile(stream) {
 
 function describe(stream) {
   const lat = stream.latency_ms || {};
-  return `${(stream.fps || 0).toFixed(1)} fps · p50 ${ms(lat.p50)} · p95 ${ms(lat.p95)} · ${stream.frames} frames`;
+  const task = stream.task ? `${stream.task} · ` : "";
+  return `${task}${(stream.fps || 0).toFixed(1)} fps · p50 ${ms(lat.p50)} · p95 ${ms(lat.p95)} · ${stream.frames} frames`;
 }
 
 function renderGrid(streams) {
@@ -159,6 +160,7 @@ async function addStream(event) {
   event.preventDefault();
   $("add-error").textContent = "";
   const spec = {id: $("add-id").value.trim(), uri: $("add-uri").value.trim()};
+  if (!$("add-task-label").hidden && $("add-task").value) spec.task = $("add-task").value;
   const fps = parseFloat($("add-fps").value);
   if (!Number.isNaN(fps)) spec.fps = fps;
   if ($("add-loop").checked) spec.loop = true;
@@ -457,26 +459,90 @@ async function refreshGraph() {
   try {
     const graph = await api("GET", "/graph");
     $("g-title").textContent = `Graph ${graph.name}`;
-    const table = $("g-engines");
-    const head = text("tr");
-    for (const name of ["engine", "type", "placement", ...ENGINE_COLUMNS]) head.append(text("th", name));
-    const rows = [head];
-    for (const [id, engine] of Object.entries(graph.engines)) {
-      const row = text("tr");
-      row.dataset.engine = id;
-      row.append(text("td", id), text("td", engine.type), text("td", engine.placement));
-      for (const name of ENGINE_COLUMNS) {
-        const value = (engine.stats || {})[name];
-        const shown = value === null || value === undefined ? "–"
-          : typeof value === "number" && !Number.isInteger(value) ? value.toFixed(2) : String(value);
-        row.append(text("td", shown, typeof value === "number" ? "n" : ""));
-      }
-      rows.push(row);
-    }
-    table.replaceChildren(...rows);
+    const table = engineTable(graph.engines, graph.shared || {});
+    table.id = "g-engines";
+    $("g-engines").replaceWith(table);
     $("g-edges").replaceChildren(...graph.connections.map((e) => text("li", `${e.from} → ${e.to} (${e.policy})`)));
   } catch (err) {
     $("g-title").textContent = `Graph: ${err.message}`;
+  }
+}
+
+// --- the tasks page: each task's graph drawn, its engines' live counters and its streams --------------------------
+let taskIds = null;  // null: this service runs one graph (no /tasks)
+
+async function loadTasks() {
+  const tasks = await api("GET", "/tasks");
+  if (!tasks.length) { taskIds = null; return null; }  // a service of one graph (the cluster front) has no tasks
+  const ids = tasks.map((t) => t.id);
+  if (!taskIds || ids.join() !== taskIds.join()) {  // the camera form's task picker follows the tasks
+    const picker = $("add-task");
+    picker.replaceChildren(...tasks.map((t) => {
+      const option = text("option", t.default ? `${t.id} (default)` : t.id);
+      option.value = t.id;
+      option.selected = t.default;
+      return option;
+    }));
+    taskIds = ids;
+  }
+  $("add-task-label").hidden = false;
+  $("nav-tasks").hidden = false;
+  return tasks;
+}
+
+function engineTable(engines, shared) {
+  const table = text("table", null, "table");
+  const head = text("tr");
+  for (const name of ["engine", "type", "placement", ...ENGINE_COLUMNS]) head.append(text("th", name));
+  const rows = [head];
+  for (const [id, engine] of Object.entries(engines)) {
+    const row = text("tr");
+    row.dataset.engine = id;
+    const type = shared[id] ? `${engine.type} (shared by ${shared[id]} tasks)` : engine.type;
+    row.append(text("td", id), text("td", type), text("td", engine.placement));
+    for (const name of ENGINE_COLUMNS) {
+      const value = (engine.stats || {})[name];
+      const shown = value === null || value === undefined ? "–"
+        : typeof value === "number" && !Number.isInteger(value) ? value.toFixed(2) : String(value);
+      row.append(text("td", shown, typeof value === "number" ? "n" : ""));
+    }
+    rows.push(row);
+  }
+  table.replaceChildren(...rows);
+  return table;
+}
+
+const taskCards = new Map();  // task id → its card (the picture is loaded once per card, counters each refresh)
+
+async function refreshTasks() {
+  try {
+    const tasks = await loadTasks();
+    if (tasks === null) return;
+    const list = $("t-list");
+    const seen = new Set();
+    for (const summary of tasks) {
+      seen.add(summary.id);
+      const task = await api("GET", `/tasks/${encodeURIComponent(summary.id)}`);
+      let card = taskCards.get(task.id);
+      if (!card) {
+        card = {node: text("article", null, "task"), title: text("h3"), picture: document.createElement("img"),
+                engines: text("div"), streams: text("p", null, "muted")};
+        card.node.dataset.task = task.id;
+        card.picture.alt = `the graph of task ${task.id}`;
+        card.picture.src = `/tasks/${encodeURIComponent(task.id)}/graph.png?t=${Date.now()}`;
+        card.node.append(card.title, card.picture, card.engines, card.streams);
+        taskCards.set(task.id, card);
+        list.append(card.node);
+      }
+      card.title.textContent = `${task.id}${task.default ? " (default)" : ""} — ${task.name}${task.ready ? "" : " (starting)"}`;
+      card.engines.replaceChildren(engineTable(task.engines, task.shared || {}));
+      card.streams.textContent = task.streams.length ? `streams: ${task.streams.join(", ")}` : "no streams";
+    }
+    for (const [id, card] of taskCards) {
+      if (!seen.has(id)) { card.node.remove(); taskCards.delete(id); }
+    }
+  } catch (err) {
+    $("status").textContent = `tasks: ${err.message}`;
   }
 }
 
@@ -487,6 +553,7 @@ function currentView() {
   const hash = location.hash || "#/";
   if (hash.startsWith("#/stream/")) return "stream";
   if (hash === "#/graph") return "graph";
+  if (hash === "#/tasks") return "tasks";
   return "streams";
 }
 
@@ -495,8 +562,11 @@ function route() {
   $("view-streams").hidden = view !== "streams";
   $("view-stream").hidden = view !== "stream";
   $("view-graph").hidden = view !== "graph";
-  $("nav-streams").classList.toggle("active", view !== "graph");
+  $("view-tasks").hidden = view !== "tasks";
+  $("nav-streams").classList.toggle("active", view === "streams" || view === "stream");
   $("nav-graph").classList.toggle("active", view === "graph");
+  $("nav-tasks").classList.toggle("active", view === "tasks");
+  if (view === "tasks") refreshTasks();
   if (detail) { detail.close(); detail = null; }
   setGridLive(view === "streams");
   if (view === "stream") {
@@ -513,6 +583,7 @@ async function tick() {
   for (;;) {
     await sleep(POLL_MS);
     if (currentView() === "graph") await refreshGraph();
+    else if (currentView() === "tasks") await refreshTasks();
     else await refreshStreams();
   }
 }
@@ -527,5 +598,6 @@ $("r-direction").addEventListener("change", () => detail && detail.paint());
 $("r-save").addEventListener("click", () => detail && detail.saveRules());
 window.addEventListener("hashchange", route);
 route();
+loadTasks().catch(() => {});
 refreshStreams();
 tick();
