@@ -76,6 +76,18 @@ class Fault(Engine):
                 for child in psutil.Process().children():
                     os.kill(child.pid, sig)
         self.send(msg)
+
+
+def slow_copy(msg):
+    """A `map` function: the message, after 2 ms of work."""
+    time.sleep(0.002)
+    return msg
+
+
+def no_tracks(msg):
+    """A `map` function: the frame with an empty track list, for a rule engine after it."""
+    msg.data["tracks"] = []
+    return msg
 '''
 
 
@@ -415,11 +427,129 @@ def fair_drop(guard: float, consumer: str) -> Outcome:
         run.close()
 
 
+def child_pids(proc: subprocess.Popen) -> list[int]:
+    """The engine processes a `graphflow launch`/`serve` process started (multiprocessing spawns them)."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def kill_child_later(delay: float) -> Callable[[subprocess.Popen], None]:
+    """A `during` hook: SIGKILL the launch's engine process `delay` seconds after it appeared."""
+    def kill(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 30
+        while not child_pids(proc) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay)
+        for pid in child_pids(proc):
+            os.kill(pid, signal.SIGKILL)
+    return kill
+
+
+def restart_loss(guard: float) -> Outcome:
+    """800 frames through a process engine with `restart: on-failure`, SIGKILLed from outside mid-run: what its
+    dead incarnation held (in its inbox, on the connections to and from it) is delivered or counted."""
+    run = Run("restart-loss", guard)
+    doc = {"engines": {"src": {"type": "source", "params": {"count": 800, "rate": 200.0, "shape": [120, 160, 3]}},
+                       "mid": {"type": "map", "placement": "process", "restart": "on-failure",
+                               "params": {"function": "faultengines:slow_copy"}},
+                       "out": recorder(run)},
+           "connections": [["src.out", "mid.in"], ["mid.out", "out.in"]], "settings": {"shutdown_timeout": 5}}
+    try:
+        return run.finish(run.launch(doc, kill_child_later(4.0)), 800)
+    finally:
+        run.close()
+
+
+def http(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def service_killed(guard: float, restart: str) -> Outcome:
+    """A real `graphflow serve`: decode → a process `map` → rule (→ the tap, and a recorder); one 150-frame stream
+    at its pace; the map's process is SIGKILLed after 2 s. Its restart policy is `restart`: `never` leaves the
+    service not ready until stopped (exit 1), `on-failure` brings it back. Counted from `serve --stats`."""
+    run = Run(f"svc-{'dead-engine' if restart == 'never' else 'restart-loss'}", guard)
+    video = run.dir / "clip.mp4"
+    make_video(video, 150)
+    doc = {"engines": {"src": {"type": "decode", "params": {"sources": []}},
+                       "mid": {"type": "map", "placement": "process", "restart": restart,
+                               "params": {"function": "faultengines:no_tracks"}},
+                       "zone": {"type": "rule", "params": {"rules": []}},
+                       "rec": recorder(run)},
+           "connections": [["src", "mid"], ["mid", "zone"], ["zone", "rec"]], "settings": {"shutdown_timeout": 5}}
+    (run.dir / "graph.json").write_text(json.dumps(doc))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(run.dir), str(ROOT)]))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "graphflow", "serve", str(run.dir / "graph.json"), "--port",
+                             str(port), "--state", str(run.dir / "state.db"), "--stats", str(run.dir / "stats.json")],
+                            cwd=run.dir, env=env, stdout=subprocess.DEVNULL, stderr=open(run.dir / "stderr.txt", "w"))
+    o = Outcome(run.name, 150)
+    try:
+        deadline = time.monotonic() + guard
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http(base + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        http(base + "/streams", "POST", {"id": "cam", "uri": str(video), "realtime": True})
+        time.sleep(2.0)
+        for pid in child_pids(proc):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        status, body = http(base + "/readyz")
+        o.extra["readyz_after_kill"] = f"{status} {(body or {}).get('reason', '')[:60]}"
+        while time.monotonic() < deadline:  # until the source has sent every frame (or could not)
+            sent = (http(base + "/graph")[1]["engines"]["src"]["stats"] or {}).get("sent") or 0
+            if sent >= 150:
+                break
+            time.sleep(0.3)
+        time.sleep(1.0)
+        o.extra["stream_state"] = http(base + "/streams/cam")[1].get("state")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        o.hung = True
+        proc.kill()
+        proc.wait()
+    o.exit_code = None if o.hung else proc.returncode
+    o.wall_s = round(time.monotonic() - t0, 2)
+    try:
+        stats = json.loads((run.dir / "stats.json").read_text())
+    except (OSError, ValueError):
+        stats = {}
+    o.counted_lost = counted(stats)
+    o.extra["stats"] = stats
+    try:
+        return run.finish(o, 150)
+    finally:
+        run.close()
+
+
 SCENARIOS: dict[str, Callable[[float], Outcome]] = {
     "slow-xproc": lambda g: slow_consumer(g, [1080, 1920, 3], 30, "thread"),
     "slow-xproc-4k": lambda g: slow_consumer(g, [2160, 3840, 3], 12, "process"),
     "source-killed": source_killed,
     "middle-killed": middle_killed,
+    "restart-loss": restart_loss,
+    "svc-dead-engine": lambda g: service_killed(g, "never"),
+    "svc-restart-loss": lambda g: service_killed(g, "on-failure"),
     "stalled": stalled,
     "disk-full": disk_full,
     "broker-outage": broker_outage,

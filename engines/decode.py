@@ -142,6 +142,7 @@ class Decode(Engine):
         super().__init__(engine_id, params)
         self._lock = threading.Lock()  # guards the sources, feeds and threads that add/remove_source change
         self._feeds: dict[str, _Feed] = {}
+        self._failed_removed = 0  # sources that failed and were removed since: their error still counts
         self._threads: list[threading.Thread] = []
         self._running = 0  # decoding threads whose end has not been taken from the queue yet
         self._live: tuple[queue.Queue, threading.Event] | None = None  # while generate() runs: its queue and halt
@@ -184,8 +185,9 @@ class Decode(Engine):
         return str(stream), spec
 
     def generate(self) -> Iterator[Message | StreamEnd | None]:
-        """Frames of every source as they are decoded (each source's StreamEnd after its last frame), until all sources ended (or were removed) or the engine
-        stops; then the error of any source that failed, as one SourceError."""
+        """Frames of every source as they are decoded (each source's StreamEnd after its last frame), until all
+        sources ended (or were removed) or the engine stops. A source that failed ends alone: its error was logged
+        once, and `metrics()` counts it (`errors`) and keeps its state and error; the others end as usual."""
         if not hasattr(self, "_specs"):
             self.check()
         frames: queue.Queue[tuple[str, Frame] | _Done] = queue.Queue(self.queue_size * max(len(self._specs), 1))
@@ -213,6 +215,7 @@ class Decode(Engine):
                             item.feed.state = item.feed.state if item.feed.state in ("ended", "failed") else "stopped"
                             if self._feeds.get(item.stream) is item.feed:
                                 del self._feeds[item.stream]
+                                self._failed_removed += item.feed.state == "failed"
                     yield StreamEnd(item.stream)
                     continue
                 yield self._message(*item)
@@ -225,9 +228,6 @@ class Decode(Engine):
             self._join(threads, frames)
             for feed in self._feeds.values():
                 feed.state = feed.state if feed.state in ("ended", "failed") else "stopped"
-        failed = [f.error for f in self._feeds.values() if f.error and not f.removed]
-        if failed:
-            raise SourceError(failed[0] if len(failed) == 1 else f"{len(failed)} sources failed: {'; '.join(failed)}")
 
     def add_source(self, entry: dict[str, Any]) -> str:
         """Add a source while the engine runs (service mode), from any thread: checked like a `sources` entry
@@ -301,12 +301,14 @@ class Decode(Engine):
         thread.start()
 
     def metrics(self) -> dict[str, Any]:
-        """Totals over all sources (printed in the launch summary) and per-source counters and state."""
+        """Totals over all sources (printed in the launch summary) and per-source counters and state; `errors`, the
+        sources that failed, is counted by the runtime as this engine's errors."""
         with self._lock:
-            feeds = dict(self._feeds)
+            feeds, removed = dict(self._feeds), self._failed_removed
         per = {stream: feed.snapshot() for stream, feed in feeds.items()}
         failed = sum(p["state"] == "failed" for p in per.values())
-        return {**{k: sum(p[k] for p in per.values()) for k in COUNTERS}, "failed": failed, "sources": per}
+        return {**{k: sum(p[k] for p in per.values()) for k in COUNTERS}, "failed": failed,
+                "errors": failed + removed, "sources": per}
 
     def _message(self, stream: str, frame: Frame) -> Message:
         """A frame message around the decoder's own array (already a fresh buffer: no further copy); an image

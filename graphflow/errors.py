@@ -23,3 +23,7 @@ class GraphError(GraphflowError):
         self.file = file
         self.path = path
         self.message = message
+
+
+class Unavailable(GraphflowError):
+    """The service cannot take the request now (it is not ready: starting, an engine restarting or gone); HTTP 503."""

@@ -169,6 +169,9 @@ class Feeds:
     def ready(self) -> bool:
         return True
 
+    def not_ready(self) -> str:
+        return ""
+
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
         with self.lock:
             rows = [r for r in self.log if stream in (None, r["stream"]) and kind in (None, r["kind"])

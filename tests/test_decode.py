@@ -120,9 +120,10 @@ def test_retry_cap_below_first_delay_rejected():
 def test_unreadable_file_error_is_one_line(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"this is not a video" * 100)
-    with pytest.raises(SourceError) as err:
-        decode({"uri": str(bad)})
-    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    engine = Decode("src", {"sources": [{"id": "bad", "uri": str(bad)}]})
+    assert [m for m in engine.generate() if isinstance(m, Message)] == []
+    error = engine.metrics()["sources"]["bad"]["error"]
+    assert str(bad) in error and "\n" not in error and engine.metrics()["errors"] == 1
 
 
 @pytest.fixture

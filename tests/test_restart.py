@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from graphflow import graph
 from graphflow import runtime
 from graphflow.runtime.actor import Stats
@@ -211,3 +213,32 @@ def test_a_middle_engine_past_its_budget_stops_the_graph(tmp_path, user_module):
     assert "gave up after 1 restarts; stopping the graph" in err, err
     assert "cannot deliver" in err, err
     assert stats["engines"]["mid"]["state"] == "died"
+
+
+def test_every_frame_a_killed_incarnation_held_or_had_in_flight_is_counted(tmp_path, user_module):
+    """A process `map` (restart on-failure) behind a source faster than it, SIGKILLed from outside mid-run: frames
+    in its inbox, in process(), and on the connections to and from it (socket buffers: small messages fit by the
+    hundred) die with it. Every one of the 800 is delivered once or counted lost, exactly (from the ledgers)."""
+    user_module("restart_map", "import time\n\ndef slow(msg):\n    time.sleep(0.002)\n    return msg\n")
+    out = tmp_path / "out.jsonl"
+    mid = {"type": "map", "placement": "process", "restart": "on-failure", "params": {"function": "restart_map:slow"}}
+    doc = chain(mid, out, {"type": "source", "params": {"count": 800}})
+    launcher, box = runtime.Launcher(graph.build(doc, "inflight")), {}
+    thread = threading.Thread(target=lambda: box.setdefault("summary", launcher.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(rows(out)) < 150:
+        assert thread.is_alive() and time.monotonic() < deadline, launcher.errors
+        time.sleep(0.01)
+    kids = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+    os.kill(max(kids, key=lambda c: c.create_time()).pid, signal.SIGKILL)
+    thread.join(90)
+    summary = box["summary"]
+    seqs = [r["seq"] for r in rows(out)]
+    assert len(seqs) == len(set(seqs)), "no frame twice"
+    assert summary.stats["mid"]["restarts"] == 1 and 150 <= len(seqs) < 800, summary.errors
+    assert len(seqs) + summary.lost == 800, (len(seqs), summary.lost_reasons)
+    assert set(summary.lost_reasons) <= {"mid: held by the engine when it died (killed by SIGKILL)",
+                                         "mid: in flight from 'src' when a process died",
+                                         "out: in flight from 'mid' when a process died"}, summary.lost_reasons
+    assert not summary.failed and summary.exit_code == 3

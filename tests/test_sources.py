@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -135,19 +136,16 @@ def test_unexpected_error_in_a_decode_thread_fails_that_source_alone(caplog):
     engine.check()
     # a value past every check reaches FFmpeg's seek, which raises OverflowError (not a SourceError)
     object.__setattr__(engine._specs["bad"], "start", 1e300)
-    got = []
-    with pytest.raises(SourceError) as err:
-        for msg in engine.generate():
-            got += [msg] if isinstance(msg, Message) else []
-    message = str(err.value)
+    got = [msg for msg in engine.generate() if isinstance(msg, Message)]  # ends as usual: the failure is counted
+    message = engine.metrics()["sources"]["bad"]["error"]
     assert message.startswith("stream 'bad': source ") and "OverflowError" in message and "\n" not in message
     assert [m.seq for m in got if m.stream == "ok"] == list(range(30)) and not [m for m in got if m.stream == "bad"]
     states = {s: m["state"] for s, m in engine.metrics()["sources"].items()}
-    assert states == {"bad": "failed", "ok": "ended"} and engine.metrics()["failed"] == 1
+    assert states == {"bad": "failed", "ok": "ended"} and engine.metrics()["failed"] == engine.metrics()["errors"] == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
 
 
-def test_stopping_after_a_source_failed_raises_its_error(tmp_path):
+def test_stopping_after_a_source_failed_keeps_its_error(tmp_path):
     images(tmp_path, 3, size=(20, 20))
     engine = Decode("src", {"sources": [{"id": "bad", "uri": str(DEMO)},
                                         {"id": "loop", "uri": str(tmp_path), "loop": True}], "max_pixels": 1000})
@@ -158,10 +156,12 @@ def test_stopping_after_a_source_failed_raises_its_error(tmp_path):
         assert time.monotonic() < deadline
         got += isinstance(next(gen), Message)
     engine.stopping.set()  # SIGTERM: the runtime sets stopping, then asks for the next message
-    with pytest.raises(SourceError, match=r"^stream 'bad': .*exceed max_pixels 1000$"):
-        while True:
-            next(gen)
-    assert engine.metrics()["sources"]["loop"]["state"] == "stopped"
+    for _ in gen:
+        pass
+    sources = engine.metrics()["sources"]
+    assert sources["loop"]["state"] == "stopped" and re.match(r"^stream 'bad': .*exceed max_pixels 1000$",
+                                                               sources["bad"]["error"])
+    assert engine.metrics()["errors"] == 1
 
 
 def test_failed_source_is_counted_as_an_error_of_a_launched_run(tmp_path, write_graph):
@@ -173,11 +173,32 @@ def test_failed_source_is_counted_as_an_error_of_a_launched_run(tmp_path, write_
            "connections": [["src", "out"]]}
     proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", "-q", str(write_graph(doc)), "--stats",
                            str(stats)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
     src = json.loads(stats.read_text())["engines"]["src"]
     assert src["errors"] == 1 and src["metrics"]["sources"]["big"]["state"] == "failed"
     assert "stream 'big'" in src["metrics"]["sources"]["big"]["error"] and "max_pixels" in proc.stderr
     assert [json.loads(line)["stream"] for line in out.read_text().splitlines()] == ["small"] * 3
+
+
+def test_a_corrupt_file_beside_a_good_one_ends_alone_and_the_run_exits_3(tmp_path, write_graph):
+    """The good stream finishes, the corrupt one fails alone: exit 3, its error printed once, and the stream in the
+    summary's streams table as failed."""
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    out = tmp_path / "out.jsonl"
+    doc = {"engines": {"src": {"type": "decode", "params": {"sources": [
+                           {"id": "good", "uri": str(DEMO), "max_frames": 20}, {"id": "bad", "uri": str(bad)}]}},
+                       "out": {"type": "sink", "params": {"path": str(out), "times": False}}},
+           "connections": [["src", "out"]]}
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", "-q", str(write_graph(doc))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("bad.mp4") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "finished with 1 error — exit 3" in proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stderr.split("streams:")[1].split("engines:")[0].splitlines()
+            if line.strip()}
+    assert rows["bad"][1:5] == ["0", "0.0", "0", "failed"] and rows["good"][1] == rows["good"][3] == "20"
+    assert [json.loads(line)["stream"] for line in out.read_text().splitlines()] == ["good"] * 20
 
 
 # --- image folders ----------------------------------------------------------------------------------------------
@@ -290,12 +311,11 @@ def test_closed_port_is_given_up_after_give_up_s_while_connecting():
                             "retry": 0.05, "retry_max": 0.1, "attempts": 0, "give_up_s": 0.6})
     engine.check()
     states, got = set(), []
-    with pytest.raises(SourceError) as err:
-        for msg in engine.generate():
-            got += [msg] if isinstance(msg, Message) else []
-            if not isinstance(msg, StreamEnd):  # a source's end comes once it has failed
-                states.add(engine.metrics()["sources"]["cam"]["state"])
-    message = str(err.value)
+    for msg in engine.generate():
+        got += [msg] if isinstance(msg, Message) else []
+        if not isinstance(msg, StreamEnd):  # a source's end comes once it has failed
+            states.add(engine.metrics()["sources"]["cam"]["state"])
+    message = engine.metrics()["sources"]["cam"]["error"]
     assert message.startswith("stream 'cam': source " + url) and "Connection refused" in message
     assert "without a frame (give_up_s 0.6)" in message and "\n" not in message
     assert states <= {"connecting"}, "connecting until a first frame, never running"

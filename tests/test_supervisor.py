@@ -64,7 +64,12 @@ def test_killed_engine_is_restarted_and_the_graph_goes_on(tmp_path, user_module)
     rows = lines(out)
     pids = {r["pid"] for r in rows}
     assert len(pids) == 2 and int(marker.read_text()) in pids  # before and after the restart
-    assert max(r["value"] for r in rows) == 59  # frames after the crash got through the new process
+    assert rows[-1]["pid"] != int(marker.read_text())  # frames after the crash got through the new process
+    # each frame delivered once, or counted lost: held by the dead process or in flight to it (on a loaded machine
+    # the source can be far ahead, its small messages in the socket buffers); a resent end-of-stream never
+    # overtakes frames still queued for the new process (it once cut the run at frame 11)
+    values = [r["value"] for r in rows]
+    assert len(values) == len(set(values)) and len(values) + summary.lost == 60, summary.lost_reasons
     assert any("engine 'mid'" in e and "killed by SIGKILL" in e and "restart 1/2" in e for e in summary.errors)
     assert not summary.failed  # recovered
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -16,11 +15,9 @@ from graphflow import graph as graph_mod
 from graphflow import runtime
 from graphflow.graph.fields import declared, find, is_path
 from graphflow.graph.render import order
+from graphflow.runtime.summary import OUTCOMES
 
 log = logging.getLogger(__name__)
-
-
-OUTCOMES = {0: "clean", 1: "FAILED", 3: "finished with errors or losses"}  # Summary.exit_code → first summary line
 
 
 SHOWN_ERRORS = 5  # error lines in the end-of-run summary; all of them go to --stats FILE
@@ -110,8 +107,9 @@ def summary_lines(summary: runtime.Summary, graph: graph_mod.Graph, stats_file: 
     streams: dict[str, list[Any]] = {}
     for name in sources:
         per = _sources(stats[name])
-        for stream, frames in sorted(stats[name].get("streams", {}).items()):
-            src = per.get(stream, {})
+        counts = stats[name].get("streams", {})
+        for stream in sorted(set(counts) | set(per)):  # a stream that failed before its first frame has no count
+            frames, src = counts.get(stream, 0), per.get(stream, {})
             delivered = max((stats[k].get("streams", {}).get(stream, 0) for k in sinks), default="-")
             streams[stream] = [stream, frames, f"{frames / wall:.1f}", delivered, src.get("state", "-")]
     if streams:
@@ -145,15 +143,6 @@ def _one_line(text: str) -> str:
     if len(parts) <= 1:
         return parts[0] if parts else ""
     return f"{parts[0]} {parts[-1].strip()}"
-
-
-def _stats_document(summary: runtime.Summary, graph: graph_mod.Graph) -> dict[str, Any]:
-    """Everything the run reported, for --stats FILE: every Summary field, the exit code and its meaning."""
-    doc: dict[str, Any] = {"graph": graph.name, "file": graph.file, "exit_code": summary.exit_code,
-                           "outcome": OUTCOMES.get(summary.exit_code, "")}
-    doc.update({f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)})
-    doc["engines"] = doc.pop("stats")
-    return doc
 
 
 def _live_logging(console: Any) -> list[logging.Handler]:
@@ -198,7 +187,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for line in summary_lines(summary, g, args.stats):
         print(line, file=sys.stderr)
     if args.stats:
-        Path(args.stats).write_text(json.dumps(_stats_document(summary, g), indent=1, default=str))
+        Path(args.stats).write_text(json.dumps(summary.document(g), indent=1, default=str))
     return summary.exit_code
 
 

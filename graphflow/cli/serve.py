@@ -32,6 +32,7 @@ def add_subcommands(sub: Any) -> None:
                    help="a folder stream files may come from (default: the graph file's folder)")
     p.add_argument("--set", action="append", default=[], metavar="ENGINE.PARAM=VALUE",
                    help="override a param of the first graph")
+    p.add_argument("--stats", metavar="FILE", help="at exit, write every counter and metric as JSON (as launch does)")
     p.add_argument("--evidence", metavar="DIR", help="where each event's snapshot, crop and clip go (default: "
                    "evidence/ beside --state)")
     p.add_argument("--no-evidence", action="store_true", help="keep no evidence of events")
@@ -80,7 +81,7 @@ def _cmd_serve(args: Any) -> int:
                                                             args.evidence_keep_mb, args.evidence_keep_days)
     return serve(args.graph, args.host, args.port, args.state, args.token, args.media or None,
                  graph_mod.parse_set(args.set), args.ray, args.tasks, evidence, args.evidence, args.metrics_open,
-                 args.allow_host, args.allow_broker)
+                 args.allow_host, args.allow_broker, args.stats)
 
 
 def _request(args: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -304,8 +304,13 @@ class ClusterController:
         return self.watcher.is_alive()
 
     def ready(self) -> bool:
+        return not self.not_ready()
+
+    def not_ready(self) -> str:
         with self.lock:
-            return self.watcher.is_alive() and any(n.joined for n in self.nodes.values())
+            if not self.watcher.is_alive():
+                return "the cluster watcher has stopped"
+            return "" if any(n.joined for n in self.nodes.values()) else "no replica has joined yet"
 
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
         return self.store.events(stream, kind, since, limit)

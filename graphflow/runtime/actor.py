@@ -317,6 +317,7 @@ class Actor:
             if discard:
                 self.stats.lost += 1
                 self.stats.lost_reasons["received after the engine exited"] = self.stats.lost
+                self.inbox.counts[2] += 1  # counted lost already: no longer held
                 continue
             item.port = self.inbox.ports[i]
             self._count(item)
@@ -324,6 +325,7 @@ class Actor:
             self._guarded("process", self.engine.process, item, msg=item)
             self._held = None
             self.stats.finished += 1
+            self.inbox.counts[2] += 1
 
     def _stream_end(self, i: int, end: StreamEnd) -> None:
         """A stream's end on input i: once it has come on every input its source feeds, the engine frees the
@@ -373,8 +375,6 @@ class Actor:
             self.stats.dropped = sum(self.inbox.dropped)
             self.stats.dropped_streams = dict(self.inbox.dropped_streams)
             self.stats.depth = self.inbox.depth()
-            if self.inbox.lost:  # arrived, but the frame could not be mapped: its producer was killed
-                self.stats.lost_reasons["frame gone with its killed producer"] = self.inbox.lost
         self.stats.runtime_cpu_s = self.meter.runtime_cpu(self.inbox.pump_cpu if self.inbox is not None else 0.0)
         self.stats.busy_s = self.meter.busy_own + self.context.busy_s
         held = self._held
@@ -389,6 +389,9 @@ class Actor:
             self.stats.metrics["shm"] = {"slots_busy": sum(p.in_use() for p in pools), "waits": sum(p.waits for p in pools),
                                          "drops": self.shm_drops, "reclaimed": sum(p.reclaimed for p in pools)}
         snap = dict(self.stats.__dict__)  # nested dicts copied: the engine's thread goes on counting
+        own = self.stats.metrics.get("errors")  # errors the engine reported itself (decode: sources that failed)
+        if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+            snap["errors"] += own
         for key in ("streams", "lost_reasons", "dropped_streams"):
             snap[key] = dict(snap[key])
         snap["last_seq"] = {port: dict(by) for port, by in list(snap["last_seq"].items())}

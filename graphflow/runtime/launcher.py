@@ -19,6 +19,8 @@ from graphflow.errors import GraphflowError
 from graphflow.graph.model import Graph, Node
 from graphflow.runtime.actor import Stats
 from graphflow.runtime.child import child_main, command_endpoint
+from graphflow.runtime.ledger import totals
+from graphflow.runtime.links import ack_path
 from graphflow.runtime.process import EngineProcess
 from graphflow.runtime.summary import Graveyard, Summary
 from graphflow.runtime.supervise import MAIN, Child, ErrorLog, Supervisor, Tally, make_rundir
@@ -74,6 +76,8 @@ class Launcher:
         self.stop_reason = ""
         self.signals = 0
         self.failed = False
+        self.forced = False  # the stop was forced: what was in flight is counted by _unfinished instead
+        self.pending_ends: dict[int, float] = {}  # edge → since when its end-of-stream may have to be sent again
         settings = graph.settings
         self.interval = settings.get("stats_interval", 0.5)
         self.timeout = settings.get("shutdown_timeout", 10.0)
@@ -101,6 +105,15 @@ class Launcher:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Every engine's stats as last reported: complete dicts, a restarted engine's counters continued."""
         return self.tally.all()
+
+    def down(self) -> dict[str, tuple[bool, str]]:
+        """Engines that are not running while the graph runs, from any thread: engine → (gone for good, why); a
+        process that died and waits for its restart is down but not gone."""
+        out = self.supervisor.down() if self.supervisor is not None else {}
+        for actor in self.local.actors if self.local is not None else ():
+            if actor.stats.state == "exited":
+                out[actor.node.id] = (True, f"engine {actor.node.id!r} {actor.stats.error}")
+        return out
 
     def _report(self, kind: str, text: Any) -> None:
         """A report of this process's engines (or forwarded from a child's)."""
@@ -138,7 +151,7 @@ class Launcher:
         self.graveyard = Graveyard(self.graph, self.host_of, self.rundir, ctx)
         self._spawner = mp.get_context("spawn")
         self.supervisor = Supervisor(self.graph, self.host_of, self.tally, self._spawn, self._engine_error,
-                                     self._gone, self.clock)
+                                     self._gone, self.clock, self.rundir)
         self.local.start()
 
     def command(self, engine: str, op: str, args: dict[str, Any], timeout: float = 10.0) -> Any:
@@ -198,6 +211,8 @@ class Launcher:
             self.supervisor.check(stopping=self.stopping_since is not None)
             assert self.graveyard is not None
             self.graveyard.drain()
+            if self.pending_ends:
+                self._resend_ends()
             if (self.signals or self.local.stop.is_set()) and self.stopping_since is None:
                 self._begin_stop()
             if self.signals > 1 or (self.stopping_since is not None
@@ -249,14 +264,34 @@ class Launcher:
                 pass
 
     def _ended_inputs(self, name: str) -> None:
-        """A restarted child's inputs whose producers ended (or died for good) while it was down: their
-        end-of-stream went to the dead incarnation, so it is sent again."""
+        """A restarted child's inputs whose producers ended (or died for good) while it was down. Their
+        end-of-stream may have gone to the dead incarnation (it acknowledged it: sent again now), died with it in
+        the socket buffers, or still wait in the producer's queue for the new one: sent again only once that
+        input is quiet (_resend_ends), so it never overtakes messages still on their way."""
         assert self.graveyard is not None and self.local is not None
         for s in self.local.snapshot():  # this process's producers as they are now
             self.tally.update(s)
         for i, e in enumerate(self.graph.edges):
             if self.host_of[e.dst] == name and self.host_of[e.src] != name \
                     and self.tally[e.src]["state"] in ("done", "failed", "exited", "died"):
+                if os.path.exists(ack_path(f"ipc://{self.rundir}/e{i}")):
+                    self.graveyard.end(i)
+                else:
+                    self.pending_ends[i] = self.clock()
+
+    def _resend_ends(self) -> None:
+        """Send end-of-stream again on a restarted consumer's ended input that is quiet (its queue empty and
+        nothing new taken for a while) and still has not had it."""
+        assert self.graveyard is not None
+        quiet = max(1.0, 4 * self.interval)
+        now = self.clock()
+        for i, since in list(self.pending_ends.items()):
+            e = self.graph.edges[i]
+            if os.path.exists(ack_path(f"ipc://{self.rundir}/e{i}")):
+                del self.pending_ends[i]  # the producer's own end arrived
+            elif (self.tally.reported_at.get(e.dst, -1.0) > since + quiet and not self.tally[e.dst].get("depth")
+                  and now - self.tally.moved_at.get((e.dst, e.dst_port), since) >= quiet):
+                del self.pending_ends[i]
                 self.graveyard.end(i)
 
     def _open_gate(self) -> None:
@@ -330,7 +365,7 @@ class Launcher:
         """A second signal, or a drain longer than `shutdown_timeout`: collect the children's final counters,
         kill them and say which engines had not finished."""
         assert self.supervisor is not None and self.local is not None
-        self.failed = True
+        self.failed = self.forced = True
         timed_out = self.signals <= 1
         self.stop_reason += f" (not drained in {self.timeout:g}s)" if timed_out else " (forced)"
         alive = [c for c in self.supervisor.children.values() if c.proc.is_alive()]
@@ -399,6 +434,8 @@ class Launcher:
             for s in self.local.snapshot():
                 self.tally.update(s)
         if self.graveyard is not None:
+            self.graveyard.drain()
+            self._lost_in_flight()
             self.graveyard.close()
         if self.control is not None:
             self.control.close()
@@ -406,6 +443,26 @@ class Launcher:
             for sock in self._command_socks.values():
                 sock.close()
             self._command_socks.clear()
+
+    def _lost_in_flight(self) -> None:
+        """Messages handed to a connection that no incarnation of its consumer (nor the graveyard) took off the
+        socket: they vanished with a process that died, in the socket buffers between the two. Counted lost for the
+        consumer, from the ledgers' exact counts, unless a restarted source sends them again (it resumes after
+        what its consumers received)."""
+        assert self.supervisor is not None and self.graveyard is not None
+        children = self.supervisor.children
+        died = {name for name, c in children.items() if c.died is not None}
+        if self.forced or not died:
+            return
+        edges, _ = totals(self.rundir, len(self.graph.edges), len(self.graph.nodes))
+        for i, e in enumerate(self.graph.edges):
+            src, dst = self.host_of[e.src], self.host_of[e.dst]
+            resent = self.graph.nodes[e.src].cls.is_source() and src in died and not children[src].gone
+            if src == dst or not {src, dst} & died or resent:
+                continue
+            gap = int(edges[i][0] - edges[i][1]) - self.graveyard.arrived.get(i, 0)
+            if gap > 0:
+                self.tally.add_lost(e.dst, gap, f"in flight from {e.src!r} when a process died")
 
     def _summary(self, wall_s: float) -> Summary:
         if self.graveyard is not None:

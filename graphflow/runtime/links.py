@@ -77,12 +77,14 @@ class Inbox:
                                                   for _, policy, cap in specs]
         self.dropped = [0] * len(specs)
         self.dropped_streams: dict[str, int] = {}  # drops of every connection, per stream
-        self.lost = 0  # messages that arrived but whose shared-memory frame could not be mapped (producer killed)
         self.cond = threading.Condition()
         self.closed = False
         self._next = 0
         self.pump: ZmqPump | None = None  # set when the engine's thread reads its sockets itself
         self.pump_cpu = 0.0  # CPU time of the pump thread feeding this inbox
+        # messages that entered, were dropped here by policy, were finished by the engine (runtime.ledger: the
+        # process's ledger cells, which outlive a SIGKILL; entered and dropped are written under `cond`)
+        self.counts = np.zeros(3, np.int64)
 
     def room(self, i: int) -> bool:
         return self.policies[i] != "block" or len(self.queues[i]) < self.capacity[i]
@@ -99,8 +101,11 @@ class Inbox:
             if self.closed:
                 raise Closed
             was = len(q)
+            self.counts[0] += isinstance(item, Message)
             if isinstance(q, StreamQueue):
-                self._count_dropped(i, q.append(item))
+                dropped = q.append(item)
+                self.counts[1] += sum(dropped.values())
+                self._count_dropped(i, dropped)
             else:
                 q.append(item)
             if was == 0:  # the consumer waits only while every queue is empty: wake it for the first item only
@@ -255,6 +260,7 @@ class ZmqLink:
         self.shm, self.dst_host, self.policy = shm, dst_host, policy
         self.ack = ack_path(endpoint)
         self.pending_drops: dict[str, int] = {}  # per stream, not yet reported to the consumer
+        self.counts = np.zeros(2, np.int64)  # [messages handed to ZeroMQ, -]: this edge's ledger cells
 
     def send(self, msg: Message | EndOfStream, stop: threading.Event) -> None:
         if isinstance(msg, Message) and self.policy != "block" and not self.sock.poll(0, zmq.POLLOUT):
@@ -265,6 +271,7 @@ class ZmqLink:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 self.pending_drops = {}
+                self.counts[0] += isinstance(msg, Message)
                 return
             except zmq.Again:
                 if stop.is_set() and isinstance(msg, Message):
@@ -287,9 +294,12 @@ class ZmqPump:
     """Cross-process edges, consumer side: one thread moves received messages into the Inbox,
     reading a `block` connection only while its queue has room so back-pressure reaches the producer."""
 
-    def __init__(self, ctx: zmq.Context, inbox: Inbox, endpoints: dict[int, str], shm: ShmContext | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, inbox: Inbox, endpoints: dict[int, str], shm: ShmContext | None = None,
+                 counts: dict[int, np.ndarray] | None = None) -> None:
         self.inbox = inbox
         self.shm = shm
+        # per connection, its ledger cells [-, messages taken off the socket]
+        self.counts = {i: (counts or {}).get(i, np.zeros(2, np.int64)) for i in endpoints}
         self.acks = {i: ack_path(ep) for i, ep in endpoints.items()}
         self.socks: dict[int, zmq.Socket] = {}
         for i, ep in endpoints.items():
@@ -343,8 +353,10 @@ class ZmqPump:
                 dropped: dict[str, int] = {}
                 try:
                     item, dropped = _decode(sock.recv_multipart(copy=False), self.shm)
+                    self.counts[i][1] += isinstance(item, Message)
                 except ShmError as exc:
-                    self.inbox.lost += 1
+                    # its frame died with its producer: not taken in, so the launcher counts it with what else was
+                    # in flight from that process (or not, when the restarted source sends it again)
                     log.warning("connection %d: message lost: %s", i, exc)
                     item = None
                 if dropped:

@@ -9,6 +9,7 @@ import zmq
 
 from graphflow.graph.model import Graph, Node
 from graphflow.runtime.actor import Actor
+from graphflow.runtime.ledger import Ledger
 from graphflow.runtime.links import Inbox, LocalLink, ZmqLink, ZmqPump, ack_path
 from graphflow.runtime.shm import ShmContext, SlotPool
 
@@ -25,6 +26,8 @@ class EngineProcess:
         self.ctx = zmq.Context.instance()
         self.shm = ShmContext(name, rundir, list(host_of.values()))
         mine = [n for n in graph.nodes.values() if host_of[n.id] == name]
+        self.ledger = Ledger(rundir, name, len(graph.edges), len(graph.nodes))
+        position = {eid: k for k, eid in enumerate(graph.nodes)}
         endpoints = {i: f"ipc://{rundir}/e{i}" for i in range(len(graph.edges))}
         self.inbound: dict[str, list[str]] = {}  # process → acknowledgements of its inputs from other processes
         for i, e in enumerate(graph.edges):
@@ -37,9 +40,11 @@ class EngineProcess:
             if not incoming:
                 continue
             inbox = Inbox([(e.dst_port, e.policy, e.capacity) for _, e in incoming])
+            inbox.counts = self.ledger.engine(position[node.id])
             inboxes[node.id] = inbox
             remote = {k: endpoints[i] for k, (i, e) in enumerate(incoming) if host_of[e.src] != name}
-            self.pumps.append(ZmqPump(self.ctx, inbox, remote, self.shm))
+            cells = {k: self.ledger.edge(i) for k, (i, e) in enumerate(incoming) if host_of[e.src] != name}
+            self.pumps.append(ZmqPump(self.ctx, inbox, remote, self.shm, cells))
         self.actors: list[Actor] = []
         for node in mine:
             outlets: dict[str, list[Any]] = {p: [] for p in node.cls.outputs}
@@ -51,8 +56,10 @@ class EngineProcess:
                     index = [j for j, x in enumerate(graph.edges) if x.dst == e.dst].index(i)
                     outlets[e.src_port].append(LocalLink(inboxes[e.dst], index, isolate=fanout > 1))
                 else:
-                    outlets[e.src_port].append(ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy,
-                                                       graph.settings.get("shutdown_timeout", 10.0) / 2))
+                    link = ZmqLink(self.ctx, endpoints[i], self.shm, host_of[e.dst], e.policy,
+                                   graph.settings.get("shutdown_timeout", 10.0) / 2)
+                    link.counts = self.ledger.edge(i)
+                    outlets[e.src_port].append(link)
             actor = Actor(node, inboxes.get(node.id), outlets, report, self.stop, self.go,
                           self._pools(graph, host_of, node), self.closing, services)
             actor.end_sources = [upstream_sources(graph, e.src) for e in graph.edges if e.dst == node.id]

@@ -1,14 +1,16 @@
 """How a run ended: the Summary with its exit code, and the Graveyard that stands in for dead engines."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import zmq
 
 from graphflow.graph.model import Graph, Node
-from graphflow.message import EOS
+from graphflow.message import EOS, unpack
 from graphflow.runtime.links import encode
+
+OUTCOMES = {0: "clean", 1: "FAILED", 3: "finished with errors or losses"}  # exit code → its word
 
 
 @dataclass
@@ -35,6 +37,14 @@ class Summary:
             return 1
         return 3 if self.lost or any(self.errors_by_engine.values()) else 0
 
+    def document(self, graph: Graph) -> dict[str, Any]:
+        """Everything the run reported, for `--stats FILE`: every field, the exit code and its meaning."""
+        doc: dict[str, Any] = {"graph": graph.name, "file": graph.file, "exit_code": self.exit_code,
+                               "outcome": OUTCOMES.get(self.exit_code, "")}
+        doc.update({f.name: getattr(self, f.name) for f in fields(self)})
+        doc["engines"] = doc.pop("stats")
+        return doc
+
 
 class Graveyard:
     """Stands in for process engines that died for good: their consumers get end-of-stream so the rest of
@@ -43,8 +53,9 @@ class Graveyard:
 
     def __init__(self, graph: Graph, host_of: dict[str, str], rundir: str, ctx: zmq.Context) -> None:
         self.graph, self.host_of, self.rundir, self.ctx = graph, host_of, rundir, ctx
-        self.socks: list[tuple[zmq.Socket, str]] = []  # (socket, engine whose inputs it discards, or "")
+        self.socks: list[tuple[zmq.Socket, str, int]] = []  # (socket, engine whose inputs it discards or "", edge)
         self.discarded: dict[str, int] = {}
+        self.arrived: dict[int, int] = {}  # per connection, messages received and discarded here
 
     def bury(self, node: Node) -> None:
         host = self.host_of[node.id]
@@ -57,7 +68,7 @@ class Graveyard:
                 pull = self.ctx.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
                 pull.bind(f"ipc://{self.rundir}/e{i}")
-                self.socks.append((pull, node.id))
+                self.socks.append((pull, node.id, i))
         self.discarded.setdefault(node.id, 0)
 
     def end(self, edge: int) -> None:
@@ -67,14 +78,20 @@ class Graveyard:
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(f"ipc://{self.rundir}/e{edge}")
         push.send_multipart(encode(EOS), zmq.NOBLOCK)
-        self.socks.append((push, ""))
+        self.socks.append((push, "", edge))
 
     def drain(self) -> None:
-        for sock, engine in self.socks:
+        for sock, engine, edge in self.socks:
             while engine and sock.poll(0):
-                sock.recv_multipart(copy=False)
+                head = unpack(sock.recv_multipart(copy=False)[0].buffer)
+                # what the producer skipped (a drop policy, its socket full while the consumer was gone) rides on
+                # the next message or end marker: those never reached the engine either
+                self.discarded[engine] += sum((head.get("x") or {}).values())
+                if "eos" in head or "end" in head:
+                    continue  # an end marker, not a message
                 self.discarded[engine] += 1
+                self.arrived[edge] = self.arrived.get(edge, 0) + 1
 
     def close(self) -> None:
-        for sock, _ in self.socks:
+        for sock, _, _ in self.socks:
             sock.close()

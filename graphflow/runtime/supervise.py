@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from graphflow.graph.model import Graph, Node
 from graphflow.runtime.backoff import backoff
+from graphflow.runtime.ledger import ledger_path, read
 
 log = logging.getLogger(__name__)
 MAIN = "main"  # the launcher's own process, where thread-placed engines run
@@ -157,11 +158,12 @@ class Tally:
     def all(self) -> dict[str, dict[str, Any]]:
         return {e: self[e] for e in self.blank}
 
-    def died(self, engine: str, cause: str, source: bool) -> int:
-        """Close the live incarnation: its counts join the dead ones'. What it had taken in and not finished (and
-        what waited in its queue at its last report) is counted lost; returns that number."""
+    def died(self, engine: str, cause: str, source: bool, held: int | None = None) -> int:
+        """Close the live incarnation: its counts join the dead ones'. What it held (in its inbox or in process():
+        `held`, exact from its ledger; else as its last report tells) is counted lost; returns that number."""
         last = self.live[engine]
-        lost = 0 if source else max(0, last.get("received", 0) - last.get("finished", 0)) + last.get("depth", 0)
+        estimate = max(0, last.get("received", 0) - last.get("finished", 0)) + last.get("depth", 0)
+        lost = 0 if source else estimate if held is None else held
         self.base[engine] = _combine(self.base[engine], last)
         self.live[engine] = {**self.blank[engine], "state": "restarting"}
         self.add_lost(engine, lost, f"held by the engine when it died ({cause})")
@@ -197,6 +199,7 @@ class Child:
     cause: str = ""  # what its engine said before it was killed (an early exit)
     due: float | None = None
     gone: bool = False
+    death: str = ""  # the cause of its last death
 
     @property
     def what(self) -> str:
@@ -237,8 +240,9 @@ class Supervisor:
     def __init__(self, graph: Graph, host_of: dict[str, str], tally: Tally,
                  spawn: Callable[[str, dict[str, dict[str, int]]], Any],
                  error: Callable[[str, str], None], gone: Callable[[Child, str, bool], None],
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, rundir: str = "") -> None:
         self.graph, self.host_of, self.tally, self.spawn = graph, host_of, tally, spawn
+        self.rundir = rundir  # where each child's ledger is: what a dead one held, exactly
         self.error, self.gone, self.clock = error, gone, clock
         self.window = float(graph.settings.get("restart_window", 60.0))
         self.interval = float(graph.settings.get("stats_interval", 0.5))
@@ -305,9 +309,10 @@ class Supervisor:
                 c.proc.kill()
 
     def _died(self, c: Child, cause: str, now: float, stopping: bool) -> None:
-        c.died, c.ready, c.handled = now, False, True
+        c.died, c.ready, c.handled, c.death = now, False, True, cause
+        held = self._held(c)
         for node in c.nodes:
-            self.tally.died(node.id, cause, node.cls.is_source())
+            self.tally.died(node.id, cause, node.cls.is_source(), held.get(node.id))
         if now - c.started >= self.window:
             c.restarts = 0  # healthy long enough: the budget is whole again
         # a shared process restarts only if every engine in it asks for that, at most as often as the strictest allows
@@ -324,6 +329,14 @@ class Supervisor:
             return
         c.gone = True
         self.gone(c, cause, policy and not stopping)
+
+    def _held(self, c: Child) -> dict[str, int]:
+        """Per engine of the dead child, the messages it held (in its inbox or being processed), from its ledger."""
+        if not self.rundir:
+            return {}
+        position = {eid: k for k, eid in enumerate(self.graph.nodes)}
+        _, engines = read(ledger_path(self.rundir, c.name, c.proc.pid), len(self.graph.edges), len(self.graph.nodes))
+        return {n.id: int(max(0, engines[position[n.id]] @ (1, -1, -1))) for n in c.nodes}
 
     def _resume(self, c: Child, now: float) -> dict[str, dict[str, int]] | None:
         """Per source engine of `c`, stream → last seq its consumers took in; None until every consumer outside `c`
@@ -350,6 +363,20 @@ class Supervisor:
     def _gone(self, engine: str) -> bool:
         child = self.children.get(self.host_of[engine])
         return child is not None and child.gone
+
+    def down(self) -> dict[str, tuple[bool, str]]:
+        """Engines whose process is not running now: engine → (gone for good, why), for health reports. Safe from
+        other threads (only fields this supervisor sets are read, no process is polled): a poll (50 ms) behind."""
+        out = {}
+        for c in list(self.children.values()):
+            if c.gone:
+                why = f"{c.what} died ({c.death or 'not restarted'}) and is not restarted"
+            elif c.died is not None and not c.ready:
+                why = f"{c.what} died ({c.death}); restarting ({c.restarts}/{min(n.max_restarts for n in c.nodes)})"
+            else:
+                continue
+            out.update({n.id: (c.gone, why) for n in c.nodes})
+        return out
 
     def silent(self, now: float, limit: float) -> list[tuple[Child, float]]:
         """Live children whose last stats are older than `limit` seconds (stopped or stuck), with that age."""

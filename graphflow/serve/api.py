@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from graphflow.errors import GraphflowError
+from graphflow.errors import GraphflowError, Unavailable
 from graphflow.graph.loader import loads
 from graphflow.serve.store import StateError
 from graphflow.serve.task import UnknownEvent, UnknownTask
@@ -48,6 +48,7 @@ class Controller(Protocol):
     def graph(self) -> dict[str, Any]: ...
     def healthy(self) -> bool: ...
     def ready(self) -> bool: ...
+    def not_ready(self) -> str: ...  # why it is not ready (or not healthy), "" when it is
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int) -> list[dict[str, Any]]: ...
     def metrics(self) -> tuple[bytes, str]: ...
 
@@ -91,7 +92,7 @@ OPENAPI: dict[str, Any] = {
                 "additionalProperties": True},
             "Stream": {"type": "object", "properties": {
                 "id": {"type": "string"}, "uri": {"type": "string"}, "state": {"type": "string", "enum": [
-                    "connecting", "running", "reconnecting", "failed", "ended", "stopped"]},
+                    "connecting", "running", "lagging", "reconnecting", "stalled", "failed", "ended", "stopped"]},
                 "frames": {"type": "integer"}, "fps": {"type": "number"}, "drops": {"type": "integer"},
                 "latency_ms": {"type": "object", "properties": {"p50": {"type": "number"}, "p95": {"type": "number"}}}}},
             "Rules": {"type": "array", "items": {"type": "object"}},
@@ -105,6 +106,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"201": {"description": "added"}, "400": {"description": "invalid"},
                               "401": {"description": "no or wrong token"}, "409": {"description": "id exists"},
                               "415": {"description": "not application/json"},
+                              "503": {"description": "its task is not ready (see /readyz)"},
                               "507": {"description": "not saved, not added"}}}},
         "/streams/{id}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -144,10 +146,12 @@ OPENAPI: dict[str, Any] = {
                                  "responses": {"200": {"description": "text/event-stream"}}}},
         "/graph": {"get": {"summary": "engines, placement and per-engine stats", "responses": {"200": {"description": "graph"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
-        "/healthz": {"get": {"summary": "the service runs", "security": [],
-                             "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {"get": {"summary": "every engine is set up", "security": [], "responses": {"200": {"description": "ready"},
-                                                                            "503": {"description": "not yet"}}}},
+        "/healthz": {"get": {"summary": "every task's graph runs and no engine is gone for good", "security": [],
+                             "responses": {"200": {"description": "ok"},
+                                           "503": {"description": "broken for good: {ok: false, reason}"}}}},
+        "/readyz": {"get": {"summary": "every engine of every task is set up and running: streams are accepted", "security": [],
+                            "responses": {"200": {"description": "ready"},
+                                          "503": {"description": "not now: {ready: false, reason}"}}}},
     },
 }
 
@@ -278,6 +282,8 @@ def _failure(request: Any, exc: Exception) -> Any:
         return _error(404, f"no stream {exc.args[0]!r}")
     if isinstance(exc, FileExistsError):
         return _error(409, str(exc))
+    if isinstance(exc, Unavailable):
+        return _error(503, str(exc))
     if isinstance(exc, (GraphflowError, ValueError)):
         return _error(400, str(exc))
     if isinstance(exc, TimeoutError):
@@ -469,11 +475,13 @@ def _service_routes(controller: Controller, wrap: Any) -> list[Any]:
 
     async def healthz(request: Any) -> Response:
         ok = controller.healthy()
-        return JSONResponse({"ok": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ok": ok} | ({} if ok else {"reason": controller.not_ready()}),
+                            status_code=200 if ok else 503)
 
     async def readyz(request: Any) -> Response:
-        ok = controller.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        reason = controller.not_ready()
+        return JSONResponse({"ready": not reason} | ({"reason": reason} if reason else {}),
+                            status_code=503 if reason else 200)
 
     async def openapi(request: Any) -> Response:
         return JSONResponse(OPENAPI)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graphflow.errors import GraphflowError
+from graphflow.errors import GraphflowError, Unavailable
 from graphflow.message import Message
 from graphflow.runtime.sharing import STAGES, SharedStages
 from graphflow.serve.evidence import KINDS, Evidence, EvidencePolicy
@@ -89,7 +89,7 @@ class Service:
                           redact(str(exc)))
 
     def _start(self, task: Task) -> None:
-        task.start({TAP: TaskTap(self, task.id), STAGES: self.stages})
+        task.start({TAP: TaskTap(self, task.id), STAGES: self.stages}, lambda stats: self._watch_lag(task.id, stats))
 
     def _start_new(self, tid: str, doc: Any, labels: Any) -> Task:
         task = build_task(tid, doc, "<task>", restrictions=self.restrictions, labels=labels)
@@ -108,6 +108,15 @@ class Service:
         self.previews.close()
         if self.evidence is not None:
             self.evidence.close()
+
+    def stats_document(self) -> dict[str, Any]:
+        """After `stop`: the worst task's `--stats` document (as launch writes it), with every task's under
+        `tasks`."""
+        with self.lock:
+            tasks = {t.id: t for t in self.tasks.values() if t.summary is not None}
+        docs = {tid: t.summary.document(t.topology) for tid, t in tasks.items()}
+        worst = max(docs.values(), key=lambda d: (d["exit_code"] == 1, d["exit_code"]), default={})
+        return {**worst, "tasks": docs}
 
     @property
     def summary(self) -> Any:
@@ -217,6 +226,9 @@ class Service:
         stream_id(spec)
         spec = dict(spec)
         spec["task"] = self._task_of(spec)
+        trouble = self._task(spec["task"]).trouble()
+        if trouble:  # its frames could not get through: refused rather than accepted and starved
+            raise Unavailable(f"streams: not accepting streams for task {spec['task']!r} now: {trouble}")
         with self.changes:
             stream = self._admit(spec)
             self.store.put_stream(spec)
@@ -341,6 +353,20 @@ class Service:
         """Frames of `stream` dropped on the way by a drop policy (frames thinned by its `fps` are not drops)."""
         return sum(int((s.get("dropped_streams") or {}).get(stream, 0)) for s in task.stats().values())
 
+    def _watch_lag(self, tid: str, stats: dict[str, dict[str, Any]]) -> None:
+        """At each stats interval of task `tid`: which of its streams cannot keep up (dropping frames, or late); one
+        log line when a stream starts lagging and one when it keeps up again."""
+        now = time.monotonic()
+        with self.lock:
+            mine = {s: self.meters[s] for s, spec in self.specs.items() if spec.get("task") == tid and s in self.meters}
+        for stream, meter in mine.items():
+            change = meter.watch(now, sum(int((s.get("dropped_streams") or {}).get(stream, 0)) for s in stats.values()))
+            if change is True:
+                log.warning("stream %r is lagging: the graph cannot keep up with it (%d frames dropped so far, "
+                            "p50 latency %s ms)", stream, meter.drops, meter.percentiles()["p50"])
+            elif change is False:
+                log.warning("stream %r keeps up again (%d frames dropped in all)", stream, meter.drops)
+
     def stream(self, stream: str) -> dict[str, Any]:
         with self.lock:
             if stream not in self.specs:
@@ -348,10 +374,13 @@ class Service:
             spec, meter = self.specs[stream], self.meters.get(stream) or StreamMeter()
             task = self.tasks.get(spec["task"])
         src = self._source_state(task, stream) if task else {}
-        return {"id": stream, "uri": redact(spec["uri"]), "task": spec["task"], "state": src.get("state", "connecting"),
+        state, error = health(task, src.get("state", "connecting"), src.get("error", ""))
+        if state == "running" and meter.lagging:
+            state = "lagging"
+        return {"id": stream, "uri": redact(spec["uri"]), "task": spec["task"], "state": state,
                 "frames": meter.frames, "fps": round(meter.fps(time.monotonic()), 2),
                 "drops": self._drops(task, stream) if task else 0,
-                "events": meter.events, "latency_ms": meter.percentiles(), "error": redact(src.get("error", ""))}
+                "events": meter.events, "latency_ms": meter.percentiles(), "error": redact(error)}
 
     def streams(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -407,14 +436,19 @@ class Service:
         return {t.id: t.stats() for t in tasks}
 
     def healthy(self) -> bool:
+        """Every task's graph runs and none has an engine gone for good (one restarting is still healthy)."""
         with self.lock:
             tasks = list(self.tasks.values())
-        return all(t.alive() for t in tasks)
+        return not any(t.broken() for t in tasks)
 
     def ready(self) -> bool:
+        return not self.not_ready()
+
+    def not_ready(self) -> str:
+        """Why some task cannot take streams now (starting, stopped, an engine down), "" when every one can."""
         with self.lock:
             tasks = list(self.tasks.values())
-        return all(t.ready() for t in tasks)
+        return "; ".join(why for why in (t.trouble() for t in tasks) if why)
 
     def events(self, stream: str | None, kind: str | None, since: float | None, limit: int,
                task: str | None = None) -> list[dict[str, Any]]:
@@ -484,6 +518,20 @@ class Service:
         except StateError as exc:
             self.unsaved_events += len(rows)
             log.error("%s", exc)
+
+
+def health(task: Task | None, state: str, error: str) -> tuple[str, str]:
+    """A stream's state and error as its task's health changes them: a stream still being read is `failed` once
+    an engine is gone for good or the graph stopped (its frames go nowhere), `stalled` while an engine restarts."""
+    if task is None or state in ("ended", "failed", "stopped"):
+        return state, error
+    broken = task.broken()
+    if broken:
+        return "failed", broken
+    down = task.down()
+    if down:
+        return "stalled", f"task {task.id!r}: {next(iter(down.values()))[1]}"
+    return state, error
 
 
 def _source_entry(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`graphflow serve`'s process: reads the graph files (one task each), starts the controller and the HTTP server."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,8 +41,9 @@ def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, sta
           token: str | None = None, media: list[str] | None = None, overrides: dict | None = None,
           ray: str | None = None, tasks_dir: str | None = None, evidence: EvidencePolicy | None = EvidencePolicy(),
           evidence_dir: str | None = None, metrics_open: bool = False, allow_hosts: list[str] | None = None,
-          brokers: list[str] | None = None) -> int:
-    """Run the service until SIGINT/SIGTERM; returns the exit code. Each graph file (and each `*.json` in
+          brokers: list[str] | None = None, stats: str | None = None) -> int:
+    """Run the service until SIGINT/SIGTERM; returns the exit code (and with `stats`, writes there what its tasks'
+    runs reported, as `launch --stats` does). Each graph file (and each `*.json` in
     `tasks_dir`) is a task named after its file; the first is the default task of streams that name none. With
     `ray` (`auto` or a cluster address) one graph runs as one replica per node of that Ray cluster (graphflow.cluster),
     behind the same API. With `evidence` (None: off) every event gets a snapshot, a crop and a clip in `evidence_dir`
@@ -107,6 +109,8 @@ def serve(graph_paths: list[str], host: str = "127.0.0.1", port: int = 8080, sta
     finally:
         service.stop()
         store.close()
+    if stats and isinstance(service, Service):
+        Path(stats).write_text(json.dumps(service.stats_document(), indent=1, default=str))
     return service.summary.exit_code if service.summary is not None else 1
 
 

@@ -40,6 +40,7 @@ class _Collector:
 
     def collect(self) -> Any:
         yield from engine_families(self.service.engine_stats())
+        yield health_family(self.service)
         with self.service.lock:
             meters = dict(self.service.meters)
             tasks = dict(self.service.meter_task)
@@ -64,6 +65,24 @@ def engine_families(stats: dict[str, dict[str, dict[str, Any]]]) -> list[Any]:
             for key, value in engine_gauges(s).items():
                 gauges[key].add_metric([task, eid], value)
     return [*counters.values(), *gauges.values()]
+
+
+def health_family(service: Any) -> Any:
+    """graphflow_engine_up{task, engine}: 1 while the engine runs, 0 while its process is dead (restarting or gone)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from graphflow.serve.tap import TAP
+
+    up = GaugeMetricFamily("graphflow_engine_up", "1: the engine runs; 0: its process died (restarting or gone)",
+                           labels=["task", "engine"])
+    with service.lock:
+        tasks = list(service.tasks.values())
+    for task in tasks:
+        down = task.down()
+        for eid in task.topology.nodes:
+            if eid != TAP:
+                up.add_metric([task.id, eid], 0.0 if eid in down else 1.0)
+    return up
 
 
 def engine_gauges(s: dict[str, Any]) -> dict[str, float]:
@@ -91,13 +110,18 @@ def stream_families(meters: dict[str, Any], now: float, tasks: dict[str, str] | 
     frames = CounterMetricFamily("graphflow_stream_frames", "frames at the end of the graph", labels=labels)
     events = CounterMetricFamily("graphflow_stream_events", "analytics events", labels=labels)
     latency = HistogramMetricFamily("graphflow_stream_latency_seconds", "capture to end of graph", labels=labels)
+    drops = CounterMetricFamily("graphflow_stream_drops", "frames dropped on the way by a drop policy", labels=labels)
+    lagging = GaugeMetricFamily("graphflow_stream_lagging", "1 while the graph cannot keep up with the stream "
+                                "(dropping its frames, or late)", labels=labels)
     for stream, meter in meters.items():
         key = [stream, (tasks or {}).get(stream, "")]
         fps.add_metric(key, meter.fps(now))
         frames.add_metric(key, meter.frames)
         events.add_metric(key, meter.events)
         latency.add_metric(key, latency_buckets(meter.buckets), meter.latency_sum)
-    return [fps, frames, events, latency]
+        drops.add_metric(key, meter.drops)
+        lagging.add_metric(key, float(meter.lagging))
+    return [fps, frames, events, latency, drops, lagging]
 
 
 def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:

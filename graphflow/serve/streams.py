@@ -22,6 +22,8 @@ ID_MAX = 64
 # header-breaking character.
 ID_RULE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
 ID_FORM = f"1 to {ID_MAX} of A-Z a-z 0-9 _ - . (starting with a letter or digit)"
+LAG_WINDOW_S = 5.0  # a stream lags while frames of it were dropped within this window, or while ...
+LAG_LATENCY_S = 5.0  # ... the median latency of its frames of this window is above this
 
 
 def is_loopback(host: str) -> bool:
@@ -103,11 +105,16 @@ class StreamMeter:
         self.latency = StreamRecord()
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # counts per bucket for Prometheus (last: +Inf)
         self.latency_sum = 0.0
+        self.recent_latency: deque[tuple[float, float]] = deque(maxlen=512)  # (arrival, latency)
+        self.lagging = False
+        self.drops = 0  # frames of it dropped on the way, as last seen
+        self.dropped_at = -LAG_WINDOW_S  # when its drops last grew (monotonic)
 
     def add(self, now: float, latency: float | None) -> None:
         self.frames += 1
         self.recent.append(now)
         if latency is not None:
+            self.recent_latency.append((now, latency))
             self.latency.add(latency)
             self.latency_sum += latency
             self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
@@ -117,6 +124,19 @@ class StreamMeter:
         if len(window) < 2:
             return 0.0
         return (len(window) - 1) / max(window[-1] - window[0], 1e-6)
+
+    def watch(self, now: float, drops: int) -> bool | None:
+        """Update the lag state from the stream's drops so far: True when it starts lagging, False when it keeps up
+        again, None when nothing changed."""
+        if drops > self.drops:
+            self.dropped_at = now
+        self.drops = drops
+        late = sorted(lat for t, lat in self.recent_latency if now - t <= LAG_WINDOW_S)
+        lagging = now - self.dropped_at <= LAG_WINDOW_S or bool(late) and late[len(late) // 2] > LAG_LATENCY_S
+        if lagging == self.lagging:
+            return None
+        self.lagging = lagging
+        return lagging
 
     def percentiles(self) -> dict[str, float | None]:
         p50, p95 = self.latency.percentiles_ms()

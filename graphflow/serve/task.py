@@ -20,6 +20,7 @@ TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used in URLs, metric
 LABELS_MAX = 16  # placement labels a task may carry
 TAP_TYPE = "graphflow.serve.tap:Tap"
 READY_S = 120.0  # longest a new task's engines may take to set up (model loads) before the request fails
+LIVE_POLICY = "drop_oldest"  # connections out of a task's source, unless the graph gives a policy
 
 
 def task_id(value: Any, where: str = "id") -> str:
@@ -86,8 +87,22 @@ def prepare_graph(graph_doc: dict[str, Any], where: str = "graph") -> Roles:
     connections = graph_doc.setdefault("connections", [])
     if not isinstance(connections, list):
         raise GraphflowError(f"{where}.connections: must be a list")
+    connections[:] = [live_edge(c, src) for c in connections]
     connections.append([f"{listen}.out", f"{TAP}.in"])
     return Roles(src, rules[0] if rules else None, listen)
+
+
+def live_edge(connection: Any, source: str) -> Any:
+    """A connection out of the task's source engine with no policy of its own, made LIVE_POLICY: cameras do not
+    wait, so a graph that cannot keep up drops each stream's oldest frames (counted) instead of falling ever further
+    behind. Anything else is left as it is (the loader checks it)."""
+    edge = connection
+    if isinstance(connection, list) and len(connection) == 2:
+        edge = {"from": connection[0], "to": connection[1]}
+    if isinstance(edge, dict) and isinstance(edge.get("from"), str) \
+            and edge["from"].partition(".")[0] == source and "policy" not in edge:
+        return {**edge, "policy": LIVE_POLICY}
+    return connection
 
 
 @dataclass
@@ -104,11 +119,12 @@ class Task:
     thread: threading.Thread | None = None
     summary: Any = None
 
-    def start(self, services: dict[str, Any]) -> None:
-        """Start the task's engines and wait until every one is set up (or the graph ended while starting)."""
+    def start(self, services: dict[str, Any], on_progress: Any = None) -> None:
+        """Start the task's engines and wait until every one is set up (or the graph ended while starting);
+        `on_progress(stats)` is called at each stats interval, on the launcher's thread."""
         from graphflow.runtime.launcher import Launcher
 
-        self.launcher = Launcher(self.topology, services=services)
+        self.launcher = Launcher(self.topology, on_progress, services=services)
         self.thread = threading.Thread(target=self._run, name=f"task:{self.id}", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + READY_S
@@ -137,7 +153,28 @@ class Task:
         return self.thread is not None and self.thread.is_alive()
 
     def ready(self) -> bool:
-        return self.launcher is not None and self.launcher.started.is_set() and self.alive()
+        return not self.trouble()
+
+    def down(self) -> dict[str, tuple[bool, str]]:
+        """Its engines that are not running: engine → (gone for good, why) (runtime.Launcher.down)."""
+        return self.launcher.down() if self.launcher is not None else {}
+
+    def trouble(self) -> str:
+        """Why the task cannot take streams now, "" when it can: starting, stopped, or an engine down."""
+        if self.launcher is None or not self.launcher.started.is_set():
+            return f"task {self.id!r} is starting (engines setting up)" if self.alive() or self.launcher is None \
+                else f"task {self.id!r} stopped while starting"
+        if not self.alive():
+            why = f" ({self.launcher.stop_reason})" if self.launcher.stop_reason else ""
+            return f"task {self.id!r}: its graph has stopped{why}"
+        return "; ".join(f"task {self.id!r}: {why}" for why in sorted({why for _, why in self.down().values()}))
+
+    def broken(self) -> str:
+        """Why the task cannot deliver any more (stopped, or an engine gone for good), "" while it can."""
+        if self.launcher is not None and self.launcher.started.is_set() and not self.alive():
+            return self.trouble()
+        gone = sorted({why for lost, why in self.down().values() if lost})
+        return "; ".join(f"task {self.id!r}: {why}" for why in gone)
 
     def command(self, engine: str, op: str, args: dict[str, Any]) -> Any:
         return self.launcher.command(engine, op, args)
