@@ -82,6 +82,34 @@ def test_an_event_has_its_snapshot_crop_and_clip_served(site: Path):
         server.stop()
 
 
+def test_events_of_a_rule_that_is_no_alarm_get_no_evidence(tmp_path: Path):
+    """A rule with "alarm": false marks its events so; the service keeps their record but makes no evidence."""
+    from graphflow import Message
+    from graphflow.serve.controller import Service
+    from graphflow.serve.evidence import EvidencePolicy
+    from graphflow.serve.store import Store
+    from graphflow.serve.streams import StreamMeter
+    from graphflow.vision.rules import parse_rules
+
+    quiet, loud = parse_rules([{"id": "q", "kind": "line_cross", "line": [[0.5, 0], [0.5, 1]], "alarm": False},
+                               {"id": "l", "kind": "line_cross", "line": [[0.5, 0], [0.5, 1]]}])
+    assert quiet.alarm is False and loud.alarm is True
+    store = Store(tmp_path / "state.db")
+    svc = Service(store, [tmp_path], evidence=(tmp_path / "evidence", EvidencePolicy()))
+    try:
+        svc.meters["cam"] = StreamMeter()
+        events = [{"rule": "q", "event": "cross", "alarm": False}, {"rule": "l", "event": "cross"}]
+        svc.observe(Message("cam", 1, None, {"events": events}, {"image": np.zeros((8, 8, 3), np.uint8)}), "t")
+        rows = {e["event"]["rule"]: e["event"] for e in svc.events("cam", None, None, 10)}
+        assert "id" not in rows["q"] and "evidence" not in rows["q"]
+        assert rows["l"]["evidence"]["snapshot"] == f"/events/{rows['l']['id']}/snapshot.jpg"
+        wait_for(lambda: (tmp_path / "evidence" / f"{rows['l']['id']}.jpg").is_file(), timeout=10, what="the snapshot")
+        assert [p.name for p in (tmp_path / "evidence").iterdir()] == [f"{rows['l']['id']}.jpg"]
+    finally:
+        svc.stop()
+        store.close()
+
+
 def test_retention_deletes_the_oldest_evidence_past_the_size_bound(tmp_path: Path):
     from graphflow.serve.evidence import Evidence, EvidencePolicy
 

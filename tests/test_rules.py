@@ -134,7 +134,7 @@ def test_rule_validation(rules, field):
 # the fewest keys a rule of each kind needs
 SMALLEST = {"zone": {"polygon": FULL}, "line_cross": {"line": LINE_N}, "dwell": {"polygon": FULL, "seconds": 1},
             "crowding": {"polygon": FULL, "min_count": 2}, "speed": {"max_speed": 1}}
-WRONG_TYPE = {str: 12.5, int: 2.5, float: "fast", list: "x", dict: "x"}
+WRONG_TYPE = {str: 12.5, int: 2.5, float: "fast", list: "x", dict: "x", bool: "yes"}
 
 
 def test_every_rule_key_is_checked_by_its_declaration():
@@ -178,7 +178,7 @@ def test_every_rule_key_is_checked_by_its_declaration():
     ({"kind": "speed", "max_speed": 1, "homography": [[1, 0, 0], [0, 1, 0], [0, 0, 0]]}, "homography",
      "must be an invertible 3x3 matrix of numbers (got [[1, 0, 0], [0, 1, 0], [0, 0, 0]])"),
     ({"kind": "zone", "polygon": FULL, "line": LINE_N}, "line",
-     "unknown key for a zone rule (known: id, kind, classes, anchor, attributes, cooldown_s, polygon, min_frames)"),
+     "unknown key for a zone rule (known: id, kind, classes, anchor, attributes, cooldown_s, alarm, polygon, min_frames)"),
     ({"kind": "dwell", "polygon": FULL, "seconds": None}, "seconds",
      "required (seconds a track stays in the zone before the event)"),
 ])

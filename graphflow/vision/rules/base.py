@@ -67,6 +67,8 @@ class RuleKind:
     attributes = AttributeFilter()
     cooldown_s = Param(float, 0.0, ge=0, doc="seconds within which an event of this rule, of the same name and "
                                              "track, is not repeated (0: every event)")
+    alarm = Param(bool, True, doc="a service keeps evidence of this rule's events (snapshot, crop, clip); false: "
+                                  "the events only")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +147,8 @@ class RuleKind:
               "position": None if point is None else [round(float(point[0]), 2), round(float(point[1]), 2)]}
         if row is not None and frame.attributes[row]:
             ev["attributes"] = dict(frame.attributes[row])
+        if not self.alarm:
+            ev["alarm"] = False
         ev.update(extra)
         return ev
 
