@@ -33,7 +33,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             mode = " in restricted mode" if args.restricted else ""
             print(f"{path}: ok{mode} ({len(g.nodes)} engines, {len(g.edges)} connections)")
         except GraphflowError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            for each in getattr(exc, "errors", [exc]):  # a GraphError carries every mistake found in the file
+                print(f"error: {each}", file=sys.stderr)
             code = 2
     return code
 
