@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_validate)
     p = with_graph("inspect", "show a graph as text, DOT or PNG")
     p.add_argument("--format", choices=("text", "dot", "png"), default="text")
-    p.add_argument("-o", "--output", help="output file (required for png)")
+    p.add_argument("-o", "--output", help="output file (png: default GRAPH.png in the current folder)")
     p.set_defaults(fn=cmd_inspect)
-    sub.add_parser("engines", help="list engine types, their ports and params",
-                   parents=[common]).set_defaults(fn=cmd_engines)
+    p = sub.add_parser("engines", help="list engine types, their ports and params", parents=[common])
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these engines (built-in names or package.module:Class); default: every built-in")
+    p.set_defaults(fn=cmd_engines)
     p = with_graph("bench", "run a graph and print per-engine throughput; sink outputs go to a temporary folder")
     p.add_argument("--outputs", metavar="DIR", help="write the sinks' outputs into DIR (kept) instead")
     p.set_defaults(fn=cmd_bench)
