@@ -51,6 +51,7 @@ class _Feed:
     reconnects: int = 0  # a stream delivered frames again after a disconnect
     failed_attempts: int = 0  # connections that failed or gave no frame
     state: str = "connecting"  # then running, reconnecting (after a loss); at the end ended, failed or stopped
+    expected: int | None = None  # about how many frames it will give (Source.length), None when unknown
     error: str = ""
     removed: bool = False  # by `Decode.remove_source`: forgotten once its end has gone downstream
     finished: bool = False  # its thread's end was taken from the queue
@@ -60,6 +61,8 @@ class _Feed:
     def begin(self, source: Source) -> None:
         with self.lock:
             self.source = source
+            if self.expected is None:
+                self.expected = source.length()
 
     def end(self) -> Source | None:
         """Close the session's source and fold its counters into the totals; return it (None if none opened)."""
@@ -79,7 +82,8 @@ class _Feed:
             return {"decoded": t.decoded + live.decoded, "fps_dropped": t.dropped + live.dropped,
                     "kept": t.kept + live.kept, "discarded": self.discarded, "corrupt": t.corrupt + live.corrupt,
                     "disconnects": self.disconnects, "reconnects": self.reconnects,
-                    "failed_attempts": self.failed_attempts, "state": self.state, "error": self.error}
+                    "failed_attempts": self.failed_attempts, "state": self.state, "error": self.error,
+                    "expected": self.expected}
 
 
 class _Pace:

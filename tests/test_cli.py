@@ -328,3 +328,18 @@ def test_validate_restricted_checks_the_graph_as_untrusted(tmp_path):
     assert first.startswith(f"error: {demo}: engines.out.params.sinks[0].path: ") and " exists" in first
     assert second.startswith(f"error: {counter}: engines.double.type: ") and "not allowed" in second
     assert gf("validate", counter).returncode == 0  # a graph of the user's own: unrestricted
+
+
+def test_live_table_shows_a_files_share_and_eta():
+    from rich.console import Console
+
+    per = {"file": {"state": "running", "expected": 100}, "cam": {"state": "running", "expected": None},
+           "done": {"state": "ended", "expected": 40}}
+    stats = {"src": {"engine": "src", "state": "running", "received": 0, "sent": 90,
+                     "streams": {"file": 25, "cam": 25, "done": 40}, "metrics": {"sources": per}}}
+    console = Console(record=True, width=140)
+    console.print(launch.progress_table(stats, 10.0, ["src"]))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert rows["file"][0] == "running 25% ETA 0:30"  # 75 frames left at 2.5 frames/s
+    assert rows["cam"][0] == "running" and rows["done"][0] == "ended 100%"
