@@ -405,10 +405,13 @@ def test_adding_a_bad_or_duplicate_source_and_removing_an_unknown_one_are_param_
     engine.check()
     with pytest.raises(ParamError) as err:
         engine.add_source({"id": "b", "uri": str(DEMO), "start": 1e300})
-    assert err.value.field == "sources[1].start"
+    assert err.value.field == "start"  # the entry's own field: the user never wrote a sources list
     with pytest.raises(ParamError) as err:
         engine.add_source({"id": "a", "uri": str(DEMO)})
-    assert err.value.field == "sources[1].id"
+    assert err.value.field == "id"
+    with pytest.raises(ParamError) as err:
+        engine.add_source({"id": "bad3", "uri": "/nonexist.mp4"})
+    assert str(err.value) == "uri: file not found: '/nonexist.mp4'"
     with pytest.raises(ParamError, match="no source with id 'zz' \\(sources: a\\)"):
         engine.remove_source("zz")
     assert engine.add_source({"id": "c", "uri": str(DEMO), "max_frames": 2}) == "c"  # before generate(): at its start
