@@ -41,8 +41,8 @@ def test_readme_engine_example_runs_from_the_users_folder(tmp_path):
 def test_readme_int8_steps_run_as_written(tmp_path):
     """The INT8 paragraph's command from the repository's folder, then its model in graphs/demo.json, launched."""
     text = (ROOT / "README.md").read_text()
-    command = re.search(r"INT8: from the repository's folder, `(graphflow model quantize [^`]*)`", text).group(1)
-    model = re.search(r'then `"model": "([^"]+)"` on infer in\s+`graphs/demo.json`', text).group(1)
+    command = re.search(r"INT8: from the repository's folder,\s+`(graphflow model quantize [^`]*)`", text).group(1)
+    model = re.search(r'then `"model": "([^"]+)"` on\s+infer in\s+`graphs/demo.json`', text).group(1)
     (tmp_path / "graphs" / "data").mkdir(parents=True)
     shutil.copy(ROOT / "graphs/data/demo.mp4", tmp_path / "graphs/data/demo.mp4")
     doc = json.loads((ROOT / "graphs/demo.json").read_text())
