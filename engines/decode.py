@@ -235,8 +235,9 @@ class Decode(Engine):
 
     def add_source(self, entry: dict[str, Any]) -> str:
         """Add a source while the engine runs (service mode), from any thread: checked like a `sources` entry
-        (ParamError naming the entry's own field, `uri`, not an index into `sources` the user never wrote), decoded at once if `generate()` runs (else from its start: `check()`
-        resets the sources to the `sources` param); returns its stream id."""
+        (ParamError naming the entry's own field, `uri`, not an index into `sources` the user never wrote),
+        decoded at once if `generate()` runs (else from its start: `check()` resets the sources to the `sources`
+        param); returns its stream id."""
         if not hasattr(self, "_specs"):
             self.check()
         with self._lock:
