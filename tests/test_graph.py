@@ -435,3 +435,14 @@ def test_unknown_keys_suggest_the_closest_known_one(write_graph):
         graph.load(write_graph(variant(settings={"queue_capacty": 3})))
     with pytest.raises(GraphError, match=r"unknown engine type 'zzz' \(built-ins"):  # nothing near: no guess
         graph.load(write_graph(variant(engines__src__type="zzz")))
+
+
+def test_launch_also_prints_every_mistake_and_starts_nothing(write_graph, user_module):
+    user_module("mistakes", "from graphflow import Engine\n\nclass CountPeople(Engine):\n"
+                            "    inputs = ('in',)\n    outputs = ('out',)\n")
+    path = write_graph(MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", str(path)], capture_output=True, text=True,
+                          cwd=path.parent)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 5
+    assert all(line.startswith(f"error: {path}: ") for line in proc.stderr.splitlines())
+    assert not (path.parent / "o.jsonl").exists()

@@ -26,6 +26,12 @@ def _restrictions(args: argparse.Namespace, path: str) -> Restrictions | None:
                   modules=tuple(args.allow_module))
 
 
+def print_error(exc: GraphflowError) -> None:
+    """A user's mistake on stderr, one `error:` line each: a GraphError carries every mistake found in its file."""
+    for each in getattr(exc, "errors", [exc]):
+        print(f"error: {each}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     code = 0
     for path in args.graph:
@@ -34,8 +40,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             mode = " in restricted mode" if args.restricted else ""
             print(f"{path}: ok{mode} ({len(g.nodes)} engines, {len(g.edges)} connections)")
         except GraphflowError as exc:
-            for each in getattr(exc, "errors", [exc]):  # a GraphError carries every mistake found in the file
-                print(f"error: {each}", file=sys.stderr)
+            print_error(exc)
             code = 2
     return code
 

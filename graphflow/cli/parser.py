@@ -7,7 +7,7 @@ import os
 import sys
 
 from graphflow import __version__
-from graphflow.cli.graphs import cmd_engines, cmd_inspect, cmd_validate
+from graphflow.cli.graphs import cmd_engines, cmd_inspect, cmd_validate, print_error
 from graphflow.cli.launch import cmd_bench, cmd_launch
 from graphflow.cli.model import add_subcommand as add_model_commands
 from graphflow.cli.serve import add_subcommands as add_service_commands
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except GraphflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except BrokenPipeError:  # output piped into a reader that quit early (`| head`): not an error of ours
         sys.stdout = open(os.devnull, "w")
