@@ -53,6 +53,7 @@ class _Feed:
     reconnects: int = 0  # a stream delivered frames again after a disconnect
     failed_attempts: int = 0  # connections that failed or gave no frame
     state: str = "connecting"  # then running, reconnecting (after a loss); at the end ended, failed or stopped
+    expected: int | None = None  # about how many frames it will give (Source.length), None when unknown
     error: str = ""
     removed: bool = False  # by `Decode.remove_source`: forgotten once its end has gone downstream
     finished: bool = False  # its thread's end was taken from the queue
@@ -62,6 +63,8 @@ class _Feed:
     def begin(self, source: Source) -> None:
         with self.lock:
             self.source = source
+            if self.expected is None:
+                self.expected = source.length()
 
     def end(self) -> Source | None:
         """Close the session's source and fold its counters into the totals; return it (None if none opened)."""
@@ -81,7 +84,8 @@ class _Feed:
             return {"decoded": t.decoded + live.decoded, "fps_dropped": t.dropped + live.dropped,
                     "kept": t.kept + live.kept, "discarded": self.discarded, "corrupt": t.corrupt + live.corrupt,
                     "disconnects": self.disconnects, "reconnects": self.reconnects,
-                    "failed_attempts": self.failed_attempts, "state": self.state, "error": self.error}
+                    "failed_attempts": self.failed_attempts, "state": self.state, "error": self.error,
+                    "expected": self.expected}
 
 
 class _Pace:
@@ -154,34 +158,36 @@ class Decode(Engine):
             raise ParamError("retry_max", f"must be ≥ retry ({self.retry:g} s) (got {self.retry_max:g})")
         self._specs: dict[str, SourceSpec] = {}
         for i, entry in enumerate(self.sources):
-            stream, spec = self._spec(i, entry)
+            stream, spec = self._spec(f"sources[{i}]", entry, str(i))
             if stream in self._specs:
                 raise ParamError(f"sources[{i}].id", f"duplicate stream id {stream!r}")
             self._specs[stream] = spec
 
-    def _spec(self, i: int, entry: Any) -> tuple[str, SourceSpec]:
-        """The stream id and SourceSpec of `sources[i]`, or ParamError naming the wrong field."""
-        where = f"sources[{i}]"
+    def _spec(self, where: str, entry: Any, default_id: str) -> tuple[str, SourceSpec]:
+        """The stream id and SourceSpec of one source entry, or ParamError naming the wrong field under `where`
+        (`sources[i]` in the graph; "" for an entry given alone, whose fields are the user's own: `uri`)."""
+        def at(key: str) -> str:
+            return f"{where}.{key}" if where else key
         if not isinstance(entry, dict):
             raise ParamError(where, f"must be an object with at least a 'uri' (got {entry!r})")
         unknown = set(entry) - SOURCE_FIELDS
         if unknown:
             known = ", ".join(sorted(SOURCE_FIELDS))
-            raise ParamError(f"{where}.{sorted(unknown)[0]}", f"unknown field (known: {known})")
-        stream = entry.get("id", str(i))
+            raise ParamError(at(sorted(unknown)[0]), f"unknown field (known: {known})")
+        stream = entry.get("id", default_id)
         if not isinstance(stream, (str, int)) or isinstance(stream, bool) or stream == "":
-            raise ParamError(f"{where}.id", f"must be a non-empty string or an integer (got {stream!r})")
+            raise ParamError(at("id"), f"must be a non-empty string or an integer (got {stream!r})")
         uri = entry.get("uri")
         if not isinstance(uri, str) or not uri:
-            raise ParamError(f"{where}.uri", f"required, a file, folder or rtsp:// address (got {uri!r})")
+            raise ParamError(at("uri"), f"required, a file, folder or rtsp:// address (got {uri!r})")
         fields = {k: v for k, v in entry.items() if k not in ("id", "uri") and v is not None}
         try:
             spec = SourceSpec(uri=uri, color=self.color, max_pixels=self.max_pixels, **fields)
         except SourceError as exc:
             why = str(exc).split(": ", 1)[-1].removeprefix(f"{exc.field} ")
-            raise ParamError(f"{where}.{exc.field}" if exc.field else where, why) from None
+            raise ParamError(at(exc.field) if exc.field else where, why) from None
         if not spec.is_stream and local_path(uri) is None:
-            raise ParamError(f"{where}.uri", f"file not found: {uri!r}")
+            raise ParamError(at("uri"), f"file not found: {uri!r}")
         return str(stream), spec
 
     def generate(self) -> Iterator[Message | StreamEnd | None]:
@@ -231,18 +237,18 @@ class Decode(Engine):
 
     def add_source(self, entry: dict[str, Any]) -> str:
         """Add a source while the engine runs (service mode), from any thread: checked like a `sources` entry
-        (ParamError naming the field), decoded at once if `generate()` runs (else from its start: `check()`
-        resets the sources to the `sources` param); returns its stream id."""
+        (ParamError naming the entry's own field, `uri`, not an index into `sources` the user never wrote),
+        decoded at once if `generate()` runs (else from its start: `check()` resets the sources to the `sources`
+        param); returns its stream id."""
         if not hasattr(self, "_specs"):
             self.check()
         with self._lock:
-            i = len(self._specs)
-            stream, spec = self._spec(i, entry)
+            stream, spec = self._spec("", entry, str(len(self._specs)))
             if stream in self._specs:
-                raise ParamError(f"sources[{i}].id", f"duplicate stream id {stream!r}")
+                raise ParamError("id", f"duplicate stream id {stream!r}")
             old = self._feeds.get(stream)
             if self._live is not None and old is not None and not old.finished:
-                raise ParamError(f"sources[{i}].id", f"stream {stream!r} is still stopping; add it again after its end")
+                raise ParamError("id", f"stream {stream!r} is still stopping; add it again after its end")
             self._specs[stream] = spec
             if self._live is not None:
                 self._start(stream, spec)

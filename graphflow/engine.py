@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphflow.errors import GraphflowError, ParamError
+from graphflow.errors import GraphflowError, ParamError, did_you_mean
 from graphflow.message import Message, StreamEnd
 
 REQUIRED = object()
@@ -146,7 +146,7 @@ class Engine:
         for name, value in (params or {}).items():
             if name not in declared:
                 known = ", ".join(declared) or "none"
-                raise ParamError(name, f"unknown parameter (known: {known})")
+                raise ParamError(name, f"unknown parameter ({did_you_mean(name, declared)}known: {known})")
             self.__dict__[name] = declared[name].coerce(value)
         for name, p in declared.items():
             if p.required and name not in self.__dict__:

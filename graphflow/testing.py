@@ -94,12 +94,22 @@ def start_engine(cls: type[Engine] | Engine, params: dict[str, Any] | None = Non
     return Harness(cls, params).start()
 
 
-def run_engine(cls: type[Engine] | Engine, params: dict[str, Any] | None = None,
+def run_engine(cls: type[Engine] | Engine, params: dict[str, Any] | list[Message | StreamEnd] | None = None,
                messages: list[Message | StreamEnd] = (), port: str = "in") -> dict[str, list[Message]]:
-    """Feed `messages` to a fresh engine's `port`, flush, tear down; return its outputs per port. A StreamEnd
-    among them goes to `on_stream_end` and is passed on as the runtime does."""
+    """Feed `messages` (a list, or an iterable read as it is fed) to a fresh engine's `port`, flush, tear down;
+    return its outputs per port. A StreamEnd among them goes to `on_stream_end` and is passed on as the runtime
+    does. `run_engine(engine, [msgs])`, the messages second, works too (an engine instance has its params already);
+    anything else is a one-line TypeError."""
+    if isinstance(params, (list, tuple)) and not messages:
+        params, messages = None, params
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"run_engine: params must be a dict of param → value (got {type(params).__name__}); "
+                        "give messages as messages=[...]")
     with start_engine(cls, params) as harness:
-        for msg in messages:
+        for i, msg in enumerate(messages):  # messages may be a generator that waits on the engine: read lazily
+            if not isinstance(msg, (Message, StreamEnd)):
+                raise TypeError(f"run_engine: messages[{i}] is a {type(msg).__name__}, not a graphflow.Message "
+                                "(Message(stream=..., data={...})) or StreamEnd")
             if isinstance(msg, StreamEnd):
                 harness.end(msg)
             else:

@@ -36,8 +36,37 @@ def test_inspect_text_dot_png(tmp_path):
     png = tmp_path / "g.png"
     assert gf("inspect", demo, "--format", "png", "-o", str(png)).returncode == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = gf("inspect", demo, "--format", "png")
-    assert missing.returncode == 2 and "PNG needs -o FILE" in missing.stderr
+    default = gf("inspect", demo, "--format", "png", cwd=tmp_path)  # without -o: demo.png in the current folder
+    assert default.returncode == 0 and default.stdout.strip() == "wrote demo.png", default.stderr
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_of_a_chain_is_laid_out_in_rows_with_readable_text(tmp_path):
+    """The demo's 6-engine chain wraps into rows (today's single strip was 2309x211 with 8-point text)."""
+    from PIL import Image
+
+    png = tmp_path / "demo.png"
+    assert gf("inspect", str(ROOT / "graphs/demo.json"), "--format", "png", "-o", str(png)).returncode == 0
+    width, height = Image.open(png).size
+    assert 1.2 <= width / height <= 3.0 and width <= 1400, (width, height)
+    fig = graphflow.graph.render.figure(graph_mod.load(ROOT / "graphs/demo.json"))
+    boxes = [t for t in fig.axes[0].texts if t.get_bbox_patch() is not None]
+    assert len({round(t.get_position()[1], 3) for t in boxes}) == 2  # two rows of three
+    assert min(t.get_fontsize() for t in boxes) >= 10
+
+
+def test_engines_name_shows_that_engine_only_and_a_typo_is_one_line(tmp_path):
+    one = gf("engines", "track")
+    assert one.returncode == 0 and one.stdout.startswith("track  — ")
+    assert "decode" not in one.stdout.split("\n")[0] and "infer  —" not in one.stdout
+    (tmp_path / "mine.py").write_text("from graphflow import Engine\n\nclass Tally(Engine):\n"
+                                      "    \"\"\"Counts.\"\"\"\n    inputs = ('in',)\n")
+    user = gf("engines", "mine:Tally", cwd=tmp_path)
+    assert user.returncode == 0 and user.stdout.startswith("mine:Tally  — Counts."), user.stderr
+    typo = gf("engines", "tracker")
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert typo.stderr.startswith("error: engines: unknown engine type 'tracker' (did you mean 'track'?")
+    assert typo.stderr.count("\n") == 1
 
 
 def test_engines_lists_builtins_with_params():
@@ -299,3 +328,18 @@ def test_validate_restricted_checks_the_graph_as_untrusted(tmp_path):
     assert first.startswith(f"error: {demo}: engines.out.params.sinks[0].path: ") and " exists" in first
     assert second.startswith(f"error: {counter}: engines.double.type: ") and "not allowed" in second
     assert gf("validate", counter).returncode == 0  # a graph of the user's own: unrestricted
+
+
+def test_live_table_shows_a_files_share_and_eta():
+    from rich.console import Console
+
+    per = {"file": {"state": "running", "expected": 100}, "cam": {"state": "running", "expected": None},
+           "done": {"state": "ended", "expected": 40}}
+    stats = {"src": {"engine": "src", "state": "running", "received": 0, "sent": 90,
+                     "streams": {"file": 25, "cam": 25, "done": 40}, "metrics": {"sources": per}}}
+    console = Console(record=True, width=140)
+    console.print(launch.progress_table(stats, 10.0, ["src"]))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert rows["file"][0] == "running 25% ETA 0:30"  # 75 frames left at 2.5 frames/s
+    assert rows["cam"][0] == "running" and rows["done"][0] == "ended 100%"

@@ -739,3 +739,20 @@ def test_tasks_page_shows_each_task_and_the_camera_form_picks_one(tmp_path, page
         srv.close()
         svc.stop()
         store.close()
+
+
+def test_docs_page_draws_every_path_of_the_openapi_schema(server, page):
+    """`/docs` renders /openapi.json in a real browser, each path and method a block, with nothing from another
+    host; the stream spec's fields show under POST /streams."""
+    status, headers, body = get(f"{server.url}/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "http://" not in body.decode() and "https://" not in body.decode()
+    paths = json.loads(get(f"{server.url}/openapi.json")[2])["paths"]
+    wanted = sorted((p, v) for p, item in paths.items() for v in ("get", "post", "put", "delete") if v in item)
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".op")
+    drawn = page.eval_on_selector_all(".op", "ops => ops.map(o => [o.dataset.path, o.dataset.method])")
+    assert sorted(map(tuple, drawn)) == wanted and ("/docs", "get") in wanted
+    post = page.text_content('.op[data-path="/streams"][data-method="post"]')
+    assert "request body: application/json" in post and '"realtime"' in post
+    assert page.console_errors == []

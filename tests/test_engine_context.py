@@ -123,3 +123,29 @@ def test_publish_setup_failing_half_way_closes_the_sinks_it_opened(tmp_path):
         harness.engine.setup()
     assert open_fds() == before, "the first sink's file was left open"
     assert (tmp_path / "a.jsonl").exists()
+
+
+class Doubler(Engine):
+    """Sends each message's `n` doubled."""
+
+    inputs = ("in",)
+    outputs = ("out",)
+
+    def process(self, msg: Message) -> None:
+        msg.data["n"] *= 2
+        self.send(msg)
+
+
+def test_run_engine_takes_messages_second_or_says_in_one_line_what_is_wrong():
+    from graphflow.testing import run_engine
+
+    def msgs():
+        return [Message(stream="a", data={"n": 1}), Message(stream="a", data={"n": 2})]
+
+    assert [m.data["n"] for m in run_engine(Doubler, msgs())["out"]] == [2, 4]
+    assert [m.data["n"] for m in run_engine(Doubler(), [Message(stream="a", data={"n": 3})])["out"]] == [6]
+    assert [m.data["n"] for m in run_engine(Doubler, {}, msgs())["out"]] == [2, 4]  # the documented form
+    with pytest.raises(TypeError, match=r"^run_engine: messages\[0\] is a dict, not a graphflow.Message"):
+        run_engine(Doubler, [{"n": 1}])
+    with pytest.raises(TypeError, match=r"^run_engine: params must be a dict .*\(got str\)"):
+        run_engine(Doubler, "n=1")

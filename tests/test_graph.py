@@ -396,3 +396,53 @@ def test_a_users_own_engines_package_does_not_shadow_the_built_in_ones(tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 5
+
+
+MISTAKES = """\
+{"engines": {"src": {"type": "decode", "params": {"sources": [{"id": "c", "uri": "nonexist.mp4"}]}},
+ "det": {"type": "infer", "params": {"confidence": 0.3}},
+ "trk": {"type": "tracker"},
+ "cnt": {"type": "mistakes:CountPeopel"},
+ "out": {"type": "publish", "params": {"sinks": [{"kind": "jsonl", "path": "o.jsonl"}]}}},
+ "connections": [["src", "det"], ["det", "trk"], ["trk", "cnt"], ["cnt", "out"], ["out", "nowhere"]]}
+"""
+
+
+def test_every_independent_mistake_is_reported_in_one_pass(write_graph, user_module):
+    """Four broken engines and a broken connection: five lines, in file order; the connections naming a broken
+    engine are not reported again. `graph.load` raises the first, carrying all; `validate` prints all."""
+    user_module("mistakes", "from graphflow import Engine\n\nclass CountPeople(Engine):\n"
+                            "    inputs = ('in',)\n    outputs = ('out',)\n")
+    path = write_graph(MISTAKES)
+    with pytest.raises(GraphError) as info:
+        graph.load(path)
+    lines = [str(e) for e in info.value.errors]
+    assert [line.split(": ")[1] for line in lines] == [
+        "engines.src.params.sources[0].uri", "engines.det.params.confidence", "engines.trk.type", "engines.cnt.type",
+        "connections[4].from"]
+    assert str(info.value) == lines[0] and all("\n" not in line for line in lines)
+    assert "did you mean 'conf'?" in lines[1]
+    assert "did you mean 'track'?" in lines[2]
+    assert "did you mean 'CountPeople'? engines in it: CountPeople" in lines[3]
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "validate", str(path)], capture_output=True, text=True,
+                          cwd=path.parent)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {line}" for line in lines]
+
+
+def test_unknown_keys_suggest_the_closest_known_one(write_graph):
+    with pytest.raises(GraphError, match=r"settings.queue_capacty: unknown setting \(did you mean 'queue_capacity'"):
+        graph.load(write_graph(variant(settings={"queue_capacty": 3})))
+    with pytest.raises(GraphError, match=r"unknown engine type 'zzz' \(built-ins"):  # nothing near: no guess
+        graph.load(write_graph(variant(engines__src__type="zzz")))
+
+
+def test_launch_also_prints_every_mistake_and_starts_nothing(write_graph, user_module):
+    user_module("mistakes", "from graphflow import Engine\n\nclass CountPeople(Engine):\n"
+                            "    inputs = ('in',)\n    outputs = ('out',)\n")
+    path = write_graph(MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "graphflow", "launch", str(path)], capture_output=True, text=True,
+                          cwd=path.parent)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 5
+    assert all(line.startswith(f"error: {path}: ") for line in proc.stderr.splitlines())
+    assert not (path.parent / "o.jsonl").exists()

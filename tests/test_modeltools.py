@@ -167,3 +167,34 @@ def test_quantize_errors_are_one_line(tmp_path):
     with pytest.raises(ModelToolError, match="not a registered model"):
         quantize_model("no-such-model", DEMO, tmp_path / "o.onnx")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_takes_built_in_names_as_infer_and_quantize_do(capsys):
+    assert inspect_model("yolox-nano").head == "yolox"
+    assert inspect_model("yolox-nano").params["model"] == "yolox-nano"
+    assert cli.main(["model", "inspect", "ppocr-rec"]) == 0
+    assert "head: ppocr-rec" in capsys.readouterr().out
+    assert cli.main(["model", "inspect", "yolox-nan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a built-in model (yolox-nano, ppocr-det" in err and f"no file at {Path.cwd() / 'yolox-nan'}" in err
+    assert "\n" not in err
+
+
+def test_quantize_streams_calibration_one_frame_at_a_time_and_reports_progress(tmp_path, monkeypatch):
+    """The calibrator is handed one frame per range (onnxruntime's CalibStridedMinMax), so it never holds more than
+    one frame's activations; progress hears of every frame measured and calibrated."""
+    from onnxruntime.quantization import calibrate
+
+    held = []
+    collect = calibrate.HistogramCalibrater.collect_data
+
+    def watched(self, reader):
+        collect(self, reader)
+        held.append(reader.done)
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", watched)
+    heard = []
+    done = quantize_model("yolox-nano", DEMO, tmp_path / "q.onnx", frames=3, progress=lambda *a: heard.append(a))
+    assert done.frames == 3 and held == [1, 2, 3]
+    assert heard == [("measure", 1, 3), ("measure", 2, 3), ("measure", 3, 3),
+                     ("calibrate", 1, 3), ("calibrate", 2, 3), ("calibrate", 3, 3)]

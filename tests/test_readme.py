@@ -80,3 +80,28 @@ def test_readme_service_curl_examples_run_as_written(tmp_path):
         serve.wait(60)
         log.close()
     assert os.path.exists(tmp_path / "site.db")
+
+
+def test_readme_int8_steps_run_as_written(tmp_path):
+    """The INT8 paragraph's command from the repository's folder, then its model in graphs/demo.json, launched."""
+    text = (ROOT / "README.md").read_text()
+    command = re.search(r"INT8: from the repository's folder,\s+`(graphflow model quantize [^`]*)`", text).group(1)
+    model = re.search(r'then `"model": "([^"]+)"` on\s+infer in\s+`graphs/demo.json`', text).group(1)
+    (tmp_path / "graphs" / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "graphs/data/demo.mp4", tmp_path / "graphs/data/demo.mp4")
+    doc = json.loads((ROOT / "graphs/demo.json").read_text())
+    doc["engines"]["src"]["params"]["sources"][0]["max_frames"] = FRAMES  # a short run
+    doc["engines"]["det"]["params"]["model"] = model
+    (tmp_path / "graphs/demo.json").write_text(json.dumps(doc, indent=1))
+
+    graphflow = str(Path(sys.executable).with_name("graphflow"))
+    argv = [graphflow, *command.split()[1:], "--frames", "8"]  # as written, calibrated on fewer frames for time
+    quantize = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert quantize.returncode == 0, quantize.stderr
+    assert "calibrating" in quantize.stderr and "8/8" in quantize.stderr  # the progress bar, on stderr
+    run = subprocess.run([graphflow, "launch", "graphs/demo.json"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "graphs/demo.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "detections" in r]) == FRAMES
+    assert any(r["detections"] for r in rows if "detections" in r)  # the INT8 model finds things

@@ -190,6 +190,8 @@ def test_token_bad_bodies_and_uris_get_one_line_errors(site: Path):
             ("POST", "/streams", {"id": "x", "uri": "http://example.invalid/a.mp4"}, None, 400, "scheme not allowed"),
             ("POST", "/streams", {"id": "x", "uri": str(site / "clip.mp4"), "fps": -1}, None, 400, "fps"),
             ("POST", "/streams", {"id": "x", "uri": str(site / "clip.mp4"), "colour": 1}, None, 400, "unknown field"),
+            ("POST", "/streams", {"id": "x", "uri": str(site / "nonexist.mp4")}, None, 400,
+             f"uri: file not found: '{site / 'nonexist.mp4'}'"),  # the user's own field, no sources[i]
             ("PUT", "/streams/nope/rules", [], None, 404, "no stream 'nope'"),
             ("DELETE", "/streams/nope", None, None, 404, "no stream 'nope'"),
             ("POST", "/streams", None, b"x" * 70_000, 413, "request body over"),
@@ -198,6 +200,7 @@ def test_token_bad_bodies_and_uris_get_one_line_errors(site: Path):
         for method, path, body, raw, code, text in bad:
             status, got = server.call(method, path, body, token="s3cret", raw=raw)
             assert status == code and text in got["error"] and "\n" not in got["error"], (method, path, got)
+            assert "sources[" not in got["error"], got
         assert server.call("POST", "/streams", spec, token="s3cret")[0] == 201
         status, got = server.call("PUT", "/streams/cam1/rules", [{"kind": "zone", "polygon": [[0, 0], [1, 1]]}],
                                   token="s3cret")

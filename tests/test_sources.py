@@ -425,10 +425,13 @@ def test_adding_a_bad_or_duplicate_source_and_removing_an_unknown_one_are_param_
     engine.check()
     with pytest.raises(ParamError) as err:
         engine.add_source({"id": "b", "uri": str(DEMO), "start": 1e300})
-    assert err.value.field == "sources[1].start"
+    assert err.value.field == "start"  # the entry's own field: the user never wrote a sources list
     with pytest.raises(ParamError) as err:
         engine.add_source({"id": "a", "uri": str(DEMO)})
-    assert err.value.field == "sources[1].id"
+    assert err.value.field == "id"
+    with pytest.raises(ParamError) as err:
+        engine.add_source({"id": "bad3", "uri": "/nonexist.mp4"})
+    assert str(err.value) == "uri: file not found: '/nonexist.mp4'"
     with pytest.raises(ParamError, match="no source with id 'zz' \\(sources: a\\)"):
         engine.remove_source("zz")
     assert engine.add_source({"id": "c", "uri": str(DEMO), "max_frames": 2}) == "c"  # before generate(): at its start
@@ -463,3 +466,28 @@ def test_synthetic_source_resumes_each_stream_after_its_last_seq():
     out = run_source(engine)
     assert [(m.stream, m.seq) for m in out] == [("s0", i) for i in (5, 6)] + \
         [(s, i) for i in (7, 8, 9) for s in ("s0", "s1")]
+
+
+@pytest.mark.parametrize("fields", [{}, {"fps": 10}, {"fps": 7, "start": 1.5}, {"max_frames": 9}, {"start": 2.0}])
+def test_a_files_length_from_its_header_is_the_frames_it_gives(fields):
+    """What launch's progress share and ETA divide by: the header's count through start, fps and max_frames."""
+    src = open_source(SourceSpec(uri=str(DEMO), **fields))
+    expected = src.length()
+    assert expected == sum(1 for _ in src)
+    src.close()
+
+
+def test_length_is_unknown_for_a_loop_and_counted_for_images(tmp_path):
+    assert open_source(SourceSpec(uri=str(DEMO), loop=True)).length() is None
+    assert open_source(SourceSpec(uri=str(DEMO), loop=True, max_frames=12)).length() == 12
+    images(tmp_path / "imgs", 5)
+    assert open_source(SourceSpec(uri=str(tmp_path / "imgs"), start=0.08)).length() == 3  # 25 fps: 2 skipped
+
+
+def test_decode_reports_each_streams_expected_frames():
+    engine = Decode("src", {"sources": [{"id": "a", "uri": str(DEMO), "fps": 5}, {"id": "b", "uri": str(DEMO),
+                                                                               "loop": True, "max_frames": 4}]})
+    got = drain(engine)
+    per = engine.metrics()["sources"]
+    assert (per["a"]["expected"], per["b"]["expected"]) == (50, 4)
+    assert len([m for m in got if isinstance(m, Message) and m.stream == "a"]) == 50

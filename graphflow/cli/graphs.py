@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import shutil
 import sys
 import textwrap
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import graphflow.graph.registry as registry
 from graphflow import graph as graph_mod
 from graphflow.errors import GraphflowError
-from graphflow.graph.render import render
+from graphflow.graph.render import default_png, render
 from graphflow.graph.restrictions import Restrictions
 
 
@@ -26,6 +27,12 @@ def _restrictions(args: argparse.Namespace, path: str) -> Restrictions | None:
                   modules=tuple(args.allow_module), brokers=tuple(args.allow_broker))
 
 
+def print_error(exc: GraphflowError) -> None:
+    """A user's mistake on stderr, one `error:` line each: a GraphError carries every mistake found in its file."""
+    for each in getattr(exc, "errors", [exc]):
+        print(f"error: {each}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     code = 0
     for path in args.graph:
@@ -34,18 +41,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
             mode = " in restricted mode" if args.restricted else ""
             print(f"{path}: ok{mode} ({len(g.nodes)} engines, {len(g.edges)} connections)")
         except GraphflowError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(exc)
             code = 2
     return code
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     g = graph_mod.load(args.graph, graph_mod.parse_set(args.set))
-    out = render(g, args.format, args.output)
+    output = args.output or (default_png(g) if args.format == "png" else None)
+    out = render(g, args.format, output)
     if out is not None:
         print(out)
     else:
-        print(f"wrote {args.output}")
+        print(f"wrote {output}")
     return 0
 
 
@@ -81,17 +89,32 @@ KINDS: dict[str, tuple[str, Callable[[], dict[str, list[str]]]]] = {
 }
 
 
+def _engine_types(names: list[str]) -> list[tuple[str, Any]]:
+    """(name, Engine class) of each engine type named (a `module:Class` also from the current folder; a name that
+    is none: GraphflowError), or of every built-in, with the reason instead of the class for one that cannot load."""
+    if names:
+        try:
+            return [(name, registry.resolve(name, [os.getcwd()])) for name in names]
+        except ValueError as exc:
+            raise GraphflowError(f"engines: {exc}") from None
+    found: list[tuple[str, Any]] = []
+    for name in registry.available():
+        try:
+            found.append((name, registry.resolve(name)))
+        except ValueError as exc:
+            found.append((name, str(exc)))
+    return found
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     width = max(shutil.get_terminal_size().columns, 60)
 
     def say(text: str, indent: str, hang: str = "") -> None:
         print(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + hang,
                             break_long_words=False, break_on_hyphens=False))
-    for name in registry.available():
-        try:
-            cls = registry.resolve(name)
-        except ValueError as exc:
-            print(f"{name}: unavailable ({exc})")
+    for name, cls in _engine_types(args.names):
+        if isinstance(cls, str):
+            print(f"{name}: unavailable ({cls})")
             continue
         say(f"{name}  — {_doc(cls)}", "", "    ")
         print(f"    inputs: {', '.join(cls.inputs) or '-'}   outputs: {', '.join(cls.outputs) or '-'}")

@@ -51,6 +51,17 @@ def _busy_ms(s: dict[str, Any]) -> str:
     return f"{1000 * s.get('busy_s', 0.0) / n:.2f}" if n else "-"
 
 
+def _share(frames: int, expected: Any, wall: float) -> str:
+    """A stream's progress where its length is known (a file): "42% ETA 0:07" at the rate so far; "" otherwise."""
+    if not isinstance(expected, int) or expected <= 0:
+        return ""
+    done = min(frames / expected, 1.0)
+    if not frames or done >= 1.0:
+        return f"{done:.0%}"
+    left = round((expected - frames) * wall / frames)
+    return f"{done:.0%} ETA {left // 60}:{left % 60:02d}"
+
+
 def progress_table(stats: dict[str, dict[str, Any]], wall: float, engines: list[str]) -> Any:
     """The live table: one row per engine, and under each source one row per stream with its state."""
     from rich.table import Table
@@ -69,8 +80,9 @@ def progress_table(stats: dict[str, dict[str, Any]], wall: float, engines: list[
         streams = s.get("streams", {})
         for stream, src in _sources(s).items():
             frames = streams.get(stream, 0)
-            table.add_row(f"  {stream}", str(src.get("state", "?")), "", str(frames),
-                          f"{frames / max(wall, 1e-9):.1f}", "", "", "", "")
+            state = str(src.get("state", "?"))
+            table.add_row(f"  {stream}", f"{state} {_share(frames, src.get('expected'), wall)}".strip(), "",
+                          str(frames), f"{frames / max(wall, 1e-9):.1f}", "", "", "", "")
     return table
 
 

@@ -15,7 +15,7 @@ def add_subcommand(sub: Any) -> None:
     model = sub.add_parser("model", help="inspect an ONNX model, or make an INT8 copy of a detector")
     verbs = model.add_subparsers(dest="model_cmd", required=True)
     p = verbs.add_parser("inspect", help="inputs, outputs, dynamic axes, the head and the graph params to use it")
-    p.add_argument("model", help="ONNX file")
+    p.add_argument("model", help="ONNX file, or a built-in model name (yolox-nano, ppocr-det, ppocr-rec, ppocr-cls)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_inspect)
     p = verbs.add_parser("quantize", help="INT8 copy of a detector (onnxruntime static quantization, QOperator)")
@@ -35,8 +35,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+STEPS = {"measure": "measuring layers", "calibrate": "calibrating"}  # quantize_model's progress steps, for people
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    done = quantize_model(args.model, args.calibrate, args.output, frames=args.frames, method=args.method)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(STEPS.get(step, step), total=total)
+            bar.update(tasks[step], completed=done)
+
+        done = quantize_model(args.model, args.calibrate, args.output, frames=args.frames, method=args.method,
+                              progress=progress)
     convs = done.float_convs
     kept = f"; kept float: {len(convs)} high-resolution or sensitive layers ({', '.join(convs)})" if convs else ""
     print(f"wrote {args.output} (INT8, calibrated on {done.frames} frames of {args.calibrate}{kept})", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from graphflow import __version__
-from graphflow.cli.graphs import cmd_engines, cmd_inspect, cmd_validate
+from graphflow.cli.graphs import cmd_engines, cmd_inspect, cmd_validate, print_error
 from graphflow.cli.launch import cmd_bench, cmd_launch
 from graphflow.cli.model import add_subcommand as add_model_commands
 from graphflow.cli.serve import add_subcommands as add_service_commands
@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_validate)
     p = with_graph("inspect", "show a graph as text, DOT or PNG")
     p.add_argument("--format", choices=("text", "dot", "png"), default="text")
-    p.add_argument("-o", "--output", help="output file (required for png)")
+    p.add_argument("-o", "--output", help="output file (png: default GRAPH.png in the current folder)")
     p.set_defaults(fn=cmd_inspect)
-    sub.add_parser("engines", help="list engine types, their ports and params",
-                   parents=[common]).set_defaults(fn=cmd_engines)
+    p = sub.add_parser("engines", help="list engine types, their ports and params", parents=[common])
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these engines (built-in names or package.module:Class); default: every built-in")
+    p.set_defaults(fn=cmd_engines)
     p = with_graph("bench", "run a graph and print per-engine throughput; sink outputs go to a temporary folder")
     p.add_argument("--outputs", metavar="DIR", help="write the sinks' outputs into DIR (kept) instead")
     p.set_defaults(fn=cmd_bench)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except GraphflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except BrokenPipeError:  # output piped into a reader that quit early (`| head`): not an error of ours
         sys.stdout = open(os.devnull, "w")

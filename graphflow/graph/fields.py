@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphflow.engine import REQUIRED, Engine, Param
-from graphflow.errors import ParamError
+from graphflow.errors import ParamError, did_you_mean
 
 EACH = None  # a pattern step standing for every item of a list
 KINDS = ("read", "write", "state", "bind", "connect", "module")  # state: a folder an engine keeps and reuses;
@@ -37,7 +37,8 @@ def check_keys(where: str, raw: Mapping[str, Any], params: Mapping[str, Param], 
         return f"{where}.{key}" if where else key
     unknown = sorted(set(raw) - set(params))
     if unknown:
-        raise ParamError(at(unknown[0]), f"unknown {what} (known: {', '.join(params)})")
+        raise ParamError(at(unknown[0]), f"unknown {what} ({did_you_mean(unknown[0], params)}known: "
+                                         f"{', '.join(params)})")
     out = {}
     for name, p in params.items():
         if name not in raw:

@@ -154,29 +154,73 @@ class _Context:
 
 def build(doc: Any, file: str = "<graph>", overrides: dict[str, dict[str, Any]] | None = None, *,
           restrictions: Restrictions | None = None) -> Graph:
-    """Validate a parsed graph document (see `load`); relative paths are taken from the folder of `file`."""
+    """Validate a parsed graph document (see `load`); relative paths are taken from the folder of `file`. Mistakes
+    in separate engines, connections and `--set`s are all found in one pass: the GraphError raised is the first,
+    its `errors` every one (a connection to an engine that failed is not checked)."""
     if not isinstance(doc, dict):
         raise _error(file, "", "top level must be an object with 'engines' and 'connections'")
     top = _fields(file, "", doc, TOP, "field")
     engines = top["engines"]
     if not engines:
         raise _error(file, "engines", "graph has no engines (need an object of id → engine)")
+    errors: list[GraphError] = []
     for eid in engines:
         if not ENGINE_ID.fullmatch(eid):
-            raise _error(file, "engines", f"bad engine id {eid!r}: use 1 to 64 letters, digits, '_' or '-' "
-                         "('.' separates engine and port)")
+            errors.append(_error(file, "engines", f"bad engine id {eid!r}: use 1 to 64 letters, digits, '_' or '-' "
+                                 "('.' separates engine and port)"))
     settings = _fields(file, "settings", top["settings"], SETTINGS, "setting")
     ctx = _Context(file, restrictions, os.path.dirname(os.path.abspath(file)))
     overrides = copy.deepcopy(overrides or {})
     for engine_id in overrides:
         if engine_id not in engines:
-            raise _error(file, f"--set {engine_id}", f"no engine {engine_id!r} (engines: {', '.join(engines)})")
-    nodes = {eid: _node(ctx, eid, spec, overrides.get(eid, {})) for eid, spec in engines.items()}
-    edges = [_edge(file, i, c, nodes, settings["queue_capacity"]) for i, c in enumerate(top["connections"])]
+            errors.append(_error(file, f"--set {engine_id}", f"no engine {engine_id!r} (engines: "
+                                 f"{', '.join(engines)})"))
+    nodes = _nodes(ctx, engines, overrides, errors)
+    edges = _edges(file, top["connections"], nodes, set(engines) - set(nodes), settings["queue_capacity"], errors)
+    if errors:
+        raise GraphError.of(errors)
     graph = Graph(top["name"] or Path(file).stem, file, nodes, edges, settings)
     _check_topology(graph)
     _check_upstream(graph)
     return graph
+
+
+def _nodes(ctx: _Context, engines: dict[str, Any], overrides: dict[str, dict[str, Any]],
+           errors: list[GraphError]) -> dict[str, Node]:
+    """The engines that pass their checks; each one that does not adds its error to `errors`."""
+    nodes = {}
+    for eid, spec in engines.items():
+        if ENGINE_ID.fullmatch(eid):
+            with _collected(errors):
+                nodes[eid] = _node(ctx, eid, spec, overrides.get(eid, {}))
+    return nodes
+
+
+def _edges(file: str, connections: list[Any], nodes: dict[str, Node], failed: set[str], capacity: int,
+           errors: list[GraphError]) -> list[Edge]:
+    """The connections that pass their checks (those naming a `failed` engine are not checked); each one that does
+    not adds its error to `errors`."""
+    edges = []
+    for i, conn in enumerate(connections):
+        if not failed & _engines_named(conn):
+            with _collected(errors):
+                edges.append(_edge(file, i, conn, nodes, capacity))
+    return edges
+
+
+def _engines_named(conn: Any) -> set[str]:
+    """The engine ids a connection's ends name, as far as it is well formed (the rest is `_edge`'s to report)."""
+    ends = conn if isinstance(conn, list) else [conn.get("from"), conn.get("to")] if isinstance(conn, dict) else []
+    return {end.partition(".")[0] for end in ends if isinstance(end, str)}
+
+
+@contextlib.contextmanager
+def _collected(errors: list[GraphError]) -> Iterator[None]:
+    """Add a GraphError raised in the block to `errors` (with those it carries) instead of stopping there."""
+    try:
+        yield
+    except GraphError as exc:
+        errors.extend(exc.errors)
 
 
 def _fields(file: str, where: str, raw: Any, schema: dict[str, Param], what: str) -> dict[str, Any]:
@@ -344,13 +388,17 @@ def _check_topology(graph: Graph) -> None:
 def _check_upstream(graph: Graph) -> None:
     """Call `check_upstream(params, upstream)` of each engine class that defines it, with the (class, params) of
     every engine feeding it directly or not, in graph order: cross-engine checks such as a rule's class names
-    against the labels of the model upstream. Params come with their defaults filled in."""
+    against the labels of the model upstream. Params come with their defaults filled in. Every engine is checked
+    before the first error is raised, carrying all (GraphError.of)."""
+    errors: list[GraphError] = []
     for node in graph.nodes.values():
         hook = getattr(node.cls, "check_upstream", None)
         if hook is None:
             continue
-        with _reported(graph.file, f"engines.{node.id}", f"{node.type} check_upstream()"):
+        with _collected(errors), _reported(graph.file, f"engines.{node.id}", f"{node.type} check_upstream()"):
             hook(complete_params(node), upstream_of(graph, node.id))
+    if errors:
+        raise GraphError.of(errors)
 
 
 def upstream_of(graph: Graph, engine: str) -> list[tuple[type[Engine], dict[str, Any]]]:

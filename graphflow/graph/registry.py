@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from graphflow.engine import Engine
+from graphflow.errors import did_you_mean
 
 BUILTINS = {
     "source": "graphflow.engines.source:Source",
@@ -63,8 +64,8 @@ def resolve(type_name: str, search: Sequence[str] = ()) -> type[Engine]:
         target = eps.get(type_name)
     if target is None:
         if ":" not in type_name:
-            raise ValueError(f"unknown engine type {type_name!r} (built-ins: {', '.join(available())}; "
-                             "or give 'package.module:ClassName')")
+            raise ValueError(f"unknown engine type {type_name!r} ({did_you_mean(type_name, available())}built-ins: "
+                             f"{', '.join(available())}; or give 'package.module:ClassName')")
         target = type_name
     try:
         cls = _import(target, search)
@@ -72,12 +73,22 @@ def resolve(type_name: str, search: Sequence[str] = ()) -> type[Engine]:
         where = f"looked in {', '.join(search)} and the Python path" if search else "looked in the Python path"
         raise ValueError(f"cannot import {target!r}: {exc} ({where})") from None
     except AttributeError as exc:
-        raise ValueError(f"cannot find {target!r}: {exc}") from None
+        raise ValueError(f"cannot find {target!r}: {exc}{_engines_hint(target)}") from None
     except Exception as exc:  # a user's module failing at import time
         raise ValueError(f"importing {target!r} failed: {type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise ValueError(f"{target!r} is not a graphflow.Engine subclass")
     return cls
+
+
+def _engines_hint(target: str) -> str:
+    """For a `module:Class` whose class is missing: the Engine classes its module does hold, the closest first."""
+    module = sys.modules.get(target.partition(":")[0])
+    names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Engine)
+             and v.__module__ == module.__name__] if module else []
+    if not names:
+        return ""
+    return f" ({did_you_mean(target.rpartition(':')[2].rpartition('.')[2], names)}engines in it: {', '.join(names)})"
 
 
 def available() -> list[str]:

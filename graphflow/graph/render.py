@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from graphflow.errors import GraphError
 from graphflow.graph.model import Graph
 
 
@@ -58,9 +59,23 @@ def dot(graph: Graph) -> str:
     return "\n".join(out)
 
 
+ASPECT = 2.0  # width over height the PNG's layout aims at: a long chain wraps into rows instead of one strip
+
+
+FONT = 11  # points: an engine's label, readable at the PNG's 120 dpi
+
+
+def wrap(layers: int, cell_w: float, band_h: float, aspect: float = ASPECT) -> int:
+    """Layers per row that bring the drawing's width over height nearest `aspect` (each layer `cell_w` wide, each
+    row `band_h` high): a 6-engine chain in 2 rows of 3 rather than a 6-wide strip."""
+    return min(range(1, layers + 1), key=lambda cols: abs(math.log(cols * cell_w / (-(-layers // cols) * band_h)
+                                                                   / aspect)))
+
+
 def figure(graph: Graph) -> Any:
-    """The graph drawn left to right as a matplotlib Figure: each engine a box drawn around its own label (so the
-    text always fits), layers spaced by the widest label, arrows from box edge to box edge."""
+    """The graph drawn as a matplotlib Figure: layers in data-flow order left to right, wrapped into rows (`wrap`)
+    read like text; each engine a box drawn around its own label (so the text always fits), layers spaced by the
+    widest label, arrows from box edge to box edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,19 +87,24 @@ def figure(graph: Graph) -> Any:
     layers = [sorted(layer) for layer in nx.topological_generations(dag)]
     labels = {n: f"{n}\n{d['type']}\n({d['placement']})" for n, d in g.nodes(data=True)}
     width = max(len(line) for text in labels.values() for line in text.splitlines())  # characters
-    step_x, step_y = 0.11 * width + 1.2, 1.0  # inches between layer centres / rows, from the label size
-    fig_w = max(step_x * len(layers), 3.0)
-    fig_h = max(step_y * max(len(layer) for layer in layers) + 0.6, 1.8)
+    step_x, step_y = 0.15 * width + 1.4, 1.2  # inches between layer centres / rows, from the label size
+    tallest = max(len(layer) for layer in layers)
+    band = step_y * tallest + 0.5  # one row of layers
+    cols = wrap(len(layers), step_x, band)
+    rows = -(-len(layers) // cols)
+    fig_w = max(step_x * cols, 3.0)
+    fig_h = max(band * rows + 0.3, 1.8)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=120)
     ax.set_xlim(0, fig_w)
     ax.set_ylim(0, fig_h)
     ax.axis("off")
     boxes = {}
     for depth, layer in enumerate(layers):
+        row, col = divmod(depth, cols)
         for k, node in enumerate(layer):
-            x = step_x * (depth + 0.5)
-            y = fig_h / 2 + step_y * ((len(layer) - 1) / 2 - k)
-            boxes[node] = ax.text(x, y, labels[node], ha="center", va="center", fontsize=8, zorder=2,
+            x = step_x * (col + 0.5)
+            y = fig_h - band * (row + 0.5) + step_y * ((len(layer) - 1) / 2 - k)
+            boxes[node] = ax.text(x, y, labels[node], ha="center", va="center", fontsize=FONT, zorder=2,
                                   bbox={"boxstyle": "round,pad=0.4", "fc": "#dde8f6", "ec": "#4a6fa5"})
     for u, v, d in g.edges(data=True):  # drawn after the boxes (zorder), so they clip to the laid-out boxes
         ax.annotate("", xy=boxes[v].get_position(), xytext=boxes[u].get_position(), zorder=3,
@@ -94,8 +114,8 @@ def figure(graph: Graph) -> Any:
                                 "connectionstyle": "arc3,rad=0.3" if d["feedback"] else "arc3"})
         (x0, y0), (x1, y1) = boxes[u].get_position(), boxes[v].get_position()
         ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, f"{d['src_port']}→{d['dst_port']}", ha="center",
-                va="bottom", fontsize=7, color="#333333", zorder=3)
-    fig.suptitle(graph.name, fontsize=10)
+                va="bottom", fontsize=FONT - 2, color="#333333", zorder=3)
+    fig.suptitle(graph.name, fontsize=FONT + 1)
     return fig
 
 
@@ -108,12 +128,15 @@ def png(graph: Graph, path: str) -> None:
     plt.close(fig)
 
 
+def default_png(graph: Graph) -> str:
+    """Where a PNG goes without -o: the graph file's name with .png, in the current folder (demo.json → demo.png)."""
+    return Path(graph.file).with_suffix(".png").name if graph.file else f"{graph.name}.png"
+
+
 def render(graph: Graph, fmt: str, output: str | None) -> str | None:
-    """Text or DOT as a string (or into `output`), PNG into `output`."""
+    """Text or DOT as a string (or into `output`), PNG into `output` (`default_png` when none)."""
     if fmt == "png":
-        if not output:
-            raise GraphError(graph.file, "--output", "PNG needs -o FILE")
-        png(graph, output)
+        png(graph, output or default_png(graph))
         return None
     body = text(graph) if fmt == "text" else dot(graph)
     if output:

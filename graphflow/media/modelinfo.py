@@ -145,18 +145,39 @@ def guess_head(inputs: list[TensorInfo], outputs: list[TensorInfo], metadata: di
     return "unknown", f"output {out} matches no head graphflow knows"
 
 
-def inspect_model(path: str | Path) -> ModelReport:
-    """Inspect an ONNX file: tensors, metadata, head, and the engine params that run it (ModelToolError when the
-    file cannot be read)."""
-    path = Path(path)
+def model_file(model: str | Path) -> tuple[Path, bool]:
+    """(file, whether `model` is a built-in name) of a built-in model name (the registered detectors, the PP-OCR
+    models) or a path; ModelToolError naming the names and the absolute path looked at when it is neither."""
+    from graphflow.media.models import REGISTRY
+    from graphflow.vision.ocr import PPOCR_MODELS, resolve_ppocr
+
+    name = str(model)
+    if name in REGISTRY:
+        return REGISTRY[name].path, True
+    try:
+        if name in PPOCR_MODELS:
+            return Path(resolve_ppocr(name)), True
+    except ValueError as exc:
+        raise ModelToolError(str(exc)) from None
+    path = Path(model).expanduser()
     if not path.is_file():
-        raise ModelToolError(f"model {path}: no such file")
+        names = ", ".join([*REGISTRY, *PPOCR_MODELS])
+        raise ModelToolError(f"model {model}: not a built-in model ({names}) and no file at {path.absolute()}")
+    return path, False
+
+
+def inspect_model(model: str | Path) -> ModelReport:
+    """Inspect an ONNX file or built-in model (`model_file`): tensors, metadata, head, and the engine params that
+    run it (ModelToolError when the file cannot be read)."""
+    path, builtin = model_file(model)
     session = _session(path)
     inputs, outputs = _tensors(session.get_inputs()), _tensors(session.get_outputs())
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     head, why = guess_head(inputs, outputs, metadata)
     report = ModelReport(str(path), inputs, outputs, sorted(metadata), head, notes=[f"head: {why}"], values=metadata)
     _suggest(report, metadata)
+    if builtin and "model" in report.params:
+        report.params["model"] = str(model)  # engines take the name as they take the file
     return report
 
 

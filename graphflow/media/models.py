@@ -93,7 +93,8 @@ def resolve_model(model: str, labels: str = "") -> ModelSpec:
         return dataclasses.replace(spec, labels=read_labels(labels, len(spec.labels))) if labels else spec
     path = Path(model).expanduser()
     if not path.is_file():
-        raise ValueError(f"model {model}: not a registered model ({', '.join(REGISTRY)}) and not a file")
+        looked = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise ValueError(f"model {model}: not a registered model ({', '.join(REGISTRY)}) and not a file{looked}")
     info = inspect_onnx(path)
     fmt = guess_output_format(model, info.outputs[0], info.input.size)
     classes = info.outputs[0][2] - 5 if fmt in ("yolox", "yolov5") else info.outputs[0][1] - 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ SENSITIVE_DB = 20.0  # a convolution whose output SQNR from its input rounded to
 
 
 FLOAT_STRIDE = 4  # convolutions reading tensors at most this many input pixels apart (the stem's) stay float
+
+
+CALIBRATION_STRIDE = 1  # frames the calibrator runs before folding their activations into its histograms
 
 
 ACTIVATIONS = ("Sigmoid", "Mul", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh")
@@ -66,17 +70,51 @@ def calibration_tensors(frames: list[np.ndarray], spec: Any) -> list[np.ndarray]
     return [letterbox(f, spec, "bgr")[0][None] for f in frames]
 
 
-class _FrameReader:
-    """onnxruntime's calibration data reader over model inputs made by `calibration_tensors`."""
+class CalibrationInputs(Sequence[np.ndarray]):
+    """Model inputs ([1, 3, H, W] float32) of sampled frames, each letterboxed as `calibration_tensors` does only when
+    read: the frames are kept as decoded (640x360 BGR: 0.7 MB each), not as float tensors (2 MB at 416x416)."""
 
-    def __init__(self, tensors: list[np.ndarray], input_name: str) -> None:
-        self.items = iter([{input_name: t} for t in tensors])
+    def __init__(self, frames: list[np.ndarray], spec: Any) -> None:
+        self.frames, self.spec = frames, spec
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return calibration_tensors([self.frames[i]], self.spec)[0]
+
+
+Progress = Callable[[str, int, int], None]  # (step, done, total): what a long quantization reports as it goes
+
+
+class CalibrationReader:
+    """onnxruntime's calibration data reader over CalibrationInputs, one range of them at a time (`set_range`, which
+    the calibrator calls with the `CalibStridedMinMax` option): the calibrator then holds one range's activations at
+    once, not every frame's (64 frames of YOLOX-Nano: 9 GB)."""
+
+    def __init__(self, inputs: CalibrationInputs, input_name: str, progress: Progress | None = None) -> None:
+        self.inputs, self.input_name, self.progress = inputs, input_name, progress
+        self.next = self.end = 0
+        self.done = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.next, self.end = start_index, min(end_index, len(self.inputs))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.items, None)
+        if self.next >= self.end:
+            return None
+        tensor = self.inputs[self.next]
+        self.next += 1
+        self.done += 1
+        if self.progress:
+            self.progress("calibrate", self.done, len(self.inputs))
+        return {self.input_name: tensor}
 
-    def rewind(self) -> None:  # onnxruntime's reader protocol; each calibration reads the frames once
-        pass
+    def rewind(self) -> None:  # onnxruntime's reader protocol; ranges are set by `set_range`
+        self.next = 0
 
 
 def head_tail(path: Path) -> list[str]:
@@ -123,11 +161,11 @@ class ConvStat:
     stride: float
 
 
-def conv_stats(path: Path, tensors: list[np.ndarray]) -> dict[str, ConvStat]:
+def conv_stats(path: Path, tensors: Sequence[np.ndarray], progress: Progress | None = None) -> dict[str, ConvStat]:
     """Per convolution (by node name): its ConvStat. The SQNR is the input's 8-bit step²/12 over its calibrated range
     through the weights' squares against the output's mean square on `tensors`: low where a layer's channels differ
     in range by orders of magnitude and the next one amplifies the small ones (YOLOX-Nano's stem feeding its first
-    depthwise convolution: 9.6 dB; every other layer ≥ 25 dB)."""
+    depthwise convolution: 9.6 dB; every other layer ≥ 25 dB). `progress` hears of each frame ("measure")."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -144,8 +182,10 @@ def conv_stats(path: Path, tensors: list[np.ndarray]) -> dict[str, ConvStat]:
     high: dict[str, float] = {}
     power: dict[str, float] = {}
     rows: dict[str, int] = {}
-    for tensor in tensors:
+    for done, tensor in enumerate(tensors, 1):
         values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: tensor})))
+        if progress:
+            progress("measure", done, len(tensors))
         for name in watched:
             v = values[name]
             rows[name] = v.shape[2] if v.ndim == 4 else tensor.shape[2]
@@ -161,8 +201,8 @@ def conv_stats(path: Path, tensors: list[np.ndarray]) -> dict[str, ConvStat]:
     return stats
 
 
-def sensitive_nodes(path: Path, tensors: list[np.ndarray], threshold_db: float = SENSITIVE_DB,
-                    float_stride: float = FLOAT_STRIDE) -> list[str]:
+def sensitive_nodes(path: Path, tensors: Sequence[np.ndarray], threshold_db: float = SENSITIVE_DB,
+                    float_stride: float = FLOAT_STRIDE, progress: Progress | None = None) -> list[str]:
     """Names of the nodes to keep float: the convolutions reading at a stride ≤ `float_stride` (the high-resolution
     stem: its wide raw-pixel ranges cost the most agreement, and its large tensors make 8-bit activations slower than
     onnxruntime's float path), and each convolution whose `conv_stats` SQNR is under `threshold_db` with the
@@ -173,7 +213,7 @@ def sensitive_nodes(path: Path, tensors: list[np.ndarray], threshold_db: float =
     nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
     producer, consumers = _graph_links(nodes)
     keep: list[Any] = []
-    for name, stat in conv_stats(path, tensors).items():
+    for name, stat in conv_stats(path, tensors, progress).items():
         log.debug("quantize: %s input SQNR %.1f dB, stride %g", name, stat.sqnr_db, stat.stride)
         conv = next(n for n in nodes if n.name == name)
         if stat.stride <= float_stride:
@@ -200,13 +240,16 @@ class Quantized:
 
 
 def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path, frames: int = 64,
-                   method: str = "percentile", threshold_db: float = SENSITIVE_DB) -> Quantized:
+                   method: str = "percentile", threshold_db: float = SENSITIVE_DB,
+                   progress: Progress | None = None) -> Quantized:
     """Write an INT8 copy of a detector (a registered name or an ONNX file) to `output`: onnxruntime static
     quantization in QOperator format (QDQ's per-channel form needs opset 13; YOLOX-Nano is opset 11), u8 activations
     and per-channel s8 weights, activation ranges calibrated on `frames` frames of `calibrate` preprocessed as infer
     does (percentile: each range spans 99.999% of the values seen, so a rare outlier does not coarsen the step).
     Float stay: the head's tail (`head_tail`) and what `sensitive_nodes` picks (YOLOX-Nano: quantized too, its stem
-    drops recall against fp32 on the demo video from about 0.9 to 0.58)."""
+    drops recall against fp32 on the demo video from about 0.9 to 0.58). Memory stays bounded by one frame's
+    activations: the calibrator reads one frame per range (`CalibrationReader`). `progress` hears of each frame
+    measured and calibrated."""
     from graphflow.media.models import inspect_onnx, resolve_model
 
     try:
@@ -222,9 +265,10 @@ def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path,
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as exc:
         raise ModelToolError(f"quantize needs the onnx package ({exc.name} is missing): pip install onnx") from None
-    tensors = calibration_tensors(calibration_frames(calibrate, frames), spec.preprocess)
-    float_nodes = list(dict.fromkeys(sensitive_nodes(spec.path, tensors, threshold_db) + head_tail(spec.path)))
-    reader = _FrameReader(tensors, inspect_onnx(spec.path).input.name)
+    tensors = CalibrationInputs(calibration_frames(calibrate, frames), spec.preprocess)
+    float_nodes = list(dict.fromkeys(sensitive_nodes(spec.path, tensors, threshold_db, progress=progress)
+                                     + head_tail(spec.path)))
+    reader = CalibrationReader(tensors, inspect_onnx(spec.path).input.name, progress)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -237,7 +281,8 @@ def quantize_model(model: str | Path, calibrate: str | Path, output: str | Path,
         with contextlib.redirect_stdout(progress):
             quantize_static(str(spec.path), str(partial), reader, quant_format=QuantFormat.QOperator,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=methods[method], nodes_to_exclude=float_nodes)
+                            calibrate_method=methods[method], nodes_to_exclude=float_nodes,
+                            extra_options={"CalibStridedMinMax": CALIBRATION_STRIDE})
         partial.replace(output)
     finally:
         log.debug("quantize: %s", progress.getvalue().strip())

@@ -167,6 +167,22 @@ class Source:
         """The pts of one pass from `spec.start` on, in order, read without decoding; None when unknown."""
         return None
 
+    def _pass_length(self) -> tuple[int, float] | None:
+        """(frames, seconds) of one pass from `spec.start` on, from the media's header; None when unknown."""
+        return None
+
+    def length(self) -> int | None:
+        """About how many frames `frames()` yields, from the header (one pass through the fps control, capped by
+        `max_frames`), for progress shares and ETAs; None when unknown (a network stream or a loop without
+        `max_frames`, a header without a count)."""
+        spec, known = self.spec, None if self.spec.is_stream or self.spec.loop else self._pass_length()
+        if known is None:
+            return spec.max_frames
+        frames, seconds = known
+        if spec.fps:
+            frames = min(frames, math.ceil(seconds * spec.fps - 1e-6))
+        return max(frames, 0) if spec.max_frames is None else max(min(frames, spec.max_frames), 0)
+
     def __iter__(self) -> Iterator[Frame]:
         return self.frames()
 
@@ -314,6 +330,18 @@ class AVSource(Source):
         self.width, self.height = stream.width, stream.height
         self.clips = ClipKeeper(stream, spec.keep_packets_s) if spec.keep_packets_s > 0 else None
 
+    def _pass_length(self) -> tuple[int, float] | None:
+        """The file's frame count and duration from its header (the count from the duration and rate when the
+        header has none), less `spec.start`."""
+        stream, container = self._stream, self._container
+        seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
+            (container.duration / 1e6 if container.duration else 0.0)
+        frames = stream.frames or round(seconds * self.rate)
+        if not frames:
+            return None
+        seconds = seconds or frames / self.rate
+        return frames - round(self.spec.start * self.rate), seconds - self.spec.start
+
     def _seek(self, seconds: float) -> None:
         """Go to the key frame at or before `seconds`; 0 means the very start (some demuxers overshoot t0)."""
         base = self._stream.time_base
@@ -437,6 +465,10 @@ class ImageSource(Source):
 
     def _timeline(self) -> list[float]:
         return [i / self.rate for i in range(self._first(self.spec.start), len(self.paths))]
+
+    def _pass_length(self) -> tuple[int, float]:
+        frames = len(self.paths) - self._first(self.spec.start)
+        return frames, frames / self.rate
 
     def _file(self, item: Path) -> str:
         return item.name

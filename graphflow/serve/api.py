@@ -498,6 +498,8 @@ SNAPSHOT_HOLD_S = 1.5  # a snapshot keeps its stream's previews coming this long
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
 OPENAPI["paths"].update({
     "/": {"get": {"summary": "the dashboard (HTML)", "responses": {"200": {"description": "text/html"}}}},
+    "/docs": {"get": {"summary": "this API's reference, drawn from /openapi.json (HTML)",
+                      "responses": {"200": {"description": "text/html"}}}},
     "/streams/{id}/preview.mjpg": {"parameters": _ID, "get": {
         "summary": "live annotated video, MJPEG (multipart/x-mixed-replace); encoded only while watched",
         "responses": {"200": {"description": "multipart JPEG stream"}, "404": {"description": "unknown"}}}},
@@ -519,7 +521,7 @@ OPENAPI["paths"].update({
 
 
 def dashboard_routes(controller: Controller, wrap: Any, call: Any, max_viewers: int = MAX_VIEWERS) -> list[Any]:
-    """Routes of the dashboard: `/` and `/web/*` (static files shipped in the package), a stream's live preview as
+    """Routes of the dashboard: `/`, `/docs` (the API reference) and `/web/*` (static files shipped in the package), a stream's live preview as
     MJPEG (`preview.mjpg`, a viewer while connected), as one JPEG (`preview.jpg[?after=N]`: the newest, or the
     first numbered above N, its number in X-Preview; 204 while there is none), its rule figures
     (`preview.json`), the picture of an event's frame (`events/{frame}.jpg`) and the graph picture (`/graph.png`).
@@ -531,7 +533,10 @@ def dashboard_routes(controller: Controller, wrap: Any, call: Any, max_viewers: 
     async def index(request: Any) -> Response:
         return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
 
-    return [Route("/", index), Mount("/web", StaticFiles(directory=WEB), name="web"),
+    async def docs(request: Any) -> Response:
+        return FileResponse(WEB / "docs.html", headers={"Cache-Control": "no-cache"})
+
+    return [Route("/", index), Route("/docs", docs), Mount("/web", StaticFiles(directory=WEB), name="web"),
             Route("/streams/{id}/preview.mjpg", wrap(_mjpeg(controller, call, max_viewers))),
             Route("/streams/{id}/preview.jpg", wrap(_snapshot(controller, call))),
             Route("/streams/{id}/preview.json", wrap(_figures(controller, call))),
